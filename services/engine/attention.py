@@ -1,0 +1,110 @@
+"""Attention over the paged KV cache.
+
+A step's tokens are flattened into one [T, ...] batch. Each scheduled request
+contributes a contiguous span of query tokens; its keys/values live in the cache
+blocks named by its block table:
+
+    cache slot of token at position p  =  block_table[p // block_size] * block_size + p % block_size
+
+New keys/values are first scattered into their slots (``slot_mapping``); then every
+query attends to all cached positions of its request up to and including its own.
+Requests with a single query token (decode) are attended in one batched SDPA call
+over their gathered blocks; multi-token spans (prefill chunks) one call each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One request's chunk of query tokens in the flattened batch."""
+
+    start: int
+    """Index of the chunk's first token in the flattened batch."""
+    num_tokens: int
+    """Query tokens in the chunk."""
+    context_len: int
+    """Tokens of this request in the cache after the step (cached prefix + this chunk)."""
+    block_table: torch.Tensor
+    """[ceil(context_len / block_size)] int64 block ids."""
+
+
+@dataclass
+class DecodeBatch:
+    """Requests with exactly one query token this step."""
+
+    token_index: torch.Tensor
+    """[B] positions of the decode tokens in the flattened batch."""
+    block_tables: torch.Tensor
+    """[B, max_blocks] int64, padded with 0 (masked out by context_lens)."""
+    context_lens: torch.Tensor
+    """[B] tokens of each request in the cache after the step."""
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor
+    """[T] int64 cache slot for each new token's key/value."""
+    prefills: list[PrefillSpan]
+    decode: DecodeBatch | None
+
+
+def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values [T, Hkv, D] into a layer's cache [2, N, block_size, Hkv, D]."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    kv_layer[0].view(-1, num_kv_heads, head_dim)[slot_mapping] = k
+    kv_layer[1].view(-1, num_kv_heads, head_dim)[slot_mapping] = v
+
+
+def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D], attending over the cache (new tokens already written)."""
+    out = torch.empty_like(q)
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.num_tokens)
+        out[rows] = _prefill_attention(q[rows], kv_layer, span)
+    if meta.decode is not None:
+        d = meta.decode
+        out[d.token_index] = _decode_attention(q[d.token_index], kv_layer, d)
+    return out
+
+
+def _gather(kv_layer: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # [2, N, bs, Hkv, D][:, table] -> keys, values [..., nb * bs, Hkv, D]
+    k = kv_layer[0][block_table]
+    v = kv_layer[1][block_table]
+    return k.flatten(-4, -3), v.flatten(-4, -3)
+
+
+def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+    k, v = _gather(kv_layer, span.block_table)  # [S, Hkv, D], S >= context_len
+    k, v = k[: span.context_len], v[: span.context_len]
+    groups = q.shape[1] // k.shape[1]
+    q_ = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
+    k_ = k.transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)  # [1, Hq, S, D]
+    v_ = v.transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)
+    cached = span.context_len - span.num_tokens
+    if cached == 0:
+        out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+    else:
+        # Query i sits at absolute position cached + i and sees keys 0..cached + i.
+        q_pos = torch.arange(span.num_tokens, device=q.device).unsqueeze(1) + cached
+        k_pos = torch.arange(span.context_len, device=q.device).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=k_pos <= q_pos)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
+    k, v = _gather(kv_layer, d.block_tables)  # [B, S, Hkv, D]
+    groups = q.shape[1] // k.shape[2]
+    q_ = q.unsqueeze(2)  # [B, Hq, 1, D]
+    k_ = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, Hq, S, D]
+    v_ = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+    k_pos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
+    mask = (k_pos < d.context_lens.unsqueeze(1))[:, None, None, :]  # [B, 1, 1, S]
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+    return out.squeeze(2)

@@ -1,0 +1,32 @@
+"""Engine configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.engine.scheduler import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"
+    """``cpu``, ``cuda`` or ``cuda:N``."""
+    dtype: str = "auto"
+    """``float32``, ``bfloat16``, ``float16``, or ``auto`` (float32 on CPU, the checkpoint's dtype on GPU)."""
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    kv_cache_bytes: int | None = None
+    """Memory for the KV cache; None = 512 MiB on CPU, 90% of free GPU memory after the weights on GPU."""
+    max_model_len: int | None = None
+    """Longest prompt + output; None = the model's max_position_embeddings, capped by the cache size."""
+    enable_prefix_caching: bool = True
+    """Reuse full KV blocks across requests that share a prefix."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

@@ -1,0 +1,300 @@
+"""The in-process engine: requests in, tokens out, one scheduling step at a time.
+
+    add_request ──► Scheduler.waiting ──schedule──► ModelRunner.execute ──► sample
+                                                                             │
+    RequestOutput ◄── OutputTracker (text, stop checks) ◄── append token ◄───┘
+
+Memory: the ModelRunner owns the KV cache tensor, the BlockManager owns which blocks
+each request holds, and the scheduler frees a request's blocks when it finishes, is
+aborted or is preempted. A request added with ``hold_kv=True`` keeps its blocks after
+finishing until :meth:`export_kv` or :meth:`release` (how a prefill worker hands KV on).
+Not thread-safe: one caller drives ``step()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from services.engine.block_manager import BlockManager
+from services.engine.config import EngineConfig
+from services.engine.errors import CapacityError, InvalidRequestError
+from services.engine.kv_export import KVExport
+from services.engine.loader import load_model, model_fingerprint
+from services.engine.model import CausalLM
+from services.engine.model_runner import ModelRunner
+from services.engine.request import Completion, FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
+from services.engine.sampler import SampleInput, sample
+from services.engine.scheduler import Scheduler, SchedulerOutput
+from services.engine.stop_checker import OutputTracker
+from services.engine.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 512 << 20
+_GPU_FREE_MEMORY_FRACTION = 0.9
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, tokenizer: TextTokenizer | None, config: EngineConfig, fingerprint: str):
+        self.model_config = model.config
+        self.config = config
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        dtype = model.model.embed_tokens.weight.dtype
+        device = model.model.embed_tokens.weight.device
+        per_block = ModelRunner.bytes_per_block(model, config.block_size, dtype)
+        num_blocks = _kv_cache_bytes(config, device) // per_block
+        self.max_model_len = _max_model_len(config, model.config.max_position_embeddings, num_blocks)
+        model.init_rotary(self.max_model_len)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, fingerprint.encode())
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self._requests: dict[str, Request] = {}
+        self._trackers: dict[str, OutputTracker] = {}
+        self._held: set[str] = set()
+        self.stats = EngineStats()
+        log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d", num_blocks, config.block_size,
+                 self.max_model_len)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
+        config = config or EngineConfig()
+        model = load_model(model_dir, config.dtype, config.device)
+        return cls(model, TextTokenizer.from_model_dir(model_dir), config, model_fingerprint(model_dir))
+
+    # -- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        hold_kv: bool = False,
+    ) -> None:
+        """Queue a request. Raises InvalidRequestError (engine unchanged) on bad input."""
+        params = params or SamplingParams()
+        prompt_ids = self._encode_prompt(prompt)
+        request = self._new_request(request_id, prompt_ids, params)
+        self._register(request, hold_kv)
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is not known (or already done)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request.status is RequestStatus.FINISHED:
+            self.release(request_id)
+            return False
+        request.finish_reason = FinishReason.ABORT
+        self.scheduler.finish(request)
+        self._forget(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one batch; returns what each scheduled request produced."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        tables = {c.request.request_id: self.blocks.block_table(c.request.request_id) for c in plan.chunks}
+        logits = self.runner.execute(plan, tables)
+        completing = [c for c in plan.chunks if c.completes]
+        inputs = [self._sample_input(c.request) for c in completing]
+        tokens, logprobs = sample(logits, inputs)
+        self.stats.record(plan)
+        outputs = []
+        for chunk in plan.chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+            self.blocks.cache_full_blocks(chunk.request.request_id, chunk.request.token_ids,
+                                          chunk.request.num_computed_tokens)
+        for chunk, token, logprob in zip(completing, tokens, logprobs):
+            outputs.append(self._append_token(chunk.request, token, logprob))
+        return outputs
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Run prompts to completion (in one batch) and return them in order."""
+        ids = [f"generate-{i}-{random.getrandbits(32):08x}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts):
+            self.add_request(request_id, prompt, params)
+        done: dict[str, Completion] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = self.pop_completion(out.request_id)
+        return [done[i] for i in ids]
+
+    def pop_completion(self, request_id: str) -> Completion:
+        """The finished request as a whole (its per-request state is dropped afterwards)."""
+        r = self._requests[request_id]
+        assert r.status is RequestStatus.FINISHED and r.finish_reason is not None
+        completion = Completion(request_id, list(r.prompt_token_ids), r.output_token_ids, r.output_text,
+                                list(r.output_logprobs), r.finish_reason, r.num_cached_prompt_tokens)
+        if request_id not in self._held:
+            self._forget(request_id)
+        return completion
+
+    # -- KV export / import ---------------------------------------------------------------
+
+    def export_kv(self, request_id: str) -> KVExport:
+        """Copy of the request's computed KV (between steps, for a held or unfinished request)."""
+        r = self._requests.get(request_id)
+        if r is None or r.num_computed_tokens == 0:
+            raise InvalidRequestError(f"request {request_id!r} has no KV to export")
+        table = self.blocks.block_table(request_id)[: self.blocks.blocks_needed(r.num_computed_tokens)]
+        return KVExport(self.fingerprint, self.config.block_size, list(r.prompt_token_ids), r.output_token_ids,
+                        r.num_computed_tokens, self.runner.read_blocks(table))
+
+    def release(self, request_id: str) -> None:
+        """Free a held request's blocks once its KV has been exported (or is no longer wanted)."""
+        if request_id in self._held:
+            self.blocks.free(request_id)
+            self._held.discard(request_id)
+            self._forget(request_id)
+
+    def import_request(self, request_id: str, kv: KVExport, params: SamplingParams | None = None) -> None:
+        """Continue a request from another engine's KV: blocks are allocated, filled, and the
+        request joins the running batch exactly where the exporter stopped."""
+        params = params or SamplingParams()
+        self._check_import(kv)
+        request = self._new_request(request_id, self._encode_prompt(kv.prompt_token_ids), params)
+        request.token_ids = kv.token_ids
+        if self.tokenizer is not None:
+            request.output_text = self.tokenizer.decode(kv.output_token_ids)  # shown by the exporter
+        if not self.blocks.can_allocate(request_id, kv.num_computed_tokens):
+            raise CapacityError(f"no room for {kv.num_computed_tokens} tokens of imported KV")
+        self.blocks.allocate(request_id, kv.num_computed_tokens)
+        self.runner.write_blocks(self.blocks.block_table(request_id), kv.kv)
+        request.num_computed_tokens = request.num_cached_prompt_tokens = kv.num_computed_tokens
+        self.blocks.cache_full_blocks(request_id, request.token_ids, kv.num_computed_tokens)
+        self._register(request, hold_kv=False)
+        self.scheduler.add_running(request)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer.json; pass token ids instead of text")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def _new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        n = len(prompt_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens but the context length is {self.max_model_len} "
+                "(prompt + at least one generated token must fit)"
+            )
+        room = self.max_model_len - n
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
+                f"{self.max_model_len}; at most {room} tokens can be generated"
+            )
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return Request(request_id, prompt_ids, params, seed=seed, max_tokens=params.max_tokens or room)
+
+    def _register(self, request: Request, hold_kv: bool) -> None:
+        self._requests[request.request_id] = request
+        eos = self.model_config.eos_token_ids
+        self._trackers[request.request_id] = OutputTracker(request, self.tokenizer, eos)
+        if hold_kv:
+            self._held.add(request.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+        self._trackers.pop(request_id, None)
+        self._held.discard(request_id)
+
+    def _check_import(self, kv: KVExport) -> None:
+        if kv.model_fingerprint != self.fingerprint:
+            raise InvalidRequestError("KV was exported by a different model")
+        c = self.model_config
+        expected = (c.num_layers, 2, self.config.block_size, c.num_kv_heads, c.head_dim)
+        got = (kv.kv.shape[0], kv.kv.shape[1], kv.block_size, kv.kv.shape[4], kv.kv.shape[5])
+        if got != expected:
+            raise InvalidRequestError(f"KV layout {got} does not match this engine's {expected}")
+
+    def _sample_input(self, r: Request) -> SampleInput:
+        return SampleInput(r.params, r.seed, r.num_output_tokens, self._trackers[r.request_id].banned_token_ids())
+
+    def _append_token(self, r: Request, token: int, logprob: float | None) -> RequestOutput:
+        tracker = self._trackers[r.request_id]
+        r.append_token(token, logprob)
+        reason = tracker.on_token(token, self.max_model_len)
+        if reason is not None:
+            tracker.on_finish(reason)
+            r.finish_reason = reason
+            if r.request_id in self._held:
+                self.scheduler.running.remove(r)
+                r.status = RequestStatus.FINISHED  # blocks stay until export_kv / release
+            else:
+                self.scheduler.finish(r)
+        return RequestOutput(
+            request_id=r.request_id,
+            new_token_ids=[token],
+            new_text=tracker.take_text(finished=reason is not None),
+            new_logprobs=[logprob] if logprob is not None else [],
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=len(r.prompt_token_ids),
+            num_output_tokens=r.num_output_tokens,
+            num_cached_prompt_tokens=r.num_cached_prompt_tokens,
+        )
+
+
+class EngineStats:
+    """Counters since start: what was computed, what came from the prefix cache."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.computed_tokens = 0
+        self.preemptions = 0
+
+    def record(self, plan: SchedulerOutput) -> None:
+        self.steps += 1
+        self.computed_tokens += plan.num_tokens
+        self.preemptions += len(plan.preempted)
+
+
+def _kv_cache_bytes(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_bytes is not None:
+        return config.kv_cache_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * _GPU_FREE_MEMORY_FRACTION)
+    return _CPU_DEFAULT_KV_BYTES
+
+
+def _max_model_len(config: EngineConfig, max_positions: int, num_blocks: int) -> int:
+    capacity = num_blocks * config.block_size
+    if config.max_model_len is not None:
+        if config.max_model_len > capacity:
+            raise CapacityError(
+                f"the KV cache holds {capacity} tokens, fewer than max_model_len={config.max_model_len}; "
+                "give it more memory or lower max_model_len"
+            )
+        return config.max_model_len
+    length = min(max_positions, capacity)
+    if length < 2:
+        raise CapacityError(f"the KV cache holds only {capacity} tokens; give it more memory")
+    return length

@@ -1,0 +1,21 @@
+"""Errors the engine raises for bad input; each carries a message meant for the user."""
+
+
+class EngineError(Exception):
+    """Base class of every error the engine reports to its caller."""
+
+
+class ModelLoadError(EngineError):
+    """A model directory is missing files or holds malformed ones."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint uses an architecture or feature the engine does not implement."""
+
+
+class InvalidRequestError(EngineError):
+    """A request's prompt or sampling parameters are invalid; the engine is unchanged."""
+
+
+class CapacityError(EngineError):
+    """The KV cache cannot hold what was asked (e.g. importing KV with no free blocks)."""

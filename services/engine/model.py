@@ -1,0 +1,115 @@
+"""Decoder-only transformer for the Llama / Qwen2 / Qwen3 / Mixtral / Qwen-MoE families.
+
+Parameters are named as in the Hugging Face checkpoints (``model.layers.0.self_attn.q_proj``
+...), so loading is a name lookup. The model knows nothing of scheduling: it takes a
+flattened batch of tokens, their positions and an :class:`AttentionMetadata`, and the
+KV cache tensor it reads and writes.
+
+KV cache layout (one tensor for the whole model):
+
+    kv_cache[layer, 0 = key | 1 = value, block, offset_in_block, kv_head, head_dim]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.engine.attention import AttentionMetadata, paged_attention, write_kv
+from services.engine.layers import MLP, RMSNorm
+from services.engine.model_config import ModelConfig
+from services.engine.moe import SparseMoeBlock
+from services.engine.rope import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T]
+        rotary: RotaryEmbedding,
+        kv_layer: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, k, positions)
+        write_kv(kv_layer, k, v, meta.slot_mapping)
+        out = paged_attention(q, kv_layer, meta)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(config)
+        if config.is_moe_layer(layer):
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, positions, rotary, kv_layer, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_layer, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """``model`` + ``lm_head``; call :meth:`forward` for hidden states, :meth:`logits` for the last ones."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None
+
+    def init_rotary(self, max_positions: int) -> None:
+        """Build the cos/sin tables on the parameters' device (after weights are loaded)."""
+        device = self.model.embed_tokens.weight.device
+        self.rotary = RotaryEmbedding(self.config.rope, self.config.head_dim, max_positions, device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_cache: torch.Tensor,  # [L, 2, num_blocks, block_size, Hkv, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        assert self.rotary is not None, "init_rotary() must run before forward()"
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, positions, self.rotary, kv_cache[i], meta)
+        return self.model.norm(x)  # [T, hidden]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [N, vocab]

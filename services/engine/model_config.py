@@ -1,0 +1,248 @@
+"""Model description read from a Hugging Face ``config.json``.
+
+Published checkpoints write the keys of transformers 4.x (``rope_theta``,
+``rope_scaling``, ``torch_dtype``); transformers 5.x writes ``rope_parameters`` and
+``dtype``. Both are accepted and normalised into one frozen :class:`ModelConfig`, so
+the model code never looks at raw JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.engine.errors import ModelLoadError, UnsupportedModelError
+
+# architecture name in config.json -> family that decides the layer layout
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding parameters."""
+
+    theta: float
+    """Base of the rotary frequencies (``rope_theta``)."""
+    rope_type: str = "default"
+    """One of ``default``, ``linear`` or ``llama3``."""
+    factor: float = 1.0
+    """Scaling factor for ``linear`` and ``llama3``."""
+    low_freq_factor: float = 1.0
+    """``llama3`` only: wavelengths above original_max / low_freq_factor are scaled fully."""
+    high_freq_factor: float = 4.0
+    """``llama3`` only: wavelengths below original_max / high_freq_factor are kept."""
+    original_max_position_embeddings: int = 8192
+    """``llama3`` only: the context length the model was pre-trained with."""
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in _SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope type {self.rope_type!r} is not supported; supported: {', '.join(_SUPPORTED_ROPE_TYPES)}"
+            )
+        if self.theta <= 0 or self.factor <= 0:
+            raise ModelLoadError(f"invalid rope parameters: theta={self.theta} factor={self.factor}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse mixture-of-experts feed-forward parameters."""
+
+    num_experts: int
+    """Routed experts per MoE layer."""
+    top_k: int
+    """Experts each token is routed to."""
+    expert_intermediate_size: int
+    """Hidden width of one routed expert."""
+    normalize_top_k: bool
+    """Renormalise the top-k routing probabilities to sum to one (Mixtral always does)."""
+    shared_expert_intermediate_size: int = 0
+    """Width of the always-on shared expert (Qwen2-MoE); 0 means none."""
+    moe_layers: tuple[int, ...] = ()
+    """Indices of the layers whose MLP is sparse; the others use a dense MLP."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_k <= self.num_experts:
+            raise ModelLoadError(f"num_experts_per_tok={self.top_k} must be in 1..{self.num_experts}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parts of a checkpoint's config that the engine's model code needs."""
+
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    moe: MoEConfig | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    checkpoint_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ModelLoadError(f"config field {name} must be positive, got {getattr(self, name)}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.moe_layers
+
+
+def load_model_config(model_dir: str | Path) -> ModelConfig:
+    """Read ``config.json`` (and ``generation_config.json`` for EOS ids) from a model directory."""
+    model_dir = Path(model_dir)
+    raw = _read_json(model_dir / "config.json", required=True)
+    generation = _read_json(model_dir / "generation_config.json", required=False) or {}
+    return parse_model_config(raw, generation)
+
+
+def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+    architectures = raw.get("architectures") or []
+    architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+    if architecture is None:
+        raise UnsupportedModelError(
+            f"architecture {architectures or raw.get('model_type')!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    family = SUPPORTED_ARCHITECTURES[architecture]
+    act = raw.get("hidden_act", "silu")
+    if act not in _SUPPORTED_ACTIVATIONS:
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; supported: silu")
+    _reject_sliding_window(raw)
+    try:
+        num_heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        head_dim = raw.get("head_dim") or hidden // num_heads
+        num_layers = int(raw["num_hidden_layers"])
+        return ModelConfig(
+            architecture=architecture,
+            family=family,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw.get("intermediate_size") or 0),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            rope=_parse_rope(raw),
+            qkv_bias=_qkv_bias(raw, family),
+            o_bias=family == "llama" and bool(raw.get("attention_bias", False)),
+            mlp_bias=family == "llama" and bool(raw.get("mlp_bias", False)),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            moe=_parse_moe(raw, family, num_layers),
+            eos_token_ids=_eos_ids(raw, generation or {}),
+            bos_token_id=raw.get("bos_token_id"),
+            checkpoint_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"config.json has a malformed field: {e}") from None
+
+
+def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(f"{path} not found (is {path.parent} a Hugging Face model directory?)")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+
+
+def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
+    # transformers 5.x: rope_parameters holds theta and scaling together.
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    kwargs: dict[str, Any] = {}
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if params.get(key) is not None:
+            kwargs[key] = params[key]
+    return RopeConfig(theta=float(theta), rope_type=rope_type, **kwargs)
+
+
+def _qkv_bias(raw: dict[str, Any], family: str) -> bool:
+    if family in ("qwen2", "qwen2_moe"):
+        return bool(raw.get("qkv_bias", raw.get("attention_bias", True)))
+    return bool(raw.get("attention_bias", False))
+
+
+def _parse_moe(raw: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
+    if family == "mixtral":
+        return MoEConfig(
+            num_experts=int(raw["num_local_experts"]),
+            top_k=int(raw["num_experts_per_tok"]),
+            expert_intermediate_size=int(raw["intermediate_size"]),
+            normalize_top_k=True,
+            moe_layers=tuple(range(num_layers)),
+        )
+    if family not in ("qwen2_moe", "qwen3_moe"):
+        return None
+    num_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+    step = int(raw.get("decoder_sparse_step", 1) or 1)
+    dense_only = set(raw.get("mlp_only_layers") or [])
+    layers = tuple(i for i in range(num_layers) if i not in dense_only and num_experts > 0 and (i + 1) % step == 0)
+    return MoEConfig(
+        num_experts=num_experts,
+        top_k=int(raw["num_experts_per_tok"]),
+        expert_intermediate_size=int(raw["moe_intermediate_size"]),
+        normalize_top_k=bool(raw.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+        if family == "qwen2_moe"
+        else 0,
+        moe_layers=layers,
+    )
+
+
+def _eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (generation.get("eos_token_id"), raw.get("eos_token_id")):
+        for token in source if isinstance(source, list) else [source]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return tuple(ids)
+
+
+def _reject_sliding_window(raw: dict[str, Any]) -> None:
+    window = raw.get("sliding_window")
+    uses_window = raw.get("use_sliding_window", window is not None)
+    max_pos = int(raw.get("max_position_embeddings", 0) or 0)
+    if uses_window and window and int(window) < max_pos:
+        raise UnsupportedModelError(
+            f"sliding-window attention (sliding_window={window}) is not supported; "
+            "only full attention over the whole context is"
+        )

@@ -1,0 +1,87 @@
+"""Turns a :class:`SchedulerOutput` into model inputs, runs the model, returns logits.
+
+Owns the KV cache tensor. The flattened batch puts the scheduled chunks one after
+another; only chunks that reach their request's last token produce logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan
+from services.engine.model import CausalLM
+from services.engine.scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        c = model.config
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        # [L, 2, num_blocks, block_size, Hkv, D]; see model.py for the layout
+        self.kv_cache = torch.zeros(
+            c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=dtype, device=device
+        )
+
+    @staticmethod
+    def bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+        c = model.config
+        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
+        """Run one step; returns logits [num completing chunks, vocab] in chunk order."""
+        input_ids, positions, meta, sample_rows = self._prepare(out, block_tables)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        return self.model.logits(hidden[sample_rows])
+
+    def _prepare(self, out: SchedulerOutput, block_tables: dict[str, list[int]]):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSpan] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        sample_rows: list[int] = []
+        for chunk in out.chunks:
+            table = block_tables[chunk.request.request_id]
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            row = len(ids)
+            ids.extend(chunk.request.token_ids[start:end])
+            pos.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if chunk.num_tokens == 1:
+                decode_rows.append(row)
+                decode_tables.append(table[: -(-end // bs)])
+                decode_lens.append(end)
+            else:
+                blocks = torch.tensor(table[: -(-end // bs)], dtype=torch.long, device=self.device)
+                prefills.append(PrefillSpan(row, chunk.num_tokens, end, blocks))
+            if chunk.completes:
+                sample_rows.append(row + chunk.num_tokens - 1)
+        decode = None
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in decode_tables]
+            decode = DecodeBatch(
+                token_index=self._tensor(decode_rows),
+                block_tables=self._tensor(padded),
+                context_lens=self._tensor(decode_lens),
+            )
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=prefills, decode=decode)
+        return self._tensor(ids), self._tensor(pos), meta, self._tensor(sample_rows)
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    # -- KV export / import -------------------------------------------------------------
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """[L, 2, len(block_ids), block_size, Hkv, D] copy of the given blocks."""
+        return self.kv_cache[:, :, self._tensor(block_ids)].clone()
+
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        self.kv_cache[:, :, self._tensor(block_ids)] = kv.to(device=self.device, dtype=self.kv_cache.dtype)

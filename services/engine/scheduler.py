@@ -1,0 +1,139 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Queues: ``waiting`` (FIFO; preempted requests go back to its front) and ``running``
+(in admission order). Each step spends a token budget:
+
+1. running requests first, in order: a decoding request needs 1 token, a request
+   still prefilling needs the rest of its prompt (cut to the remaining budget);
+   when its blocks cannot grow, the most recently admitted running request is
+   preempted (blocks freed, recomputed later) until they can;
+2. then waiting requests, in order, while budget, sequence slots and blocks last;
+   a newly admitted request starts after its longest cached prefix.
+
+The scheduler owns the request states; the block manager owns the blocks; the
+engine frees a finished request through :meth:`finish`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.engine.block_manager import BlockManager
+from services.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Requests running at once (a decode batch is at most this large)."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step; longer prompts are prefilled in chunks of at most this."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    start: int
+    """Position of the chunk's first token (= tokens already in the cache)."""
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """Whether the chunk reaches the request's last token, so a next token is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def add_running(self, request: Request) -> None:
+        """Join a request whose blocks are already allocated and filled (KV import)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert n > 0, "a running request always has a token to compute"
+            target = request.num_computed_tokens + n
+            while not self.blocks.can_allocate(request.request_id, target):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is request:
+                    return budget
+            self.blocks.allocate(request.request_id, target)
+            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits = self.blocks.match_prefix(request.token_ids)
+            cached = len(hits) * self.blocks.block_size
+            n = min(request.num_tokens - cached, budget)
+            if not self.blocks.can_allocate(request.request_id, cached + n, hits):
+                break
+            self.blocks.allocate(request.request_id, cached + n, hits)
+            self.waiting.popleft()
+            if request.num_preemptions == 0:
+                request.num_cached_prompt_tokens = cached
+            request.num_computed_tokens = cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk(request, cached, n))
+            budget -= n
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.blocks.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished or aborted request from the queues and free its blocks."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.blocks.free(request.request_id)
+        request.status = RequestStatus.FINISHED

@@ -1,0 +1,57 @@
+"""Random small checkpoints of every supported family, saved with transformers' save_pretrained,
+and the reference greedy continuation computed by transformers on the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# family -> (config class, model class, config kwargs beyond the common ones)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", {
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32}, "rope_theta": 500000.0}),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True, "attention_bias": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_theta": 1000000.0}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 40, "mlp_only_layers": [1]}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "norm_topk_prob": True,
+        "head_dim": 12}),
+}
+
+
+def make_checkpoint(path: Path, family: str, seed: int = 0, *, num_heads: int = 4, num_kv_heads: int = 2,
+                    hidden_size: int = 48, num_layers: int = 2, vocab_size: int = 97, **overrides) -> Path:
+    """Save a random model of ``family`` to ``path`` (float32, odd sizes by default)."""
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=72,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  max_position_embeddings=512, initializer_range=0.2, eos_token_id=vocab_size - 1,
+                  bos_token_id=None, pad_token_id=None)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config)
+    model.save_pretrained(path)
+    return path
+
+
+def reference_greedy(path: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation (EOS suppressed, so exactly max_new_tokens tokens)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
