@@ -122,26 +122,19 @@ class LLMEngine:
         return outputs
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
-        """Run prompts to completion (in one batch) and return them in order."""
+        """Run prompts to completion (batched with whatever else is queued) and return them in order."""
         ids = [f"generate-{i}-{random.getrandbits(32):08x}" for i in range(len(prompts))]
         for request_id, prompt in zip(ids, prompts):
             self.add_request(request_id, prompt, params)
+        parts: dict[str, list[RequestOutput]] = {i: [] for i in ids}
         done: dict[str, Completion] = {}
         while len(done) < len(ids):
             for out in self.step():
-                if out.finished:
-                    done[out.request_id] = self.pop_completion(out.request_id)
+                if out.request_id in parts:
+                    parts[out.request_id].append(out)
+                    if out.finished:
+                        done[out.request_id] = Completion.from_outputs(parts.pop(out.request_id))
         return [done[i] for i in ids]
-
-    def pop_completion(self, request_id: str) -> Completion:
-        """The finished request as a whole (its per-request state is dropped afterwards)."""
-        r = self._requests[request_id]
-        assert r.status is RequestStatus.FINISHED and r.finish_reason is not None
-        completion = Completion(request_id, list(r.prompt_token_ids), r.output_token_ids, r.output_text,
-                                list(r.output_logprobs), r.finish_reason, r.num_cached_prompt_tokens)
-        if request_id not in self._held:
-            self._forget(request_id)
-        return completion
 
     # -- KV export / import ---------------------------------------------------------------
 
@@ -249,6 +242,7 @@ class LLMEngine:
                 r.status = RequestStatus.FINISHED  # blocks stay until export_kv / release
             else:
                 self.scheduler.finish(r)
+                self._forget(r.request_id)
         return RequestOutput(
             request_id=r.request_id,
             new_token_ids=[token],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -72,31 +73,40 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") 
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
     config = load_model_config(model_dir)
+    return build_model(config, _read_safetensors(weight_files(model_dir)), dtype, device)
+
+
+def build_model(
+    config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: str = "auto", device: str = "cpu"
+) -> CausalLM:
+    """A model from checkpoint-named tensors (read from files, or another model's state_dict)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device cuda was asked for but CUDA is not available")
     torch_dtype = resolve_dtype(dtype, config, dev)
-    files = weight_files(model_dir)
     with torch.device("meta"):
         model = CausalLM(config)
     model = model.to_empty(device=dev).to(torch_dtype)
-    _load_weights(model, files)
+    _load_weights(model, tensors)
     return model.eval().requires_grad_(False)
 
 
-def _load_weights(model: CausalLM, files: list[Path]) -> None:
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    expert_parts: dict[str, int] = {}  # fused param name -> per-expert slices filled
+def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    _load_one(name, f.get_tensor(name), params, loaded, expert_parts)
-        except ModelLoadError:
-            raise
+                    yield name, f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ModelLoadError(f"cannot read weights from {path}: {e}") from None
+
+
+def _load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    expert_parts: dict[str, int] = {}  # fused param name -> per-expert slices filled
+    for name, tensor in tensors:
+        _load_one(name, tensor, params, loaded, expert_parts)
     _check_experts(model.config, params, expert_parts, loaded)
     if "lm_head.weight" not in loaded and model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -136,9 +136,24 @@ class Completion:
     """A finished request, as :meth:`LLMEngine.generate` returns it."""
 
     request_id: str
-    prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
     logprobs: list[float]
     finish_reason: FinishReason
+    num_prompt_tokens: int
     num_cached_prompt_tokens: int
+
+    @classmethod
+    def from_outputs(cls, outputs: list[RequestOutput]) -> "Completion":
+        """Join one request's incremental outputs (the last one finished)."""
+        last = outputs[-1]
+        assert last.finished and last.finish_reason is not None
+        return cls(
+            request_id=last.request_id,
+            token_ids=[t for o in outputs for t in o.new_token_ids],
+            text="".join(o.new_text for o in outputs),
+            logprobs=[lp for o in outputs for lp in o.new_logprobs],
+            finish_reason=last.finish_reason,
+            num_prompt_tokens=last.num_prompt_tokens,
+            num_cached_prompt_tokens=last.num_cached_prompt_tokens,
+        )

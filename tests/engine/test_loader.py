@@ -1,0 +1,108 @@
+"""config.json dialects, sharded and fused checkpoints, dtypes, EOS ids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.engine import LLMEngine
+from services.engine.errors import UnsupportedModelError
+from services.engine.model_config import load_model_config, parse_model_config
+from services.engine.request import SamplingParams
+from services.engine.rope import inverse_frequencies
+from tests.engine.conftest import small_engine
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, min_tokens=8)
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]
+
+
+def test_transformers_4_keys_parse_like_transformers_5_keys(checkpoints):
+    v5 = json.loads((checkpoints("llama3_rope", 0) / "config.json").read_text())
+    assert "rope_parameters" in v5
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    params = dict(v5["rope_parameters"])
+    v4["rope_theta"] = params.pop("rope_theta")
+    v4["rope_scaling"] = {**params, "type": params.pop("rope_type")}  # the oldest spelling
+    v4["torch_dtype"] = v4.pop("dtype")
+    assert parse_model_config(v4) == parse_model_config(v5)
+    assert parse_model_config(v5).rope.rope_type == "llama3"
+
+
+def test_llama3_frequencies_match_transformers(checkpoints):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    path = checkpoints("llama3_rope", 0)
+    ours = inverse_frequencies(load_model_config(path).rope, 12)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(path), "cpu")
+    torch.testing.assert_close(ours, theirs.float())
+
+
+def test_unsupported_rope_and_sliding_window_are_named():
+    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 64}
+    with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):
+        parse_model_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        parse_model_config({**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
+                            "sliding_window": 16})
+    parse_model_config({**base, "sliding_window": 4096})  # wider than the context: no effect
+
+
+def test_sharded_checkpoint_loads(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = checkpoints("qwen2", 0)
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    want = small_engine(src).generate([PROMPT], GREEDY)[0].token_ids
+    assert small_engine(tmp_path).generate([PROMPT], GREEDY)[0].token_ids == want
+
+
+def test_fused_expert_checkpoint_loads(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = checkpoints("mixtral", 0)
+    shutil.copytree(src, tmp_path / "m", dirs_exist_ok=True)
+    tensors = load_file(src / "model.safetensors")
+    fused = {}
+    for name, t in tensors.items():
+        if ".experts." not in name:
+            fused[name.replace("block_sparse_moe", "mlp")] = t
+    for layer in range(2):
+        p = f"model.layers.{layer}.block_sparse_moe.experts"
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([tensors[f"{p}.{e}.w1.weight"], tensors[f"{p}.{e}.w3.weight"]]) for e in range(4)])
+        fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
+            [tensors[f"{p}.{e}.w2.weight"] for e in range(4)])
+    save_file(fused, tmp_path / "m" / "model.safetensors")
+    want = small_engine(src).generate([PROMPT], GREEDY)[0].token_ids
+    assert small_engine(tmp_path / "m").generate([PROMPT], GREEDY)[0].token_ids == want
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_and_mostly_agrees(checkpoints, dtype):
+    path = checkpoints("llama", 0)
+    engine = LLMEngine.from_pretrained(path, EngineConfig(dtype=dtype, kv_cache_bytes=4 << 20))
+    assert engine.runner.kv_cache.dtype == getattr(torch, dtype)
+    got = engine.generate([PROMPT], GREEDY)[0].token_ids
+    want = small_engine(path).generate([PROMPT], GREEDY)[0].token_ids
+    assert len(got) == 8 and got[0] == want[0]
+
+
+def test_eos_ids_from_config_and_generation_config(checkpoints, tmp_path):
+    path = tmp_path / "m"
+    shutil.copytree(checkpoints("llama", 0), path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 96]}))
+    assert load_model_config(path).eos_token_ids == (7, 96)
+    engine = small_engine(path)
+    greedy = engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    stop_at = greedy.token_ids[3]
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": stop_at}))
+    c = small_engine(path).generate([PROMPT], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert c.token_ids == greedy.token_ids[: greedy.token_ids.index(stop_at) + 1]
+    assert c.finish_reason.value == "stop"

@@ -1,0 +1,157 @@
+"""Batching, chunking, preemption, KV export/import and prefix reuse never change greedy output."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.engine.errors import CapacityError, InvalidRequestError
+from services.engine.request import FinishReason, SamplingParams
+from tests.engine.conftest import small_engine
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, min_tokens=12)
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(96) for _ in range(rng.randrange(3, 60))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return checkpoints("qwen3", 4)
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    """Each prompt run alone, in a fresh engine with no prefix cache."""
+    engine = small_engine(model, prefix_caching=False)
+    return [engine.generate([p], GREEDY)[0].token_ids for p in _prompts(8)]
+
+
+def test_batched_equals_one_by_one(model, expected):
+    completions = small_engine(model).generate(_prompts(8), GREEDY)
+    assert [c.token_ids for c in completions] == expected
+
+
+@pytest.mark.parametrize("budget", [1, 7, 16])
+def test_chunked_prefill_equals_one_shot(model, expected, budget):
+    engine = small_engine(model, max_num_batched_tokens=budget, prefix_caching=False)
+    assert [c.token_ids for c in engine.generate(_prompts(8), GREEDY)] == expected
+
+
+def test_preempted_and_resumed_equals_uninterrupted(model, expected):
+    # 12 blocks of 16 tokens: far less than 8 requests need at once, so the scheduler preempts.
+    engine = small_engine(model, kv_cache_bytes=12 * engine_block_bytes(model), max_num_batched_tokens=64)
+    completions = engine.generate(_prompts(8), GREEDY)
+    assert engine.stats.preemptions > 0
+    assert [c.token_ids for c in completions] == expected
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def engine_block_bytes(model) -> int:
+    probe = small_engine(model)
+    return probe.runner.kv_cache[:, :, 0].numel() * probe.runner.kv_cache.element_size()
+
+
+@pytest.mark.parametrize("steps_before_export", [1, 4])
+def test_exported_kv_continues_exactly(model, expected, steps_before_export):
+    prompt = _prompts(8)[2]
+    exporter = small_engine(model)
+    exporter.add_request("r", prompt, GREEDY, hold_kv=True)
+    produced: list[int] = []
+    for _ in range(steps_before_export):
+        for out in exporter.step():
+            produced += out.new_token_ids
+    kv = exporter.export_kv("r")
+    assert kv.output_token_ids == produced
+    assert kv.num_computed_tokens == len(prompt) + len(produced) - 1
+    exporter.release("r") if not exporter.abort("r") else None
+    assert exporter.blocks.num_free_blocks == exporter.blocks.num_blocks
+
+    importer = small_engine(model)
+    importer.import_request("r", kv, GREEDY)
+    while importer.has_unfinished():
+        for out in importer.step():
+            produced += out.new_token_ids
+    assert produced == expected[2]
+
+
+def test_prefill_only_request_holds_kv_until_released(model, expected):
+    prompt = _prompts(8)[5]
+    engine = small_engine(model)
+    engine.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
+    (out,) = engine.step()
+    assert out.finished and out.finish_reason is FinishReason.LENGTH
+    kv = engine.export_kv("p")
+    assert kv.kv.shape[2] == -(-len(prompt) // 16)
+    engine.release("p")
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    decode = small_engine(model)
+    decode.import_request("p", kv, GREEDY)
+    tokens = list(kv.output_token_ids)
+    while decode.has_unfinished():
+        tokens += [t for o in decode.step() for t in o.new_token_ids]
+    assert tokens == expected[5]
+
+
+def test_import_rejects_other_models_and_full_caches(model, checkpoints):
+    engine = small_engine(model)
+    engine.add_request("r", _prompts(1)[0], GREEDY, hold_kv=True)
+    engine.step()
+    kv = engine.export_kv("r")
+    other = small_engine(checkpoints("llama", 0))
+    with pytest.raises(InvalidRequestError, match="different model"):
+        other.import_request("r", kv, GREEDY)
+    tiny = small_engine(model, kv_cache_bytes=8 * engine_block_bytes(model), max_model_len=128)
+    tiny.add_request("hog", [1] * 60, SamplingParams(max_tokens=3))
+    tiny.step()  # each hog holds 4 of the 8 blocks
+    tiny.add_request("hog2", [2] * 60, SamplingParams(max_tokens=3))
+    tiny.step()
+    with pytest.raises(CapacityError):
+        tiny.import_request("r", kv, GREEDY)
+    assert tiny.generate([[5, 6, 7]], GREEDY)[0].token_ids  # still usable
+
+
+def test_prefix_reuse_is_exact_and_computes_less(model):
+    rng = random.Random(3)
+    shared = [rng.randrange(96) for _ in range(40)]
+    prompts = [shared + [rng.randrange(96) for _ in range(n)] for n in (3, 9, 20)]
+    cold = small_engine(model, prefix_caching=False)
+    want = [cold.generate([p], GREEDY)[0].token_ids for p in prompts]
+    cold_computed = cold.stats.computed_tokens
+
+    warm = small_engine(model)
+    got = [warm.generate([p], GREEDY)[0] for p in prompts]
+    assert [c.token_ids for c in got] == want
+    assert [c.num_cached_prompt_tokens for c in got] == [0, 32, 32]
+    assert warm.stats.computed_tokens == cold_computed - 64
+
+
+def test_prefix_reuse_of_a_whole_block_aligned_prompt(model):
+    prompt = _prompts(1, seed=9)[0][:32]  # exactly two blocks: the last token is still computed
+    engine = small_engine(model)
+    first = engine.generate([prompt], GREEDY)[0]
+    second = engine.generate([prompt], GREEDY)[0]
+    assert second.token_ids == first.token_ids
+    assert second.num_cached_prompt_tokens == 16
+
+
+def test_abort_frees_blocks_and_engine_continues(model, expected):
+    engine = small_engine(model)
+    prompts = _prompts(8)
+    for i, p in enumerate(prompts[:3]):
+        engine.add_request(f"r{i}", p, GREEDY)
+    done: dict[str, list[int]] = {}
+    for out in engine.step():
+        done.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert engine.abort("r1")
+    assert not engine.abort("r1")
+    assert not engine.abort("never-added")
+    while engine.has_unfinished():
+        for out in engine.step():
+            done.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert "r1" not in done or len(done["r1"]) < 12
+    assert done["r2"] == expected[2]
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks

@@ -1,0 +1,87 @@
+"""The ``tandem`` command.
+
+    tandem generate [--model DIR] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]
+                    [--seed S] [--stop STR] [--dtype D] [--device D] PROMPT
+    tandem bench engine [...]
+
+``generate`` runs the engine in-process (the built-in demo model unless ``--model``)
+and streams only the completion text to stdout; logs go to stderr. Bad input exits
+with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_models" / "dense"
+_EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        return _bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return _generate(args)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Disaggregated LLM serving.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion in-process")
+    gen.add_argument("prompt", help="prompt text")
+    gen.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="Hugging Face model directory "
+                     "(default: the built-in demo model)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+    bench = sub.add_parser("bench", help="benchmarks (run `tandem bench engine --help`)")
+    bench.add_argument("target", choices=["engine"])
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from services.engine.config import EngineConfig
+    from services.engine.engine import LLMEngine
+    from services.engine.errors import EngineError
+    from services.engine.request import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+        engine = LLMEngine.from_pretrained(args.model, EngineConfig(device=args.device, dtype=args.dtype))
+        engine.add_request("cli", args.prompt, params)
+        while engine.has_unfinished():
+            for out in engine.step():
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+    except (EngineError, ValueError) as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return _EXIT_BAD_INPUT
+    sys.stdout.write("\n")
+    return 0
+
+
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from tools.bench import engine_bench
+
+    return engine_bench.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
