@@ -56,6 +56,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._trackers: dict[str, OutputTracker] = {}
         self._held: set[str] = set()
+        self._reserved: dict[str, int] = {}  # request id -> tokens of KV expected
         self.stats = EngineStats()
         log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d", num_blocks, config.block_size,
                  self.max_model_len)
@@ -75,11 +76,15 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         hold_kv: bool = False,
+        generated: list[int] | tuple[int, ...] = (),
     ) -> None:
-        """Queue a request. Raises InvalidRequestError (engine unchanged) on bad input."""
+        """Queue a request. Raises InvalidRequestError (engine unchanged) on bad input.
+
+        ``generated``: tokens this request already produced elsewhere (a request resumed on
+        another worker); they are computed like the prompt and count towards max_tokens.
+        """
         params = params or SamplingParams()
-        prompt_ids = self._encode_prompt(prompt)
-        request = self._new_request(request_id, prompt_ids, params)
+        request = self._new_request(request_id, self._encode_prompt(prompt), params, list(generated))
         self._register(request, hold_kv)
         self.scheduler.add(request)
 
@@ -87,7 +92,7 @@ class LLMEngine:
         """Stop a request and free its blocks; False if it is not known (or already done)."""
         request = self._requests.get(request_id)
         if request is None:
-            return False
+            return self.release(request_id)  # a reservation, if anything
         if request.status is RequestStatus.FINISHED:
             self.release(request_id)
             return False
@@ -147,30 +152,64 @@ class LLMEngine:
         return KVExport(self.fingerprint, self.config.block_size, list(r.prompt_token_ids), r.output_token_ids,
                         r.num_computed_tokens, self.runner.read_blocks(table))
 
-    def release(self, request_id: str) -> None:
-        """Free a held request's blocks once its KV has been exported (or is no longer wanted)."""
+    def release(self, request_id: str) -> bool:
+        """Free a reservation, or a held request's blocks once its KV has been exported."""
+        if self._reserved.pop(request_id, None) is not None:
+            self.blocks.free(request_id)
+            return True
         if request_id in self._held:
             self.blocks.free(request_id)
             self._held.discard(request_id)
             self._forget(request_id)
+            return True
+        return False
 
-    def import_request(self, request_id: str, kv: KVExport, params: SamplingParams | None = None) -> None:
-        """Continue a request from another engine's KV: blocks are allocated, filled, and the
-        request joins the running batch exactly where the exporter stopped."""
-        params = params or SamplingParams()
-        self._check_import(kv)
-        request = self._new_request(request_id, self._encode_prompt(kv.prompt_token_ids), params)
-        request.token_ids = kv.token_ids
-        if self.tokenizer is not None:
-            request.output_text = self.tokenizer.decode(kv.output_token_ids)  # shown by the exporter
-        if not self.blocks.can_allocate(request_id, kv.num_computed_tokens):
-            raise CapacityError(f"no room for {kv.num_computed_tokens} tokens of imported KV")
-        self.blocks.allocate(request_id, kv.num_computed_tokens)
-        self.runner.write_blocks(self.blocks.block_table(request_id), kv.kv)
-        request.num_computed_tokens = request.num_cached_prompt_tokens = kv.num_computed_tokens
-        self.blocks.cache_full_blocks(request_id, request.token_ids, kv.num_computed_tokens)
+    def reserve(self, request_id: str, num_tokens: int) -> list[int]:
+        """Allocate blocks for ``num_tokens`` of KV that another engine will write; they stay
+        out of the batch until :meth:`commit_reserved` (or are freed by :meth:`release`)."""
+        if request_id in self._requests or request_id in self._reserved:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not 0 < num_tokens < self.max_model_len:
+            raise InvalidRequestError(f"cannot reserve {num_tokens} tokens (context length {self.max_model_len})")
+        if not self.blocks.can_allocate(request_id, num_tokens):
+            raise CapacityError(f"no room for {num_tokens} tokens of KV "
+                                f"({self.blocks.num_free_blocks} free blocks of {self.config.block_size})")
+        self._reserved[request_id] = num_tokens
+        return self.blocks.allocate(request_id, num_tokens)
+
+    def write_reserved(self, request_id: str, kv: torch.Tensor) -> None:
+        """Fill a reservation's blocks from kv [L, 2, num_blocks, block_size, Hkv, D]."""
+        table = self.blocks.block_table(request_id)
+        if request_id not in self._reserved or kv.shape[2] != len(table):
+            raise InvalidRequestError(f"KV of {kv.shape[2]} blocks does not fit reservation {request_id!r}")
+        self.runner.write_blocks(table, kv)
+
+    def commit_reserved(self, request_id: str, prompt: list[int], generated: list[int], num_computed_tokens: int,
+                        params: SamplingParams | None = None) -> None:
+        """Join a filled reservation to the batch; generation continues after ``generated``."""
+        reserved = self._reserved.get(request_id)
+        if reserved is None or num_computed_tokens != reserved:
+            raise InvalidRequestError(f"no reservation of {num_computed_tokens} tokens for {request_id!r}")
+        request = self._new_request(request_id, self._encode_prompt(prompt), params or SamplingParams(),
+                                    list(generated))
+        if not 0 < num_computed_tokens < request.num_tokens:
+            raise InvalidRequestError("committed KV must cover a prefix of the tokens, short of the last one")
+        del self._reserved[request_id]
+        request.num_computed_tokens = request.num_cached_prompt_tokens = num_computed_tokens
+        self.blocks.cache_full_blocks(request_id, request.token_ids, num_computed_tokens)
         self._register(request, hold_kv=False)
         self.scheduler.add_running(request)
+
+    def import_request(self, request_id: str, kv: KVExport, params: SamplingParams | None = None) -> None:
+        """Continue a request from another engine's export, exactly where the exporter stopped."""
+        self._check_import(kv)
+        self.reserve(request_id, kv.num_computed_tokens)
+        try:
+            self.write_reserved(request_id, kv.kv)
+            self.commit_reserved(request_id, kv.prompt_token_ids, kv.output_token_ids, kv.num_computed_tokens, params)
+        except Exception:
+            self.release(request_id)
+            raise
 
     # -- internals -------------------------------------------------------------------------
 
@@ -188,9 +227,14 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
 
-    def _new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def _new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     generated: list[int]) -> Request:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if generated:
+            self._encode_prompt(generated)  # same id checks as the prompt
+            if params.max_tokens is not None and len(generated) >= params.max_tokens:
+                raise InvalidRequestError(f"{len(generated)} tokens already generated; max_tokens is {params.max_tokens}")
         n = len(prompt_ids)
         if n >= self.max_model_len:
             raise InvalidRequestError(
@@ -203,8 +247,14 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
                 f"{self.max_model_len}; at most {room} tokens can be generated"
             )
+        if n + len(generated) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt + generated tokens ({n + len(generated)}) fill the context length")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        return Request(request_id, prompt_ids, params, seed=seed, max_tokens=params.max_tokens or room)
+        request = Request(request_id, prompt_ids, params, seed=seed, max_tokens=params.max_tokens or room,
+                          token_ids=prompt_ids + generated)
+        if generated and self.tokenizer is not None:
+            request.output_text = self.tokenizer.decode(generated)  # already shown by whoever produced it
+        return request
 
     def _register(self, request: Request, hold_kv: bool) -> None:
         self._requests[request.request_id] = request

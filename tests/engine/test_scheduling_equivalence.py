@@ -155,3 +155,41 @@ def test_abort_frees_blocks_and_engine_continues(model, expected):
     assert "r1" not in done or len(done["r1"]) < 12
     assert done["r2"] == expected[2]
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_resumed_with_generated_tokens_continues_exactly(model, expected):
+    engine = small_engine(model)
+    engine.add_request("m", _prompts(8)[3], GREEDY, generated=expected[3][:5])
+    tokens = [t for _ in range(20) for o in engine.step() for t in o.new_token_ids]
+    assert tokens == expected[3][5:]
+
+
+def test_reservations_are_fenced_and_freed(model, expected):
+    prompt = _prompts(8)[4]
+    src = small_engine(model)
+    src.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
+    src.step()
+    kv = src.export_kv("p")
+    dst = small_engine(model)
+    free = dst.blocks.num_free_blocks
+    blocks = dst.reserve("r", kv.num_computed_tokens)
+    assert len(blocks) == kv.kv.shape[2] and dst.blocks.num_free_blocks == free - len(blocks)
+    with pytest.raises(InvalidRequestError):
+        dst.reserve("r", 5)  # one reservation per id
+    assert dst.release("r") and not dst.release("r")
+    assert dst.blocks.num_free_blocks == free
+    with pytest.raises(InvalidRequestError, match="does not fit"):
+        dst.write_reserved("r", kv.kv)  # released: the write never lands
+    with pytest.raises(InvalidRequestError, match="no reservation"):
+        dst.commit_reserved("r", kv.prompt_token_ids, kv.output_token_ids, kv.num_computed_tokens, GREEDY)
+    dst.reserve("r2", kv.num_computed_tokens)
+    dst.write_reserved("r2", kv.kv)
+    dst.commit_reserved("r2", kv.prompt_token_ids, kv.output_token_ids, kv.num_computed_tokens, GREEDY)
+    tokens = list(kv.output_token_ids)
+    while dst.has_unfinished():
+        tokens += [t for o in dst.step() for t in o.new_token_ids]
+    assert tokens == expected[4]
+    assert dst.blocks.num_free_blocks == free
+    with pytest.raises(CapacityError):
+        for i in range(dst.blocks.num_blocks + 1):
+            dst.reserve(f"fill{i}", dst.max_model_len - 1)
