@@ -1,0 +1,154 @@
+"""An :class:`LLMEngine` driven by one dedicated thread, for asyncio services.
+
+    asyncio callers ──call(fn)──► command queue ──► engine thread: run commands, step()
+         ▲                                                   │
+         └──── per-request asyncio.Queue ◄── call_soon_threadsafe(outputs) ◄──┘
+
+The engine is not thread-safe, so every touch of it (adding, aborting, reserving,
+exporting, reading stats) is a command run on the engine thread between steps. Outputs
+of a step are delivered to the event loop in one callback. A consumer that stops
+reading a stream (client gone, task cancelled) aborts its request, freeing its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from services.engine.engine import LLMEngine
+from services.engine.request import FinishReason, RequestOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_IDLE_WAIT_S = 0.05  # how long an idle engine thread sleeps before re-checking for commands
+_JOIN_TIMEOUT_S = 10.0
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is not running (not started, closed, or crashed)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: deque[tuple[Callable[[LLMEngine], Any], asyncio.Future]] = deque()
+        self._wakeup = threading.Condition()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._failure: BaseException | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, _JOIN_TIMEOUT_S)
+        for q in self._streams.values():
+            q.put_nowait(EngineStopped("engine closed"))
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between steps; its exception is re-raised here."""
+        if self._failure is not None or self._thread is None or self._stopping.is_set():
+            raise EngineStopped(f"engine is not running ({self._failure or 'stopped'})")
+        future = asyncio.get_running_loop().create_future()
+        with self._wakeup:
+            self._commands.append((fn, future))
+            self._wakeup.notify()
+        return await future
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request; its stream (if any) ends with finish reason ``abort``."""
+        aborted = await self.call(lambda e: e.abort(request_id))
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(_aborted_output(request_id))
+        return aborted
+
+    async def stream(self, request_id: str, submit: Callable[[LLMEngine], None]) -> AsyncIterator[RequestOutput]:
+        """Run ``submit`` (which adds or commits ``request_id``) and yield the request's outputs
+        until it finishes. Leaving the iteration early aborts the request."""
+        q: asyncio.Queue = asyncio.Queue()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already streaming")
+        self._streams[request_id] = q
+        finished = False
+        try:
+            await self.call(submit)
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self._failure is None and not self._stopping.is_set():
+                await asyncio.shield(self._abort_quietly(request_id))
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        try:
+            await self.call(lambda e: e.abort(request_id))
+        except EngineStopped:
+            pass
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._run_commands()
+                if self.engine.has_unfinished():
+                    outputs = self.engine.step()
+                    if outputs:
+                        self._loop.call_soon_threadsafe(self._deliver, outputs)
+        except BaseException as e:  # a bug in the engine: fail every stream, keep the process up
+            log.exception("engine thread crashed")
+            self._failure = e
+            self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    def _run_commands(self) -> bool:
+        with self._wakeup:
+            if not self._commands and not self.engine.has_unfinished():
+                self._wakeup.wait(_IDLE_WAIT_S)
+            commands, self._commands = self._commands, deque()
+        for fn, future in commands:
+            try:
+                result, error = fn(self.engine), None
+            except Exception as e:  # reported to the caller; the engine goes on
+                result, error = None, e
+            self._loop.call_soon_threadsafe(_settle, future, result, error)
+        return bool(commands)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for q in self._streams.values():
+            q.put_nowait(EngineStopped(f"engine failed: {error!r}"))
+
+
+def _aborted_output(request_id: str) -> RequestOutput:
+    return RequestOutput(request_id, [], "", [], finished=True, finish_reason=FinishReason.ABORT,
+                         num_prompt_tokens=0, num_output_tokens=0, num_cached_prompt_tokens=0)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
