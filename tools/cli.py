@@ -2,6 +2,7 @@
 
     tandem generate [--model DIR] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]
                     [--seed S] [--stop STR] [--dtype D] [--device D] PROMPT
+    tandem serve prefill|decode|mixed|router --etcd URL [...]
     tandem bench engine [...]
 
 ``generate`` runs the engine in-process (the built-in demo model unless ``--model``)
@@ -16,7 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_models" / "dense"
+from tools import serve_cmd
+from tools.demo import DEMO_MODEL_DIR
+
 _EXIT_BAD_INPUT = 2
 
 
@@ -27,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
         return _bench(args, rest)
+    if args.command == "serve":
+        return serve_cmd.run(args)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return _generate(args)
@@ -49,6 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+    serve_cmd.add_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (run `tandem bench engine --help`)")
     bench.add_argument("target", choices=["engine"])

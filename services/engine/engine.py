@@ -195,7 +195,7 @@ class LLMEngine:
         if not 0 < num_computed_tokens < request.num_tokens:
             raise InvalidRequestError("committed KV must cover a prefix of the tokens, short of the last one")
         del self._reserved[request_id]
-        request.num_computed_tokens = request.num_cached_prompt_tokens = num_computed_tokens
+        request.num_computed_tokens = num_computed_tokens  # computed elsewhere: not a prefix-cache hit
         self.blocks.cache_full_blocks(request_id, request.token_ids, num_computed_tokens)
         self._register(request, hold_kv=False)
         self.scheduler.add_running(request)

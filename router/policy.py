@@ -1,0 +1,74 @@
+"""Routing policies: which (prefill, decode) pair serves a request.
+
+A policy sees the live workers (from etcd), their last published load, and the
+router's own count of what it has in flight on each worker (load in etcd lags by up
+to a publish interval; the local count keeps a burst from landing on one worker).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from services.common.registry import WorkerInfo, WorkerLoad
+
+
+@dataclass(frozen=True)
+class Candidate:
+    info: WorkerInfo
+    load: WorkerLoad | None
+    in_flight_requests: int
+    """Requests this router has on the worker now."""
+    in_flight_prefill_tokens: int
+    """Prompt tokens this router has sent to the worker that are not yet prefilled."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    prefill: WorkerInfo
+    decode: WorkerInfo
+
+    @property
+    def colocated(self) -> bool:
+        """One mixed worker does both: no reservation, no KV handoff."""
+        return self.prefill.worker_id == self.decode.worker_id
+
+
+class RoutingPolicy(ABC):
+    @abstractmethod
+    def pick(self, prefills: list[Candidate], decodes: list[Candidate], num_tokens: int) -> Pair | None:
+        """Choose a pair for a request of ``num_tokens`` (prompt + generated); None if none fits.
+        Mixed workers appear in both lists."""
+
+
+class LeastLoadedPolicy(RoutingPolicy):
+    """Prefill: fewest queued prompt tokens. Decode: fewest running requests among those with
+    room for the prompt's KV. A mixed worker chosen for both roles serves the request alone."""
+
+    def pick(self, prefills: list[Candidate], decodes: list[Candidate], num_tokens: int) -> Pair | None:
+        decodes = [d for d in decodes if _has_room(d, num_tokens)] or decodes
+        if not prefills or not decodes:
+            return None
+        decode = min(decodes, key=_decode_score)
+        if decode.info.role == "mixed" and any(p.info.worker_id == decode.info.worker_id for p in prefills):
+            dedicated = [p for p in prefills if p.info.role == "prefill"]
+            if not dedicated:
+                return Pair(decode.info, decode.info)
+        prefill = min(prefills, key=_prefill_score)
+        return Pair(prefill.info, decode.info)
+
+
+def _prefill_score(c: Candidate) -> tuple:
+    queued = (c.load.queued_prefill_tokens if c.load else 0) + c.in_flight_prefill_tokens
+    return (queued, c.in_flight_requests, c.info.worker_id)
+
+
+def _decode_score(c: Candidate) -> tuple:
+    running = (c.load.running_requests + c.load.waiting_requests if c.load else 0)
+    return (running + c.in_flight_requests, -(c.load.free_kv_blocks if c.load else 0), c.info.worker_id)
+
+
+def _has_room(c: Candidate, num_tokens: int) -> bool:
+    if c.load is None:
+        return True
+    return c.load.free_kv_blocks * c.info.block_size >= num_tokens

@@ -1,0 +1,254 @@
+"""The router's core: one generation request across a (prefill, decode) pair, with failover.
+
+    generate(request)
+      loop until finished or attempts run out:
+        pick a pair (policy; workers that failed this request are excluded)
+        colocated (one mixed worker): Decode(prompt, generated) and stream
+        disaggregated:
+          Reserve on decode (blocks for prompt + generated; lease; expiry)
+          Prefill on prefill (KV written over UCX into the reservation) -> next token
+          Decode(reservation, lease) and stream
+        a prefill/handoff failure -> release the reservation, try another prefill worker
+        a decode failure mid-stream -> migrate: re-prefill prompt + tokens already streamed
+          on another pair; the client sees neither a gap nor a repeated token
+
+Tokens reach the caller as they arrive. Leaving the iteration (client gone) cancels
+the in-flight RPCs, which abort the request on every worker; an outstanding
+reservation is released (or expires).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections import Counter as Tally
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from router.metrics import RouterMetrics
+from router.policy import Candidate, LeastLoadedPolicy, Pair, RoutingPolicy
+from router.request import GenerationRequest, GenerationResult, RequestFailed, TokenChunk
+from services.common.registry import Membership, WorkerInfo
+from services.common.rpc import channel
+
+log = logging.getLogger(__name__)
+
+_RESERVATION_TTL_MS = 30_000
+_CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND)
+_NO_WORKER_WAIT_S = 0.25  # pause before re-picking when no pair is available
+
+
+@dataclass
+class RouterConfig:
+    max_attempts: int = 4
+    """Pairs tried for one request (first try, prefill retries and decode migrations together)."""
+    wait_for_workers_s: float = 10.0
+    """How long a request waits for a usable pair before failing."""
+    policy: RoutingPolicy = field(default_factory=LeastLoadedPolicy)
+
+
+class _WorkerFailed(Exception):
+    def __init__(self, worker: WorkerInfo, stage: str, error: BaseException):
+        super().__init__(f"{stage} on {worker.worker_id} failed: {error}")
+        self.worker, self.stage = worker, stage
+
+
+class Router:
+    def __init__(self, membership: Membership, config: RouterConfig | None = None,
+                 metrics: RouterMetrics | None = None):
+        self.membership = membership
+        self.config = config or RouterConfig()
+        self.metrics = metrics or RouterMetrics()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._in_flight: Tally[str] = Tally()
+        self._in_flight_prefill_tokens: Tally[str] = Tally()
+        self._background: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
+
+    def models(self) -> list[WorkerInfo]:
+        """One WorkerInfo per model served (the first worker found for it)."""
+        seen: dict[str, WorkerInfo] = {}
+        for w in self.membership.workers():
+            if w.role in ("prefill", "decode", "mixed"):
+                seen.setdefault(w.model, w)
+        return list(seen.values())
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenChunk | GenerationResult]:
+        """Yields TokenChunks, then one GenerationResult; raises RequestFailed after retries."""
+        started = time.perf_counter()
+        seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
+        generated: list[int] = []
+        workers_used: list[str] = []
+        excluded: set[str] = set()
+        first_token_at = None
+        cached = 0
+        self.metrics.in_flight.inc()
+        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        status = "error"
+        try:
+            for attempt in range(self.config.max_attempts):
+                pair = await self._pick(req, len(req.prompt_ids) + len(generated), excluded)
+                workers_used += [pair.prefill.worker_id] + ([] if pair.colocated else [pair.decode.worker_id])
+                try:
+                    async for chunk in self._run(pair, req, generated, seed, f"{req.request_id}-{attempt}"):
+                        if chunk.token_ids:
+                            first_token_at = first_token_at or time.perf_counter()
+                            generated += chunk.token_ids
+                            cached = max(cached, chunk.num_cached_tokens)
+                            yield chunk
+                        if chunk.finish_reason:
+                            status = "ok"
+                            yield self._result(req, chunk.finish_reason, generated, cached, started,
+                                               first_token_at, workers_used)
+                            return
+                    raise _WorkerFailed(pair.decode, "decode", RuntimeError("stream ended without finishing"))
+                except _WorkerFailed as e:
+                    log.warning("request %s: %s; retrying elsewhere (%d token(s) already sent)", req.request_id,
+                                e, len(generated))
+                    excluded.add(e.worker.worker_id)
+                    self.metrics.retries.labels(e.stage).inc()
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
+                                f"request {req.request_id} failed on {self.config.max_attempts} worker pairs")
+        except RequestFailed as e:
+            status = "client_error" if e.code in _CLIENT_ERRORS else "error"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(status).inc()
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    async def _run(self, pair: Pair, req: GenerationRequest, generated: list[int], seed: int,
+                   attempt_id: str) -> AsyncIterator[TokenChunk]:
+        decode_req = pb.DecodeRequest(request_id=attempt_id, prompt_token_ids=req.prompt_ids,
+                                      output_token_ids=generated, sampling=req.sampling, seed=seed)
+        if not pair.colocated:
+            first = await self._prefill_into_reservation(pair, req, generated, seed, attempt_id, decode_req)
+            yield first
+            if first.finish_reason:
+                return
+            decode_req.output_token_ids.append(first.token_ids[0])
+        async for chunk in self._decode(pair.decode, decode_req):
+            yield chunk
+
+    async def _prefill_into_reservation(self, pair: Pair, req: GenerationRequest, generated: list[int], seed: int,
+                                        attempt_id: str, decode_req: pb.DecodeRequest) -> TokenChunk:
+        num_tokens = len(req.prompt_ids) + len(generated)
+        decode_stub = pb_grpc.DecodeWorkerStub(self._channel(pair.decode))
+        try:
+            r = await decode_stub.Reserve(pb.ReserveRequest(request_id=attempt_id, num_tokens=num_tokens,
+                                                            ttl_ms=_RESERVATION_TTL_MS))
+        except grpc.aio.AioRpcError as e:
+            raise self._failure(pair.decode, "reserve", e) from None
+        target = pb.KVTarget(worker_id=pair.decode.worker_id, ucx_address=r.ucx_address,
+                             reservation_id=r.reservation_id, lease=r.lease)
+        prefill_stub = pb_grpc.PrefillWorkerStub(self._channel(pair.prefill))
+        self._track(pair.prefill, num_tokens, +1)
+        committed = False
+        try:
+            p = await prefill_stub.Prefill(pb.PrefillRequest(
+                request_id=attempt_id, prompt_token_ids=req.prompt_ids, output_token_ids=generated,
+                sampling=req.sampling, seed=seed, target=target))
+            self.metrics.kv_bytes.inc(p.kv_bytes)
+            self.metrics.kv_transfer.observe(p.transfer_ms / 1000)
+            committed = not p.finished
+            decode_req.reservation_id, decode_req.lease = r.reservation_id, r.lease
+            return TokenChunk([p.token_id], p.text, [p.logprob] if req.params.logprobs else [],
+                              p.finish_reason, p.num_cached_tokens)
+        except grpc.aio.AioRpcError as e:
+            raise self._failure(pair.prefill, "prefill", e) from None
+        finally:
+            self._track(pair.prefill, num_tokens, -1)
+            if not committed:
+                self._spawn(self._release(decode_stub, r))
+
+    async def _decode(self, worker: WorkerInfo, decode_req: pb.DecodeRequest) -> AsyncIterator[TokenChunk]:
+        stub = pb_grpc.DecodeWorkerStub(self._channel(worker))
+        self._in_flight[worker.worker_id] += 1
+        call = stub.Decode(decode_req)
+        try:
+            async for ev in call:
+                yield TokenChunk(list(ev.token_ids), ev.text, list(ev.logprobs), ev.finish_reason,
+                                 ev.num_cached_tokens)
+        except grpc.aio.AioRpcError as e:
+            raise self._failure(worker, "decode", e) from None
+        finally:
+            call.cancel()
+            self._in_flight[worker.worker_id] -= 1
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _pick(self, req: GenerationRequest, num_tokens: int, excluded: set[str]) -> Pair:
+        deadline = time.monotonic() + self.config.wait_for_workers_s
+        while True:
+            workers = [w for w in self.membership.workers() if w.model == req.model and w.worker_id not in excluded]
+            prefills = [self._candidate(w) for w in workers if w.role in ("prefill", "mixed")]
+            decodes = [self._candidate(w) for w in workers if w.role in ("decode", "mixed")]
+            pair = self.config.policy.pick(prefills, decodes, num_tokens)
+            if pair is not None:
+                return pair
+            if time.monotonic() > deadline:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
+                                    f"no prefill/decode workers available for model {req.model!r}")
+            await asyncio.sleep(_NO_WORKER_WAIT_S)
+
+    def _candidate(self, w: WorkerInfo) -> Candidate:
+        return Candidate(w, self.membership.load(w.worker_id), self._in_flight[w.worker_id],
+                         self._in_flight_prefill_tokens[w.worker_id])
+
+    def _track(self, worker: WorkerInfo, num_tokens: int, sign: int) -> None:
+        self._in_flight[worker.worker_id] += sign
+        self._in_flight_prefill_tokens[worker.worker_id] += sign * num_tokens
+
+    def _channel(self, worker: WorkerInfo) -> grpc.aio.Channel:
+        ch = self._channels.get(worker.grpc_address)
+        if ch is None:
+            ch = self._channels[worker.grpc_address] = channel(worker.grpc_address)
+        return ch
+
+    def _failure(self, worker: WorkerInfo, stage: str, error: grpc.aio.AioRpcError) -> Exception:
+        if error.code() in _CLIENT_ERRORS:
+            return RequestFailed(error.code(), error.details() or str(error.code()))
+        return _WorkerFailed(worker, stage, error)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, stub: pb_grpc.DecodeWorkerStub, r: pb.ReserveResponse) -> None:
+        try:
+            await stub.Release(pb.ReleaseRequest(reservation_id=r.reservation_id, lease=r.lease), timeout=5)
+        except grpc.aio.AioRpcError as e:  # the reservation expires on its own
+            log.info("release of %s failed (%s); it will expire", r.reservation_id, e.code())
+
+    def _result(self, req: GenerationRequest, finish_reason: str, generated: list[int], cached: int,
+                started: float, first_token_at: float | None, workers: list[str]) -> GenerationResult:
+        now = time.perf_counter()
+        first = first_token_at or now
+        ttft, e2e = first - started, now - started
+        tpot = (now - first) / (len(generated) - 1) if len(generated) > 1 else 0.0
+        self.metrics.ttft.observe(ttft)
+        self.metrics.e2e.observe(e2e)
+        if len(generated) > 1:
+            self.metrics.tpot.observe(tpot)
+        self.metrics.output_tokens.inc(len(generated))
+        return GenerationResult(req.request_id, finish_reason, len(req.prompt_ids), len(generated), cached,
+                                ttft * 1000, tpot * 1000, e2e * 1000, workers)
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"

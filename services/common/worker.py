@@ -1,0 +1,125 @@
+"""One worker process: ``tandem serve prefill|decode|mixed``.
+
+Start-up: load the model, start the engine thread, the UCX listener (decode/mixed),
+the gRPC server (role services + health), then register in etcd on a lease and
+publish live load every ``load_interval_s``.
+
+Shutdown (SIGTERM/SIGINT): drain — health turns NOT_SERVING and new work is refused,
+the etcd registration is removed (the router stops picking this worker), in-flight
+requests get ``drain_grace_s`` to finish, then the gRPC server stops with a short grace,
+the UCX listener and the engine stop, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from services.common.registry import Registration, WorkerInfo
+from services.common.rpc import new_server, set_serving
+from services.common.ucx_transport import KVTransferClient, KVTransferServer
+from services.common.worker_config import WorkerConfig
+from services.common.worker_state import WorkerState
+from services.decode.reservations import ReservationTable
+from services.decode.service import DecodeService
+from services.engine.async_engine import AsyncEngine
+from services.engine.engine import LLMEngine
+from services.prefill.service import PrefillService
+
+log = logging.getLogger(__name__)
+
+_GRPC_STOP_GRACE_S = 2.0
+VERSION = "0.1.0"
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.grpc_address = ""
+        self.ucx_address = ""
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and return."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        await self._stopped.wait()
+        await self.drain_and_stop()
+
+    async def start(self) -> None:
+        c = self.config
+        engine = await asyncio.to_thread(LLMEngine.from_pretrained, c.model_dir, c.engine)
+        self.aengine = AsyncEngine(engine)
+        await self.aengine.start()
+        self.state = WorkerState(c, self.aengine)
+        self.server, port, self.health = new_server(c.host, c.grpc_port)
+        self.grpc_address = f"{c.host}:{port}"
+        services = []
+        self.reservations = self.ucx_server = None
+        self.transfers = KVTransferClient(c.worker_id)
+        if c.serves_decode:
+            self.reservations = ReservationTable(self.aengine, c.max_reservation_ttl_s)
+            await self.reservations.start()
+            self.ucx_server = KVTransferServer(self.reservations, host=c.host, port=c.ucx_port)
+            self.ucx_address = await self.ucx_server.start()
+            pb_grpc.add_DecodeWorkerServicer_to_server(
+                DecodeService(self.state, self.reservations, self.ucx_address), self.server)
+            services.append("tandem.v1.DecodeWorker")
+        if c.serves_prefill:
+            pb_grpc.add_PrefillWorkerServicer_to_server(PrefillService(self.state, self.transfers), self.server)
+            services.append("tandem.v1.PrefillWorker")
+        await self.server.start()
+        await set_serving(self.health, services, True)
+        self._services = services
+        self.registration = Registration(c.etcd_url, c.cluster, self._info(engine), ttl_s=c.lease_ttl_s)
+        await self.registration.start()
+        self._tasks.append(asyncio.create_task(self._publish_load(), name="publish-load"))
+        log.info("%s %s serving: grpc %s ucx %s", c.role, c.worker_id, self.grpc_address, self.ucx_address or "-")
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to drain and return (as SIGTERM does)."""
+        self._stopped.set()
+
+    async def drain_and_stop(self) -> None:
+        c = self.config
+        log.info("draining: %d request(s) in flight, grace %.0f s", self.state.num_in_flight, c.drain_grace_s)
+        self.state.draining = True
+        await set_serving(self.health, self._services, False)
+        await self.registration.close()
+        if not await self.state.wait_idle(c.drain_grace_s):
+            log.warning("drain grace expired with %d request(s) in flight", self.state.num_in_flight)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.stop(_GRPC_STOP_GRACE_S)
+        if self.reservations is not None:
+            await self.reservations.close()
+        if self.ucx_server is not None:
+            await self.ucx_server.close()
+        await self.transfers.close()
+        await self.aengine.close()
+        log.info("%s stopped", c.worker_id)
+
+    def _info(self, engine: LLMEngine) -> WorkerInfo:
+        c = self.config
+        return WorkerInfo(worker_id=c.worker_id, role=c.role, grpc_address=self.grpc_address,
+                          ucx_address=self.ucx_address, model=c.model_name, model_fingerprint=engine.fingerprint,
+                          block_size=engine.config.block_size, total_kv_blocks=engine.blocks.num_blocks,
+                          max_model_len=engine.max_model_len, version=VERSION, host=socket.gethostname(),
+                          pid=os.getpid())
+
+    async def _publish_load(self) -> None:
+        while True:
+            try:
+                reservations = len(self.reservations) if self.reservations is not None else 0
+                await self.registration.publish_load(await self.state.load(reservations))
+            except Exception:  # never let load publishing take the worker down
+                log.exception("publishing load failed")
+            await asyncio.sleep(self.config.load_interval_s)

@@ -1,0 +1,66 @@
+"""Configuration of one worker process (prefill, decode or mixed)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.engine.config import EngineConfig
+
+WORKER_ROLES = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str
+    """``prefill`` (computes prompts, hands KV on), ``decode`` (receives KV, generates) or ``mixed`` (both)."""
+    model_dir: Path
+    """Hugging Face model directory."""
+    etcd_url: str
+    """etcd client URL, e.g. http://127.0.0.1:2379."""
+    cluster: str = "default"
+    """Namespace of the cluster's keys in etcd."""
+    model_name: str = ""
+    """Name clients use for the model; defaults to the directory's name."""
+    worker_id: str = ""
+    """Cluster-unique id; defaults to <role>-<host>-<random>."""
+    host: str = "127.0.0.1"
+    """Address the gRPC and UCX listeners bind to and advertise."""
+    grpc_port: int = 0
+    """0 = any free port."""
+    ucx_port: int = 0
+    """0 = any free port."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    lease_ttl_s: int = 10
+    """etcd lease TTL: a worker that stops refreshing disappears after this."""
+    load_interval_s: float = 0.5
+    """How often live load is published to etcd."""
+    drain_grace_s: float = 30.0
+    """On SIGTERM: how long in-flight requests may take before the worker exits anyway."""
+    max_reservation_ttl_s: float = 60.0
+    """Upper bound on a KV reservation's lifetime, whatever the router asks for."""
+
+    def __post_init__(self) -> None:
+        if self.role not in WORKER_ROLES:
+            raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
+        if not self.model_name:
+            object.__setattr__(self, "model_name", Path(self.model_dir).name)
+        if not self.worker_id:
+            object.__setattr__(self, "worker_id", f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+        if "/" in self.worker_id:
+            raise ValueError("worker_id may not contain '/'")
+
+    @property
+    def serves_prefill(self) -> bool:
+        return self.role in ("prefill", "mixed")
+
+    @property
+    def serves_decode(self) -> bool:
+        return self.role in ("decode", "mixed")
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,88 @@
+"""What every worker's services share: the engine, the drain switch, in-flight counting, load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from proto.tandem.v1 import tandem_pb2 as pb
+from services.common.registry import WorkerLoad
+from services.common.worker_config import WorkerConfig
+from services.engine.async_engine import AsyncEngine
+from services.engine.engine import LLMEngine
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    queued_prefill_tokens: int
+    """Prompt tokens admitted or waiting but not yet computed."""
+    running_requests: int
+    waiting_requests: int
+    free_kv_blocks: int
+    total_kv_blocks: int
+
+
+def engine_load(engine: LLMEngine) -> EngineLoad:
+    """Read on the engine thread (via AsyncEngine.call)."""
+    sched = engine.scheduler
+    queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+    queued += sum(r.num_tokens - r.num_computed_tokens for r in sched.running
+                  if r.num_computed_tokens < len(r.prompt_token_ids))
+    return EngineLoad(queued, len(sched.running), len(sched.waiting), engine.blocks.num_free_blocks,
+                      engine.blocks.num_blocks)
+
+
+class WorkerState:
+    def __init__(self, config: WorkerConfig, aengine: AsyncEngine):
+        self.config = config
+        self.aengine = aengine
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.kv_bytes_sent = 0
+
+    async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.config.worker_id} is draining")
+
+    @contextlib.asynccontextmanager
+    async def in_flight(self):
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def load(self, reservations: int = 0) -> WorkerLoad:
+        e = await self.aengine.call(engine_load)
+        return WorkerLoad(queued_prefill_tokens=e.queued_prefill_tokens, running_requests=e.running_requests,
+                          waiting_requests=e.waiting_requests, free_kv_blocks=e.free_kv_blocks,
+                          total_kv_blocks=e.total_kv_blocks, reservations=reservations,
+                          updated_unix_s=time.time())
+
+    async def stats(self, reservations: int = 0, kv_bytes_received: int = 0) -> pb.WorkerStats:
+        e = await self.aengine.call(engine_load)
+        return pb.WorkerStats(worker_id=self.config.worker_id, role=self.config.role,
+                              queued_prefill_tokens=e.queued_prefill_tokens, running_requests=e.running_requests,
+                              waiting_requests=e.waiting_requests, free_kv_blocks=e.free_kv_blocks,
+                              total_kv_blocks=e.total_kv_blocks, reservations=reservations,
+                              kv_bytes_received=kv_bytes_received, kv_bytes_sent=self.kv_bytes_sent)

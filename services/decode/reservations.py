@@ -1,0 +1,180 @@
+"""KV reservations on a decode worker: decode-first, fenced, expiring.
+
+Lifecycle of one reservation (all state changes run on the engine thread, so a check
+and the write or free it guards are atomic with respect to each other):
+
+    Reserve ──► RESERVED ──UCX write (lease ok, not expired)──► FILLED ──Decode──► committed
+                   │                                              │         (request joins the batch)
+                   └──────────── expiry / Release ────────────────┴──► freed
+
+A write whose lease does not match, or that arrives after expiry or release, is
+refused before its payload is received (or, if expiry hits mid-transfer, after it
+lands in a staging buffer and before it touches the cache). Expired reservations
+free their blocks, so a prefill worker that dies or a client that leaves leaks nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from services.common.ucx_transport import TransferHandler, TransferHeader
+from services.engine.async_engine import AsyncEngine
+from services.engine.engine import LLMEngine
+from services.engine.errors import InvalidRequestError
+from services.engine.request import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_EXPIRY_SWEEP_INTERVAL_S = 0.1
+
+
+class ReservationState(enum.Enum):
+    RESERVED = "reserved"
+    FILLED = "filled"
+
+
+@dataclass
+class Reservation:
+    reservation_id: str
+    request_id: str
+    lease: int
+    num_tokens: int
+    num_blocks: int
+    expires_at: float
+    """time.monotonic() deadline."""
+    state: ReservationState = ReservationState.RESERVED
+
+
+class FencingError(InvalidRequestError):
+    """A write or commit for a reservation that is unknown, expired, or has another lease."""
+
+
+class ReservationTable(TransferHandler):
+    def __init__(self, aengine: AsyncEngine, max_ttl_s: float):
+        self._aengine = aengine
+        self._max_ttl_s = max_ttl_s
+        self._leases = itertools.count(1)
+        self._by_id: dict[str, Reservation] = {}  # mutated only on the engine thread
+        self._sweeper: asyncio.Task | None = None
+        self.bytes_received = 0
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_expired(), name="reservation-expiry")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    async def reserve(self, request_id: str, num_tokens: int, ttl_s: float) -> Reservation:
+        ttl_s = min(ttl_s, self._max_ttl_s) if ttl_s > 0 else self._max_ttl_s
+        reservation = Reservation(f"{request_id}:{uuid.uuid4().hex[:8]}", request_id, next(self._leases),
+                                  num_tokens, 0, time.monotonic() + ttl_s)
+
+        def run(engine: LLMEngine) -> Reservation:
+            reservation.num_blocks = len(engine.reserve(reservation.reservation_id, num_tokens))
+            self._by_id[reservation.reservation_id] = reservation
+            return reservation
+
+        return await self._aengine.call(run)
+
+    async def release(self, reservation_id: str, lease: int) -> bool:
+        def run(engine: LLMEngine) -> bool:
+            r = self._by_id.get(reservation_id)
+            if r is None or r.lease != lease:
+                return False
+            return self._free(engine, r)
+
+        return await self._aengine.call(run)
+
+    def commit_fn(self, reservation_id: str, lease: int, prompt: list[int], generated: list[int],
+                  params: SamplingParams):
+        """The engine-thread action that turns a filled reservation into a running request."""
+
+        def run(engine: LLMEngine) -> None:
+            r = self._checked(reservation_id, lease, ReservationState.FILLED)
+            engine.commit_reserved(reservation_id, prompt, generated, r.num_tokens, params)
+            del self._by_id[reservation_id]
+
+        return run
+
+    # -- TransferHandler: called by the UCX server ------------------------------------------
+
+    async def destination(self, header: TransferHeader) -> torch.Tensor | None:
+        def run(engine: LLMEngine) -> torch.Tensor | None:
+            try:
+                r = self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
+            except FencingError as e:
+                log.warning("refusing KV write: %s", e)
+                return None
+            c = engine.model_config
+            expected = (c.num_layers, 2, r.num_blocks, engine.config.block_size, c.num_kv_heads, c.head_dim)
+            dtype = engine.runner.kv_cache.dtype
+            if tuple(header.shape) != expected or header.dtype != str(dtype).removeprefix("torch."):
+                log.warning("refusing KV write for %s: shape %s %s != %s %s", r.reservation_id, header.shape,
+                            header.dtype, expected, dtype)
+                return None
+            return torch.empty(expected, dtype=dtype, device=engine.runner.kv_cache.device)
+
+        return await self._aengine.call(run)
+
+    async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
+        def run(engine: LLMEngine) -> bool:
+            try:
+                r = self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
+            except FencingError as e:
+                log.warning("dropping landed KV: %s", e)
+                return False
+            engine.write_reserved(r.reservation_id, buffer)
+            r.state = ReservationState.FILLED
+            self.bytes_received += header.nbytes
+            return True
+
+        return await self._aengine.call(run)
+
+    # -- internals (engine thread) ------------------------------------------------------------
+
+    def _checked(self, reservation_id: str, lease: int, state: ReservationState) -> Reservation:
+        r = self._by_id.get(reservation_id)
+        if r is None:
+            raise FencingError(f"reservation {reservation_id!r} is unknown, expired or released")
+        if r.lease != lease:
+            raise FencingError(f"reservation {reservation_id!r}: lease {lease} is stale (current {r.lease})")
+        if time.monotonic() > r.expires_at:
+            raise FencingError(f"reservation {reservation_id!r} expired")
+        if r.state is not state:
+            raise FencingError(f"reservation {reservation_id!r} is {r.state.value}, not {state.value}")
+        return r
+
+    def _free(self, engine: LLMEngine, r: Reservation) -> bool:
+        del self._by_id[r.reservation_id]
+        return engine.release(r.reservation_id)
+
+    async def _sweep_expired(self) -> None:
+        def run(engine: LLMEngine) -> list[str]:
+            now = time.monotonic()
+            expired = [r for r in self._by_id.values() if now > r.expires_at]
+            for r in expired:
+                self._free(engine, r)
+            return [r.reservation_id for r in expired]
+
+        while True:
+            await asyncio.sleep(_EXPIRY_SWEEP_INTERVAL_S)
+            try:
+                expired = await self._aengine.call(run) if self._by_id else []
+            except Exception:  # the engine stopped; nothing left to free
+                log.exception("reservation sweep failed")
+                return
+            if expired:
+                log.info("freed %d expired reservation(s): %s", len(expired), ", ".join(expired))

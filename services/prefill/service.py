@@ -1,0 +1,83 @@
+"""The prefill worker's gRPC service.
+
+Prefill(request) runs the prompt (plus any tokens a migrated request already
+generated) through the engine as a one-token request whose blocks are held after it
+finishes; exports their KV as one contiguous tensor; frees the blocks (full ones stay
+in the prefix cache for later prompts); writes the tensor over UCX into the decode
+worker's reservation; and answers with the sampled token. The decode worker only
+joins the request to its batch after this answer, when the router calls Decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import grpc
+
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from services.common.rpc import abort_with, sampling_params
+from services.common.ucx_transport import KVTransferClient
+from services.common.worker_state import WorkerState
+from services.engine.engine import LLMEngine
+from services.engine.errors import EngineError
+from services.engine.request import FinishReason
+
+log = logging.getLogger(__name__)
+
+_TRANSFER_TIMEOUT_S = 60.0
+
+
+class PrefillService(pb_grpc.PrefillWorkerServicer):
+    def __init__(self, state: WorkerState, transfers: KVTransferClient):
+        self._state = state
+        self._transfers = transfers
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        await self._state.refuse_if_draining(context)
+        async with self._state.in_flight():
+            try:
+                return await self._prefill(request, context)
+            except (EngineError, ValueError) as e:
+                await abort_with(context, e)
+
+    async def _prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        started = time.perf_counter()
+        prompt, generated = list(request.prompt_token_ids), list(request.output_token_ids)
+        params = sampling_params(request.sampling, seed=request.seed)
+        one_token = dataclasses.replace(params, max_tokens=len(generated) + 1)
+        stream_id = f"{request.request_id}:prefill"
+        outputs = [out async for out in self._state.aengine.stream(
+            stream_id, lambda e: e.add_request(stream_id, prompt, one_token, hold_kv=True, generated=generated))]
+        out = outputs[-1]
+        finished = out.finish_reason is FinishReason.STOP or (
+            params.max_tokens is not None and out.num_output_tokens >= params.max_tokens)
+        kv = await self._state.aengine.call(lambda e: _export_and_release(e, stream_id))
+        compute_ms = (time.perf_counter() - started) * 1000
+        response = pb.PrefillResponse(
+            token_id=out.new_token_ids[0], logprob=out.new_logprobs[0] if out.new_logprobs else 0.0,
+            text=out.new_text, num_cached_tokens=out.num_cached_prompt_tokens, kv_bytes=kv.nbytes,
+            compute_ms=compute_ms, finished=finished,
+            finish_reason=(out.finish_reason.value if finished else ""))
+        if finished or not request.target.ucx_address:
+            return response
+        result = await self._transfers.send(request.target.ucx_address, request.target.reservation_id,
+                                            request.target.lease, kv.kv, timeout_s=_TRANSFER_TIMEOUT_S)
+        if not result.ok:
+            await context.abort(grpc.StatusCode.ABORTED, f"KV handoff to {request.target.worker_id} failed: "
+                                                         f"{result.reason}")
+        self._state.kv_bytes_sent += result.nbytes
+        response.transfer_ms = result.seconds * 1000
+        return response
+
+    async def Stats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
+        return await self._state.stats()
+
+
+def _export_and_release(engine: LLMEngine, request_id: str):
+    try:
+        return engine.export_kv(request_id)
+    finally:
+        engine.release(request_id)

@@ -1,0 +1,56 @@
+"""``tandem serve prefill|decode|mixed|router``: run one service process in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from tools.demo import DEMO_MODEL_DIR
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run one service (prefill, decode, mixed worker, or router)")
+    p.add_argument("role", choices=["prefill", "decode", "mixed", "router"])
+    p.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="Hugging Face model directory "
+                   "(default: the built-in demo model)")
+    p.add_argument("--model-name", default="", help="name clients use (default: the directory name)")
+    p.add_argument("--etcd", required=True, help="etcd client URL, e.g. http://127.0.0.1:2379")
+    p.add_argument("--cluster", default="default")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
+    p.add_argument("--grpc-port", type=int, default=0)
+    p.add_argument("--ucx-port", type=int, default=0, help="workers: UCX listener port")
+    p.add_argument("--http-port", type=int, default=0, help="router: HTTP port")
+    p.add_argument("--id", default="", help="worker id (default: <role>-<host>-<random>)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.role == "router":
+        from router.server import RouterServer, RouterServerConfig
+
+        config = RouterServerConfig(etcd_url=args.etcd, model_dir=args.model, cluster=args.cluster, host=args.host,
+                                    grpc_port=args.grpc_port, http_port=args.http_port, router_id=args.id,
+                                    drain_grace_s=args.drain_grace)
+        asyncio.run(RouterServer(config).run())
+        return 0
+    from services.common.worker import Worker
+    from services.common.worker_config import WorkerConfig
+    from services.engine.config import EngineConfig
+    from services.engine.scheduler import SchedulerConfig
+
+    engine = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes,
+                          max_model_len=args.max_model_len,
+                          scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                                    max_num_batched_tokens=args.max_batched_tokens))
+    config = WorkerConfig(role=args.role, model_dir=args.model, etcd_url=args.etcd, cluster=args.cluster,
+                          model_name=args.model_name, worker_id=args.id, host=args.host, grpc_port=args.grpc_port,
+                          ucx_port=args.ucx_port, engine=engine, drain_grace_s=args.drain_grace)
+    asyncio.run(Worker(config).run())
+    return 0
