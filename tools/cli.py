@@ -1,7 +1,11 @@
 """The ``tandem`` command.
 
-    tandem generate [--model DIR] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]
-                    [--seed S] [--stop STR] [--dtype D] [--device D] PROMPT
+    tandem generate [--url URL | --model DIR] [--max-tokens N] [--temperature T] [--top-p P]
+                    [--top-k K] [--seed S] [--stop STR] [--dtype D] [--device D] PROMPT
+    tandem up [--model DIR] [--prefill N] [--decode M] [--mixed K] [--http-port P] [--grpc-port G]
+              [--etcd URL]
+    tandem down
+    tandem status
     tandem serve prefill|decode|mixed|router --etcd URL [...]
     tandem bench engine [...]
 
@@ -17,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tools import serve_cmd
+from tools import cluster_cmd, serve_cmd
 from tools.demo import DEMO_MODEL_DIR
 
 _EXIT_BAD_INPUT = 2
@@ -32,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, rest)
     if args.command == "serve":
         return serve_cmd.run(args)
+    if args.command in ("up", "down", "status"):
+        return cluster_cmd.run(args)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return _generate(args)
@@ -54,8 +60,11 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    gen.add_argument("--url", default=None, help="a running router (http://host:port or host:port for gRPC) "
+                     "instead of an in-process engine")
 
     serve_cmd.add_parser(sub)
+    cluster_cmd.add_parsers(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (run `tandem bench engine --help`)")
     bench.add_argument("target", choices=["engine"])
@@ -63,6 +72,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.url:
+        return _generate_remote(args)
     from services.engine.config import EngineConfig
     from services.engine.engine import LLMEngine
     from services.engine.errors import EngineError
@@ -78,6 +89,25 @@ def _generate(args: argparse.Namespace) -> int:
                 sys.stdout.write(out.new_text)
                 sys.stdout.flush()
     except (EngineError, ValueError) as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return _EXIT_BAD_INPUT
+    sys.stdout.write("\n")
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    from tools.remote_generate import RemoteError, generate_remote
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if args.top_k:
+        sampling["top_k"] = args.top_k
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    if args.stop:
+        sampling["stop"] = args.stop
+    try:
+        generate_remote(args.url, args.prompt, sampling)
+    except RemoteError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return _EXIT_BAD_INPUT
     sys.stdout.write("\n")

@@ -1,0 +1,93 @@
+"""``tandem up``, ``tandem down``, ``tandem status``: the local cluster.
+
+The state directory (logs, etcd data, cluster.json) is ``--state-dir``, else
+``$TANDEM_HOME``, else ``~/.tandem``; it persists across ``down`` / ``up``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tools.demo import DEMO_MODEL_DIR
+
+_UP_TIMEOUT_S = 180.0
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("TANDEM_HOME") or Path.home() / ".tandem")
+
+
+def add_parsers(sub) -> None:
+    up = sub.add_parser("up", help="start a local cluster (etcd, workers, router) in the background")
+    up.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    up.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    up.add_argument("--mixed", type=int, default=0, help="mixed (colocated) workers (default 0)")
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--etcd", default=None, help="use this etcd instead of starting a private one")
+    up.add_argument("--cluster", default="default")
+    up.add_argument("--device", default="cpu")
+    up.add_argument("--dtype", default="auto")
+    up.add_argument("--kv-cache-bytes", type=int, default=None)
+    up.add_argument("--timeout", type=float, default=_UP_TIMEOUT_S, help="seconds to wait for readiness")
+    for name, help_text in (("down", "stop the local cluster"), ("status", "show the cluster's workers")):
+        p = sub.add_parser(name, help=help_text)
+        if name == "status":
+            p.add_argument("--etcd", default=None, help="etcd URL (default: the local cluster's)")
+            p.add_argument("--cluster", default=None)
+    for p in (up, sub.choices["down"], sub.choices["status"]):
+        p.add_argument("--state-dir", type=Path, default=None, help="default: $TANDEM_HOME or ~/.tandem")
+
+
+def run(args: argparse.Namespace) -> int:
+    state_dir = args.state_dir or default_state_dir()
+    if args.command == "up":
+        return _up(args, state_dir)
+    if args.command == "down":
+        from tools.local_cluster import stop_cluster
+
+        if not stop_cluster(state_dir, progress=_say):
+            _say(f"no cluster recorded in {state_dir}")
+        return 0
+    return _status(args, state_dir)
+
+
+def _up(args: argparse.Namespace, state_dir: Path) -> int:
+    from tools.local_cluster import ClusterSpec, start_cluster
+
+    worker_args = ["--device", args.device, "--dtype", args.dtype]
+    if args.kv_cache_bytes:
+        worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    spec = ClusterSpec(model_dir=args.model.resolve(), state_dir=state_dir, prefill=args.prefill,
+                       decode=args.decode, mixed=args.mixed, http_port=args.http_port, grpc_port=args.grpc_port,
+                       etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args))
+    state = start_cluster(spec, args.timeout, progress=_say)
+    print(f"tandem is up: http {state.http_url}  grpc {state.grpc_address}  etcd {state.etcd_url}")
+    print(f"logs in {state_dir / 'logs'}; stop with `tandem down`")
+    return 0
+
+
+def _status(args: argparse.Namespace, state_dir: Path) -> int:
+    from services.common.registry import read_cluster
+    from tools.local_cluster import ClusterState
+    from tools.status_table import render_status
+
+    state = ClusterState.load(state_dir)
+    etcd_url = args.etcd or (state.etcd_url if state else None)
+    if etcd_url is None:
+        _say(f"no cluster recorded in {state_dir}; pass --etcd URL")
+        return 2
+    cluster = args.cluster or (state.cluster if state else "default")
+    workers, loads = asyncio.run(read_cluster(etcd_url, cluster))
+    local_pids = state.processes if state else {}
+    print(asyncio.run(render_status(workers, loads, local_pids)))
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"tandem: {message}", file=sys.stderr)

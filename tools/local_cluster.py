@@ -1,0 +1,190 @@
+"""A whole tandem cluster on one machine, as child processes: what ``tandem up`` starts.
+
+    tandem up ─┬─ etcd (private, unless an external URL is given)
+               ├─ N prefill, M decode, K mixed workers   (tandem serve <role>)
+               └─ router                                 (tandem serve router)
+
+Every child runs in its own session (so it outlives ``tandem up`` and a Ctrl-C in the
+shell that started it), logs to ``<state_dir>/logs/<name>.log``, and is listed with its
+pid in ``<state_dir>/cluster.json``; ``tandem down`` reads that file and stops them
+(SIGTERM, so workers drain, then SIGKILL after a timeout), router first, etcd last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from services.common.etcd_server import EtcdServer
+
+_POLL_INTERVAL_S = 0.25
+_STOP_TIMEOUT_S = 40.0
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model_dir: Path
+    state_dir: Path
+    """Logs, etcd data and cluster.json live here."""
+    prefill: int = 1
+    decode: int = 1
+    mixed: int = 0
+    http_port: int = 8000
+    grpc_port: int = 50051
+    etcd_url: str | None = None
+    """An existing etcd; None = start a private one."""
+    cluster: str = "default"
+    worker_args: tuple[str, ...] = ()
+    """Extra ``tandem serve`` arguments for every worker (device, dtype, cache size ...)."""
+
+    def __post_init__(self) -> None:
+        if min(self.prefill, self.decode, self.mixed) < 0:
+            raise ValueError("worker counts must be >= 0")
+        if self.mixed == 0 and (self.prefill == 0 or self.decode == 0):
+            raise ValueError("a cluster needs a mixed worker, or at least one prefill and one decode worker")
+
+
+@dataclass
+class ClusterState:
+    """What ``tandem up`` wrote down for ``tandem down`` and ``tandem status``."""
+
+    etcd_url: str
+    cluster: str
+    http_url: str
+    grpc_address: str
+    processes: dict[str, int] = field(default_factory=dict)
+    """name -> pid (etcd, router, prefill-0, decode-0, ...)."""
+
+    def save(self, state_dir: Path) -> None:
+        (state_dir / "cluster.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "ClusterState | None":
+        path = state_dir / "cluster.json"
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> ClusterState:
+    """Start everything and wait until the router serves the model with every worker registered."""
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    (spec.state_dir / "logs").mkdir(exist_ok=True)
+    existing = ClusterState.load(spec.state_dir)
+    if existing is not None and any(_alive(pid) for pid in existing.processes.values()):
+        raise RuntimeError(f"a cluster started from {spec.state_dir} is still running; run `tandem down` first")
+    state = ClusterState("", spec.cluster, f"http://127.0.0.1:{spec.http_port}", f"127.0.0.1:{spec.grpc_port}")
+    try:
+        state.etcd_url = spec.etcd_url or _start_etcd(spec, state, progress)
+        for role, count in (("prefill", spec.prefill), ("decode", spec.decode), ("mixed", spec.mixed)):
+            for i in range(count):
+                name = f"{role}-{i}"
+                state.processes[name] = _spawn(spec, name, ["serve", role, "--id", name, "--model",
+                                                            str(spec.model_dir), *spec.worker_args], state)
+        state.processes["router"] = _spawn(spec, "router", [
+            "serve", "router", "--id", "router", "--model", str(spec.model_dir), "--http-port", str(spec.http_port),
+            "--grpc-port", str(spec.grpc_port)], state)
+        state.save(spec.state_dir)
+        _wait_ready(spec, state, timeout_s, progress)
+    except BaseException:
+        stop_cluster(spec.state_dir, progress=lambda *_: None)
+        raise
+    return state
+
+
+def stop_cluster(state_dir: Path, progress=print, timeout_s: float = _STOP_TIMEOUT_S) -> bool:
+    """Stop what ``start_cluster`` started from this state dir; False if nothing was running."""
+    state = ClusterState.load(state_dir)
+    if state is None:
+        return False
+    order = ["router"] + [n for n in state.processes if n not in ("router", "etcd")] + ["etcd"]
+    for group in (order[:1], order[1:-1], order[-1:]):  # router, then workers together, then etcd
+        pids = {n: state.processes[n] for n in group if n in state.processes and _alive(state.processes[n])}
+        for name, pid in pids.items():
+            progress(f"stopping {name} (pid {pid})")
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(_POLL_INTERVAL_S)
+        for name, pid in pids.items():
+            if _alive(pid):
+                progress(f"{name} did not stop in {timeout_s:.0f} s; killing it")
+                _signal(pid, signal.SIGKILL)
+    (state_dir / "cluster.json").unlink(missing_ok=True)
+    return True
+
+
+def _start_etcd(spec: ClusterSpec, state: ClusterState, progress) -> str:
+    progress("starting etcd")
+    etcd = EtcdServer(spec.state_dir / "etcd")
+    url = etcd.start()
+    state.processes["etcd"] = etcd.pid
+    return url
+
+
+def _spawn(spec: ClusterSpec, name: str, args: list[str], state: ClusterState) -> int:
+    log = open(spec.state_dir / "logs" / f"{name}.log", "ab")
+    cmd = [sys.executable, "-m", "tools.cli", "-v", *args, "--etcd", state.etcd_url, "--cluster", spec.cluster]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", UCX_WARN_UNUSED_ENV_VARS="n")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True, cwd=_project_root())
+    log.close()
+    return proc.pid
+
+
+def _wait_ready(spec: ClusterSpec, state: ClusterState, timeout_s: float, progress) -> None:
+    import asyncio
+
+    from services.common.registry import read_cluster
+
+    expected = spec.prefill + spec.decode + spec.mixed
+    deadline = time.monotonic() + timeout_s
+    last = -1
+    while True:
+        dead = [n for n, pid in state.processes.items() if not _alive(pid)]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited during start-up; see {spec.state_dir / 'logs'}")
+        try:
+            workers, _ = asyncio.run(read_cluster(state.etcd_url, spec.cluster, timeout_s=2.0))
+        except Exception:  # etcd not answering yet
+            workers = []
+        ready = [w for w in workers if w.role in ("prefill", "decode", "mixed")]
+        router_up = any(w.role == "router" for w in workers)
+        if len(ready) != last:
+            progress(f"{len(ready)}/{expected} workers ready" + (", router ready" if router_up else ""))
+            last = len(ready)
+        if len(ready) >= expected and router_up:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cluster not ready after {timeout_s:.0f} s; see {spec.state_dir / 'logs'}")
+        time.sleep(_POLL_INTERVAL_S)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of this process counts as gone
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _project_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
