@@ -21,7 +21,7 @@ import socket
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from services.common.registry import Registration, WorkerInfo
 from services.common.rpc import new_server, set_serving
-from services.common.ucx_transport import KVTransferClient, KVTransferServer
+from services.common.ucx_transport import KVTransferClient, KVTransferServer, shutdown_ucx
 from services.common.worker_config import WorkerConfig
 from services.common.worker_state import WorkerState
 from services.decode.reservations import ReservationTable
@@ -104,6 +104,7 @@ class Worker:
         if self.ucx_server is not None:
             await self.ucx_server.close()
         await self.transfers.close()
+        shutdown_ucx()  # ucxx's notifier thread would otherwise keep the process alive
         await self.aengine.close()
         log.info("%s stopped", c.worker_id)
 

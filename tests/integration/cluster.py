@@ -1,0 +1,51 @@
+"""Start real local clusters (etcd + worker processes + router) the way `tandem up` does."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from tools.local_cluster import ClusterSpec, ClusterState, start_cluster, stop_cluster
+
+_START_TIMEOUT_S = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_cluster(state_dir: Path, model_dir: Path, *, prefill: int = 1, decode: int = 1, mixed: int = 0,
+                  worker_args: tuple[str, ...] = ("--kv-cache-bytes", str(64 << 20))):
+    spec = ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=prefill, decode=decode, mixed=mixed,
+                       http_port=free_port(), grpc_port=free_port(), worker_args=worker_args)
+    state = start_cluster(spec, _START_TIMEOUT_S, progress=lambda *_: None)
+    try:
+        yield state
+    finally:
+        stop_cluster(state_dir, progress=lambda *_: None, timeout_s=30)
+
+
+async def worker_stats(address: str) -> pb.WorkerStats:
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await pb_grpc.DecodeWorkerStub(ch).Stats(pb.StatsRequest(), timeout=5)
+
+
+def log_tail(state_dir: Path, name: str, lines: int = 30) -> str:
+    path = state_dir / "logs" / f"{name}.log"
+    return "\n".join(path.read_text().splitlines()[-lines:]) if path.is_file() else ""
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+__all__ = ["ClusterState", "free_port", "local_cluster", "worker_stats", "log_tail", "run"]

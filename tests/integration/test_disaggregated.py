@@ -1,0 +1,102 @@
+"""Prefill and decode in separate processes, KV over UCX, membership in etcd: same output as in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+
+from router.client import AsyncClient
+from services.engine.config import EngineConfig
+from services.engine.engine import LLMEngine
+from services.engine.request import SamplingParams
+from tests.integration.cluster import local_cluster
+from tools.demo import DEMO_MODEL_DIR, DEMO_MOE_MODEL_DIR
+
+MODELS = {"dense": DEMO_MODEL_DIR, "moe": DEMO_MOE_MODEL_DIR}
+_SNIPPETS = ["def ", "import os\n", "class Parser:\n    def __init__(self", "for i in range(", "    return ",
+             "# Copyright", "if __name__ == '__main__':\n", "try:\n    x = ", "with open(path) as f:\n", '"""']
+
+
+def _prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_SNIPPETS) for _ in range(rng.randrange(1, 12))) for _ in range(n)]
+
+
+def _reference(model_dir, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    engine = LLMEngine.from_pretrained(model_dir, EngineConfig(kv_cache_bytes=64 << 20))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    return [c.token_ids for c in engine.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def cluster(request, tmp_path_factory):
+    model = MODELS[request.param]
+    with local_cluster(tmp_path_factory.mktemp(f"cluster-{request.param}"), model) as state:
+        yield model, state
+
+
+def test_concurrent_requests_match_the_in_process_engine(cluster):
+    model, state = cluster
+    prompts = _prompts(24)
+    want = _reference(model, prompts, 20)
+
+    async def main():
+        async with AsyncClient(state.grpc_address) as client:
+            return await asyncio.gather(*(client.generate(p, max_tokens=20, temperature=0) for p in prompts))
+
+    got = asyncio.run(main())
+    assert [c.token_ids for c in got] == want
+    for c in got:
+        assert c.completion_tokens == len(c.token_ids) and c.finish_reason in ("stop", "length")
+        assert c.workers == ["prefill-0", "decode-0"]
+        assert c.ttft_ms > 0 and c.e2e_ms >= c.ttft_ms
+
+
+def test_bad_input_is_invalid_argument_and_the_cluster_stays_healthy(cluster):
+    _, state = cluster
+
+    async def main():
+        async with AsyncClient(state.grpc_address) as client:
+            cases = [dict(prompt=""), dict(prompt="x", max_tokens=0), dict(prompt="x", temperature=-1.0),
+                     dict(prompt="x " * 5000), dict(prompt="x", top_p=1.5), dict(prompt=[10**6])]
+            codes = []
+            for case in cases:
+                prompt = case.pop("prompt")
+                with pytest.raises(grpc.RpcError) as info:
+                    await client.generate(prompt, **case)
+                codes.append(info.value.code())
+            with pytest.raises(grpc.RpcError) as info:
+                await client.generate("x", model="no-such-model")
+            codes.append(info.value.code())
+            ok = await client.generate("def f(x):", max_tokens=4, temperature=0)
+            return codes, ok
+
+    codes, ok = asyncio.run(main())
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 6 + [grpc.StatusCode.NOT_FOUND]
+    assert ok.completion_tokens == 4
+
+
+def test_200_concurrent_streams_each_get_their_own_answer(cluster):
+    model, state = cluster
+    prompts = _prompts(200, seed=1)
+    want = _reference(model, prompts, 8)
+
+    async def stream(client: AsyncClient, prompt: str) -> tuple[list[int], str]:
+        ids, finish = [], ""
+        async for item in client.stream(prompt, max_tokens=8, temperature=0):
+            if hasattr(item, "finish_reason"):
+                finish = item.finish_reason
+            else:
+                ids += item.token_ids
+        return ids, finish
+
+    async def main():
+        async with AsyncClient(state.grpc_address) as client:
+            return await asyncio.wait_for(asyncio.gather(*(stream(client, p) for p in prompts)), 240)
+
+    results = asyncio.run(main())
+    assert [ids for ids, _ in results] == want
+    assert all(finish in ("stop", "length") for _, finish in results)
