@@ -10,5 +10,5 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install -q torch==2.13.0
 fi
 echo "setup: installing tandem and its test dependencies" >&2
-"$py" -m pip install -q -e '.[test]'
+"$py" -m pip install -q -e '.[test,ucx-cu12]'
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
