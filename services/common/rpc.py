@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from proto.tandem.v1 import tandem_pb2 as pb
-from services.engine.errors import CapacityError, EngineError, InvalidRequestError
+from services.engine.errors import CapacityError, EngineError, InvalidRequestError, KVFenceError
 from services.engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ def sampling_params(options: pb.SamplingOptions, seed: int | None = None) -> Sam
 def status_for(error: Exception) -> grpc.StatusCode:
     if isinstance(error, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, KVFenceError):
+        return grpc.StatusCode.FAILED_PRECONDITION  # the router retries on another pair
     if isinstance(error, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, (EngineError, ValueError)):

@@ -28,7 +28,7 @@ import torch
 from services.common.ucx_transport import TransferHandler, TransferHeader
 from services.engine.async_engine import AsyncEngine
 from services.engine.engine import LLMEngine
-from services.engine.errors import InvalidRequestError
+from services.engine.errors import KVFenceError
 from services.engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ class Reservation:
     expires_at: float
     """time.monotonic() deadline."""
     state: ReservationState = ReservationState.RESERVED
-
-
-class FencingError(InvalidRequestError):
-    """A write or commit for a reservation that is unknown, expired, or has another lease."""
 
 
 class ReservationTable(TransferHandler):
@@ -115,7 +111,7 @@ class ReservationTable(TransferHandler):
         def run(engine: LLMEngine) -> torch.Tensor | None:
             try:
                 r = self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
-            except FencingError as e:
+            except KVFenceError as e:
                 log.warning("refusing KV write: %s", e)
                 return None
             c = engine.model_config
@@ -133,7 +129,7 @@ class ReservationTable(TransferHandler):
         def run(engine: LLMEngine) -> bool:
             try:
                 r = self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
-            except FencingError as e:
+            except KVFenceError as e:
                 log.warning("dropping landed KV: %s", e)
                 return False
             engine.write_reserved(r.reservation_id, buffer)
@@ -148,13 +144,13 @@ class ReservationTable(TransferHandler):
     def _checked(self, reservation_id: str, lease: int, state: ReservationState) -> Reservation:
         r = self._by_id.get(reservation_id)
         if r is None:
-            raise FencingError(f"reservation {reservation_id!r} is unknown, expired or released")
+            raise KVFenceError(f"reservation {reservation_id!r} is unknown, expired or released")
         if r.lease != lease:
-            raise FencingError(f"reservation {reservation_id!r}: lease {lease} is stale (current {r.lease})")
+            raise KVFenceError(f"reservation {reservation_id!r}: lease {lease} is stale (current {r.lease})")
         if time.monotonic() > r.expires_at:
-            raise FencingError(f"reservation {reservation_id!r} expired")
+            raise KVFenceError(f"reservation {reservation_id!r} expired")
         if r.state is not state:
-            raise FencingError(f"reservation {reservation_id!r} is {r.state.value}, not {state.value}")
+            raise KVFenceError(f"reservation {reservation_id!r} is {r.state.value}, not {state.value}")
         return r
 
     def _free(self, engine: LLMEngine, r: Reservation) -> bool:

@@ -81,9 +81,10 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already streaming")
         self._streams[request_id] = q
-        finished = False
+        finished = submitted = False
         try:
             await self.call(submit)
+            submitted = True
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -92,7 +93,7 @@ class AsyncEngine:
                 yield item
         finally:
             self._streams.pop(request_id, None)
-            if not finished and self._failure is None and not self._stopping.is_set():
+            if submitted and not finished and self._failure is None and not self._stopping.is_set():
                 await asyncio.shield(self._abort_quietly(request_id))
 
     async def _abort_quietly(self, request_id: str) -> None:

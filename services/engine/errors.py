@@ -19,3 +19,7 @@ class InvalidRequestError(EngineError):
 
 class CapacityError(EngineError):
     """The KV cache cannot hold what was asked (e.g. importing KV with no free blocks)."""
+
+
+class KVFenceError(EngineError):
+    """A KV write or commit for a reservation that expired, was released, or carries a stale lease."""

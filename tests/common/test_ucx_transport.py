@@ -1,0 +1,257 @@
+"""KV handoff over real UCX (TCP/shared memory on 127.0.0.1): round trips, refusals, concurrency,
+peers that disappear or stall, clean shutdown.
+
+All tests share one module-scoped event loop: ucxx's context is process-wide and bound to
+the loop that created it, so the module tears it down (shutdown_ucx) when it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+import ucxx
+
+from services.common.ucx_transport import (
+    KVTransferClient,
+    KVTransferServer,
+    TransferHandler,
+    TransferHeader,
+    TransferResult,
+    shutdown_ucx,
+    torch_dtype,
+)
+
+_TIMEOUT_S = 3.0  # per-send budget in the failure tests
+_SLACK_S = 1.0  # scheduling slack on top of a timeout
+_MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+
+
+class _Handler(TransferHandler):
+    """A decode worker stand-in: a fresh zeroed tensor per reservation, with scripted refusals."""
+
+    def __init__(self, refuse: set[str] = frozenset(), decline: set[str] = frozenset()) -> None:
+        self.refuse = refuse  # destination() returns None for these reservations
+        self.decline = decline  # complete() returns False for these
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.committed: list[str] = []
+        self.abandoned_ids: list[str] = []
+        self.stall = asyncio.Event()  # destination() waits on it for reservations named "stall*"
+
+    async def destination(self, header: TransferHeader) -> torch.Tensor | None:
+        if header.reservation_id.startswith("stall"):
+            await self.stall.wait()
+        if header.reservation_id in self.refuse:
+            return None
+        buffer = torch.zeros(header.shape, dtype=torch_dtype(header.dtype))
+        self.buffers[header.reservation_id] = buffer
+        return buffer
+
+    async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
+        if header.reservation_id in self.decline:
+            return False
+        self.committed.append(header.reservation_id)
+        return True
+
+    async def abandoned(self, header: TransferHeader, buffer: torch.Tensor) -> None:
+        self.abandoned_ids.append(header.reservation_id)
+
+
+@contextlib.asynccontextmanager
+async def _serving(handler: TransferHandler, **kwargs):
+    server = KVTransferServer(handler, **kwargs)
+    address = await server.start()
+    try:
+        yield server, address
+    finally:
+        await server.close()
+
+
+def _payload(nbytes: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    count = nbytes // torch.empty((), dtype=dtype).element_size()
+    return torch.randn(count // 256, 256, generator=gen).to(dtype)
+
+
+def _stray_tasks() -> list[asyncio.Task]:
+    """Tasks still alive besides the test itself and ucxx's transient notifier callbacks."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if t is not asyncio.current_task() and "_run_request_notifier" not in repr(t.get_coro())
+    ]
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ucx_context():
+    yield
+    shutdown_ucx()
+
+
+@pytest.fixture(autouse=True)
+def _no_library_warnings():
+    """ucxx logs to a non-propagating "ucx" logger; asyncio reports pending/destroyed tasks."""
+    collect = _Collect()
+    loggers = [logging.getLogger("ucx"), logging.getLogger("asyncio")]
+    for log in loggers:
+        log.addHandler(collect)
+    yield
+    for log in loggers:
+        log.removeHandler(collect)
+    assert [r.getMessage() for r in collect.records] == []
+
+
+@_MODULE_LOOP
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+async def test_round_trip_is_exact(dtype):
+    handler = _Handler()
+    client = KVTransferClient("prefill-0")
+    sizes = [1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
+    async with _serving(handler) as (server, address):
+        for i, nbytes in enumerate(sizes):
+            tensor = _payload(nbytes, dtype, seed=i)
+            result = await client.send(address, f"r{i}", lease=7, tensor=tensor)
+            assert result == TransferResult(True, nbytes, result.seconds)
+            received = handler.buffers[f"r{i}"]
+            assert received.dtype == dtype and received.shape == tensor.shape
+            assert torch.equal(received.view(torch.uint8), tensor.view(torch.uint8))
+        assert server.bytes_received == sum(sizes)
+        assert (server.transfers_ok, server.transfers_refused) == (len(sizes), 0)
+    await client.close()
+    assert handler.committed == [f"r{i}" for i in range(len(sizes))]
+
+
+@_MODULE_LOOP
+async def test_refused_destination_never_touches_cache_memory():
+    cache = torch.zeros(4096, dtype=torch.float32)  # the decode worker's cache blocks
+
+    class _Fenced(_Handler):
+        async def destination(self, header):
+            return cache if header.lease == 2 else None  # lease 1 is stale
+
+    client = KVTransferClient("prefill-0")
+    async with _serving(_Fenced()) as (server, address):
+        stale = await client.send(address, "r", lease=1, tensor=torch.ones(4096))
+        assert (stale.ok, stale.nbytes) == (False, 0)
+        assert "no destination" in stale.reason
+        assert torch.count_nonzero(cache) == 0
+        # The endpoint stays usable after a refusal: the dialogue is back at a header.
+        fresh = await client.send(address, "r", lease=2, tensor=torch.full((4096,), 3.0))
+        assert fresh.ok
+        assert torch.equal(cache, torch.full((4096,), 3.0))
+        assert (server.transfers_ok, server.transfers_refused) == (1, 1)
+    await client.close()
+
+
+@_MODULE_LOOP
+async def test_declined_commit_is_not_ok():
+    handler = _Handler(decline={"late"})
+    client = KVTransferClient("prefill-0")
+    async with _serving(handler) as (server, address):
+        result = await client.send(address, "late", lease=1, tensor=torch.ones(1024))
+        assert (result.ok, result.nbytes) == (False, 4096)
+        assert "did not commit" in result.reason
+        assert handler.committed == []
+        assert (server.transfers_ok, server.transfers_refused, server.bytes_received) == (0, 1, 4096)
+    await client.close()
+
+
+@_MODULE_LOOP
+async def test_concurrent_sends_from_two_clients_land_in_their_own_buffers():
+    handler = _Handler()
+    clients = [KVTransferClient("prefill-0"), KVTransferClient("prefill-1")]
+    tensors = {f"r{i}": _payload((i + 1) * (64 << 10), torch.bfloat16, seed=100 + i) for i in range(16)}
+    async with _serving(handler) as (server, address):
+        results = await asyncio.gather(
+            *(
+                clients[i % 2].send(address, rid, lease=i, tensor=tensor)
+                for i, (rid, tensor) in enumerate(tensors.items())
+            )
+        )
+        assert [r.ok for r in results] == [True] * 16
+        for rid, tensor in tensors.items():
+            assert torch.equal(handler.buffers[rid].view(torch.uint8), tensor.view(torch.uint8))
+        assert server.transfers_ok == 16
+    for client in clients:
+        await client.close()
+
+
+@_MODULE_LOOP
+async def test_peer_gone_fails_within_timeout_then_a_restarted_server_works():
+    client = KVTransferClient("prefill-0")
+    tensor = _payload(1 << 20, torch.float32, seed=3)
+    async with _serving(_Handler()) as (_, first):
+        assert (await client.send(first, "a", lease=1, tensor=tensor)).ok  # endpoint now cached
+    for attempt in range(2):  # the cached endpoint, then a fresh connect to a dead port
+        started = time.monotonic()
+        result = await client.send(first, f"b{attempt}", lease=1, tensor=tensor, timeout_s=_TIMEOUT_S)
+        assert not result.ok and result.reason
+        assert time.monotonic() - started < _TIMEOUT_S + _SLACK_S
+    handler = _Handler()
+    async with _serving(handler) as (_, second):
+        assert second != first
+        assert (await client.send(second, "c", lease=1, tensor=tensor, timeout_s=_TIMEOUT_S)).ok
+    assert torch.equal(handler.buffers["c"], tensor)
+    await client.close()
+
+
+@_MODULE_LOOP
+async def test_stalled_receiver_times_out_and_the_client_reconnects():
+    handler = _Handler()
+    client = KVTransferClient("prefill-0")
+    async with _serving(handler) as (server, address):
+        started = time.monotonic()
+        result = await client.send(address, "stall", lease=1, tensor=torch.ones(256), timeout_s=0.5)
+        assert not result.ok and "timed out" in result.reason
+        assert time.monotonic() - started < 0.5 + _SLACK_S
+        # The timed-out endpoint was dropped; a new one is dialled and works.
+        assert (await client.send(address, "next", lease=1, tensor=torch.ones(256))).ok
+    # server.close() cancelled the connection task still stuck in destination()
+    assert server.transfers_ok == 1
+    await client.close()
+
+
+@_MODULE_LOOP
+async def test_payload_that_never_comes_is_abandoned_by_the_server():
+    handler = _Handler()
+    async with _serving(handler, receive_timeout_s=0.3) as (server, address):
+        host, port = address.rsplit(":", 1)
+        ep = await ucxx.create_endpoint(host, int(port))  # a sender that stops after the header
+        header = TransferHeader("r", 1, 1024, "float32", (256,), "rogue").to_json()
+        await ep.send(np.frombuffer(struct.pack("<Q", len(header)) + header, dtype=np.uint8))
+        go = np.zeros(1, dtype=np.uint8)
+        await ep.recv(go)
+        assert go[0] == 0
+        for _ in range(100):
+            if handler.abandoned_ids:
+                break
+            await asyncio.sleep(0.05)
+        assert handler.abandoned_ids == ["r"] and handler.committed == []
+        assert server.transfers_failed == 1
+        await ep.close()
+
+
+@_MODULE_LOOP
+async def test_close_leaves_no_tasks_and_later_sends_fail_cleanly():
+    client = KVTransferClient("prefill-0")
+    async with _serving(_Handler()) as (server, address):
+        assert (await client.send(address, "r", lease=1, tensor=torch.ones(1024))).ok
+    await client.close()
+    assert _stray_tasks() == []
+    after = await client.send(address, "r2", lease=1, tensor=torch.ones(1024))
+    assert (after.ok, after.reason) == (False, "client closed")

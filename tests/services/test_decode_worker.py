@@ -1,0 +1,111 @@
+"""A real decode worker in-process: reservations expire, writes are fenced, drain finishes work."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from services.common.ucx_transport import KVTransferClient
+from services.common.worker import Worker
+from services.common.worker_config import WorkerConfig
+from services.engine.config import EngineConfig
+from services.engine.engine import LLMEngine
+from services.engine.request import SamplingParams
+from tools.demo import DEMO_MODEL_DIR
+
+ENGINE = EngineConfig(kv_cache_bytes=32 << 20)
+PROMPT = list(range(40, 77))
+
+
+def _kv_for(prompt: list[int]):
+    """A real prefill: KV of the prompt and its first greedy token, from an in-process engine."""
+    engine = LLMEngine.from_pretrained(DEMO_MODEL_DIR, ENGINE)
+    engine.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
+    engine.step()
+    return engine.export_kv("p")
+
+
+@pytest_asyncio.fixture
+async def decode_worker(etcd):
+    worker = Worker(WorkerConfig(role="decode", model_dir=DEMO_MODEL_DIR, etcd_url=etcd.url, engine=ENGINE,
+                                 drain_grace_s=20))
+    await worker.start()
+    channel = grpc.aio.insecure_channel(worker.grpc_address)
+    try:
+        yield worker, pb_grpc.DecodeWorkerStub(channel)
+    finally:
+        await channel.close()
+        if not worker.state.draining:
+            await worker.drain_and_stop()
+
+
+@pytest.mark.asyncio
+async def test_unused_reservation_expires_and_frees_its_blocks(decode_worker):
+    worker, stub = decode_worker
+    before = await stub.Stats(pb.StatsRequest())
+    r = await stub.Reserve(pb.ReserveRequest(request_id="x", num_tokens=len(PROMPT), ttl_ms=300))
+    during = await stub.Stats(pb.StatsRequest())
+    assert during.reservations == 1 and during.free_kv_blocks == before.free_kv_blocks - r.num_blocks
+    await asyncio.sleep(1.0)
+    after = await stub.Stats(pb.StatsRequest())
+    assert after.reservations == 0 and after.free_kv_blocks == before.free_kv_blocks
+
+
+@pytest.mark.asyncio
+async def test_writes_are_fenced_by_lease_and_expiry(decode_worker):
+    worker, stub = decode_worker
+    kv = _kv_for(PROMPT)
+    client = KVTransferClient("test-prefill")
+    try:
+        r = await stub.Reserve(pb.ReserveRequest(request_id="a", num_tokens=len(PROMPT), ttl_ms=20_000))
+        stale = await client.send(r.ucx_address, r.reservation_id, r.lease + 1, kv.kv)
+        assert not stale.ok
+        wrong_shape = await client.send(r.ucx_address, r.reservation_id, r.lease, kv.kv[:, :, :1].contiguous())
+        assert not wrong_shape.ok
+        short = await stub.Reserve(pb.ReserveRequest(request_id="b", num_tokens=len(PROMPT), ttl_ms=200))
+        await asyncio.sleep(0.6)
+        late = await client.send(short.ucx_address, short.reservation_id, short.lease, kv.kv)
+        assert not late.ok
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # committing a reservation that never got KV
+            async for _ in stub.Decode(pb.DecodeRequest(request_id="a", prompt_token_ids=PROMPT,
+                                                        output_token_ids=kv.output_token_ids,
+                                                        reservation_id=r.reservation_id, lease=r.lease)):
+                pass
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        good = await client.send(r.ucx_address, r.reservation_id, r.lease, kv.kv)
+        assert good.ok and good.nbytes == kv.nbytes
+    finally:
+        await client.close()
+    events = [e async for e in stub.Decode(pb.DecodeRequest(
+        request_id="a", prompt_token_ids=PROMPT, output_token_ids=kv.output_token_ids,
+        sampling=pb.SamplingOptions(max_tokens=10, temperature=0), reservation_id=r.reservation_id, lease=r.lease))]
+    tokens = list(kv.output_token_ids) + [t for e in events for t in e.token_ids]
+    want = LLMEngine.from_pretrained(DEMO_MODEL_DIR, ENGINE).generate(
+        [PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].token_ids
+    assert tokens == want and events[-1].finished
+    assert (await stub.Stats(pb.StatsRequest())).reservations == 0
+
+
+@pytest.mark.asyncio
+async def test_drain_refuses_new_work_and_finishes_in_flight(decode_worker):
+    worker, stub = decode_worker
+    stream = stub.Decode(pb.DecodeRequest(request_id="long", prompt_token_ids=PROMPT,
+                                          sampling=pb.SamplingOptions(max_tokens=300, temperature=0,
+                                                                      ignore_eos=True)))
+    first = await stream.read()
+    assert first.token_ids
+    drain = asyncio.create_task(worker.drain_and_stop())
+    await asyncio.sleep(0.05)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Reserve(pb.ReserveRequest(request_id="new", num_tokens=10))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    rest = []
+    while (event := await stream.read()) is not grpc.aio.EOF:
+        rest.append(event)
+    assert sum(len(e.token_ids) for e in [first, *rest]) == 300 and rest[-1].finished
+    await asyncio.wait_for(drain, 30)
