@@ -46,6 +46,8 @@ class Completion:
     e2e_ms: float
     workers: list[str]
     logprobs: list[float] = field(default_factory=list)
+    kv_bytes: int = 0
+    kv_transfer_ms: float = 0.0
 
 
 def build_request(prompt: str | list[int], model: str = "", request_id: str = "", **sampling) -> pb.GenerateRequest:
@@ -76,7 +78,7 @@ class _Assembler:
         r = msg.result
         return Completion("".join(self.text), self.ids, r.finish_reason, r.usage.prompt_tokens,
                           r.usage.completion_tokens, r.usage.cached_prompt_tokens, r.ttft_ms, r.tpot_ms, r.e2e_ms,
-                          list(r.workers), self.logprobs)
+                          list(r.workers), self.logprobs, r.kv_bytes, r.kv_transfer_ms)
 
 
 class AsyncClient:

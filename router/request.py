@@ -37,6 +37,9 @@ class TokenChunk:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = ""
     num_cached_tokens: int = 0
+    kv_bytes: int = 0
+    """Set on the chunk that a KV handoff produced (the prefill's token)."""
+    kv_transfer_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,10 +53,13 @@ class GenerationResult:
     tpot_ms: float
     e2e_ms: float
     workers: list[str]
+    kv_bytes: int = 0
+    kv_transfer_ms: float = 0.0
 
     def to_pb(self) -> pb.GenerateResult:
         return pb.GenerateResult(
             request_id=self.request_id, finish_reason=self.finish_reason,
             usage=pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
                            cached_prompt_tokens=self.cached_prompt_tokens),
-            ttft_ms=self.ttft_ms, tpot_ms=self.tpot_ms, e2e_ms=self.e2e_ms, workers=self.workers)
+            ttft_ms=self.ttft_ms, tpot_ms=self.tpot_ms, e2e_ms=self.e2e_ms, workers=self.workers,
+            kv_bytes=self.kv_bytes, kv_transfer_ms=self.kv_transfer_ms)

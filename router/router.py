@@ -92,6 +92,7 @@ class Router:
         excluded: set[str] = set()
         first_token_at = None
         cached = 0
+        handoff = [0, 0.0]  # KV bytes, transfer ms (summed over attempts)
         self.metrics.in_flight.inc()
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         status = "error"
@@ -105,11 +106,12 @@ class Router:
                             first_token_at = first_token_at or time.perf_counter()
                             generated += chunk.token_ids
                             cached = max(cached, chunk.num_cached_tokens)
+                            handoff = [handoff[0] + chunk.kv_bytes, handoff[1] + chunk.kv_transfer_ms]
                             yield chunk
                         if chunk.finish_reason:
                             status = "ok"
                             yield self._result(req, chunk.finish_reason, generated, cached, started,
-                                               first_token_at, workers_used)
+                                               first_token_at, workers_used, handoff)
                             return
                     raise _WorkerFailed(pair.decode, "decode", RuntimeError("stream ended without finishing"))
                 except _WorkerFailed as e:
@@ -167,7 +169,7 @@ class Router:
             committed = not p.finished
             decode_req.reservation_id, decode_req.lease = r.reservation_id, r.lease
             return TokenChunk([p.token_id], p.text, [p.logprob] if req.params.logprobs else [],
-                              p.finish_reason, p.num_cached_tokens)
+                              p.finish_reason, p.num_cached_tokens, p.kv_bytes, p.transfer_ms)
         except grpc.aio.AioRpcError as e:
             raise self._failure(pair.prefill, "prefill", e) from None
         finally:
@@ -236,7 +238,8 @@ class Router:
             log.info("release of %s failed (%s); it will expire", r.reservation_id, e.code())
 
     def _result(self, req: GenerationRequest, finish_reason: str, generated: list[int], cached: int,
-                started: float, first_token_at: float | None, workers: list[str]) -> GenerationResult:
+                started: float, first_token_at: float | None, workers: list[str],
+                handoff: list) -> GenerationResult:
         now = time.perf_counter()
         first = first_token_at or now
         ttft, e2e = first - started, now - started
@@ -247,7 +250,7 @@ class Router:
             self.metrics.tpot.observe(tpot)
         self.metrics.output_tokens.inc(len(generated))
         return GenerationResult(req.request_id, finish_reason, len(req.prompt_ids), len(generated), cached,
-                                ttft * 1000, tpot * 1000, e2e * 1000, workers)
+                                ttft * 1000, tpot * 1000, e2e * 1000, workers, handoff[0], handoff[1])
 
 
 def new_request_id() -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,8 @@ class ClusterSpec:
     cluster: str = "default"
     worker_args: tuple[str, ...] = ()
     """Extra ``tandem serve`` arguments for every worker (device, dtype, cache size ...)."""
+    role_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Extra arguments per role, after ``worker_args`` (e.g. a GPU per role)."""
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.mixed) < 0:
@@ -83,8 +86,9 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
         for role, count in (("prefill", spec.prefill), ("decode", spec.decode), ("mixed", spec.mixed)):
             for i in range(count):
                 name = f"{role}-{i}"
-                state.processes[name] = _spawn(spec, name, ["serve", role, "--id", name, "--model",
-                                                            str(spec.model_dir), *spec.worker_args], state)
+                args = ["serve", role, "--id", name, "--model", str(spec.model_dir), *spec.worker_args,
+                        *spec.role_args.get(role, ())]
+                state.processes[name] = _spawn(spec, name, args, state)
         state.processes["router"] = _spawn(spec, "router", [
             "serve", "router", "--id", "router", "--model", str(spec.model_dir), "--http-port", str(spec.http_port),
             "--grpc-port", str(spec.grpc_port)], state)
@@ -162,6 +166,13 @@ def _wait_ready(spec: ClusterSpec, state: ClusterState, timeout_s: float, progre
         if time.monotonic() > deadline:
             raise TimeoutError(f"cluster not ready after {timeout_s:.0f} s; see {spec.state_dir / 'logs'}")
         time.sleep(_POLL_INTERVAL_S)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:

@@ -53,6 +53,11 @@ class Reservation:
     state: ReservationState = ReservationState.RESERVED
 
 
+def _log_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("writing landed KV failed", exc_info=future.exception())
+
+
 class ReservationTable(TransferHandler):
     def __init__(self, aengine: AsyncEngine, max_ttl_s: float):
         self._aengine = aengine
@@ -108,36 +113,44 @@ class ReservationTable(TransferHandler):
     # -- TransferHandler: called by the UCX server ------------------------------------------
 
     async def destination(self, header: TransferHeader) -> torch.Tensor | None:
-        def run(engine: LLMEngine) -> torch.Tensor | None:
-            try:
-                r = self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
-            except KVFenceError as e:
-                log.warning("refusing KV write: %s", e)
-                return None
-            c = engine.model_config
-            expected = (c.num_layers, 2, r.num_blocks, engine.config.block_size, c.num_kv_heads, c.head_dim)
-            dtype = engine.runner.kv_cache.dtype
-            if tuple(header.shape) != expected or header.dtype != str(dtype).removeprefix("torch."):
-                log.warning("refusing KV write for %s: shape %s %s != %s %s", r.reservation_id, header.shape,
-                            header.dtype, expected, dtype)
-                return None
-            return torch.empty(expected, dtype=dtype, device=engine.runner.kv_cache.device)
-
-        return await self._aengine.call(run)
+        """Runs on the event loop, not the engine thread: a transfer does not wait for a step.
+        The check here only saves receiving doomed data; the write re-checks on the engine thread."""
+        try:
+            r = self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
+        except KVFenceError as e:
+            log.warning("refusing KV write: %s", e)
+            return None
+        engine = self._aengine.engine
+        c, cache = engine.model_config, engine.runner.kv_cache
+        expected = (c.num_layers, 2, r.num_blocks, engine.config.block_size, c.num_kv_heads, c.head_dim)
+        if tuple(header.shape) != expected or header.dtype != str(cache.dtype).removeprefix("torch."):
+            log.warning("refusing KV write for %s: shape %s %s != %s %s", r.reservation_id, header.shape,
+                        header.dtype, expected, cache.dtype)
+            return None
+        return torch.empty(expected, dtype=cache.dtype, device=cache.device)
 
     async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
-        def run(engine: LLMEngine) -> bool:
+        """Acknowledge the landed payload and queue its copy into the cache. The copy runs on
+        the engine thread before any later command (so before the Decode that commits it), and
+        re-checks the fence there: an expiry in between drops it and the commit then fails."""
+        try:
+            self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
+        except KVFenceError as e:
+            log.warning("dropping landed KV: %s", e)
+            return False
+
+        def write(engine: LLMEngine) -> None:
             try:
                 r = self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
             except KVFenceError as e:
                 log.warning("dropping landed KV: %s", e)
-                return False
+                return
             engine.write_reserved(r.reservation_id, buffer)
             r.state = ReservationState.FILLED
             self.bytes_received += header.nbytes
-            return True
 
-        return await self._aengine.call(run)
+        self._aengine.post(write).add_done_callback(_log_failure)
+        return True
 
     # -- internals (engine thread) ------------------------------------------------------------
 

@@ -58,13 +58,18 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run ``fn(engine)`` on the engine thread between steps; its exception is re-raised here."""
+        return await self.post(fn)
+
+    def post(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future:
+        """Queue ``fn(engine)`` without waiting for it. Commands run in the order they were
+        posted, so a later ``call`` sees the effect of every earlier ``post``."""
         if self._failure is not None or self._thread is None or self._stopping.is_set():
             raise EngineStopped(f"engine is not running ({self._failure or 'stopped'})")
         future = asyncio.get_running_loop().create_future()
         with self._wakeup:
             self._commands.append((fn, future))
             self._wakeup.notify()
-        return await future
+        return future
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; its stream (if any) ends with finish reason ``abort``."""

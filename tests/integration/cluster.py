@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,15 +10,9 @@ import grpc
 
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tools.local_cluster import ClusterSpec, ClusterState, start_cluster, stop_cluster
+from tools.local_cluster import ClusterSpec, ClusterState, free_port, start_cluster, stop_cluster
 
 _START_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
