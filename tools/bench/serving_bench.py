@@ -146,14 +146,19 @@ def run_services(spec: ServingSpec, model_dir: Path, prompts: list[list[int]], s
             "token_ids": [r.token_ids for r in results]}
 
 
-def summarize(spec: ServingSpec, local: dict, services: dict) -> dict:
+def summarize(spec: ServingSpec, local: dict | None, services: dict) -> dict:
     shares = sorted(services["handoff_share_of_ttft"])
     kv_gbps = [b / 1e9 / (ms / 1000) for b, ms in zip(services["kv_bytes"], services["kv_transfer_ms"]) if ms > 0]
+    compared = {}
+    if local is not None:
+        compared = {
+            "in_process_tokens_per_s": local["tokens_per_s"],
+            "services_over_in_process": services["tokens_per_s"] / local["tokens_per_s"],
+            "same_tokens": sum(a == b for a, b in zip(local["token_ids"], services["token_ids"])) / spec.requests,
+        }
     return {
-        "in_process_tokens_per_s": local["tokens_per_s"],
+        **compared,
         "services_tokens_per_s": services["tokens_per_s"],
-        "services_over_in_process": services["tokens_per_s"] / local["tokens_per_s"],
-        "same_tokens": sum(a == b for a, b in zip(local["token_ids"], services["token_ids"])) / spec.requests,
         "ttft_ms_median": statistics.median(services["ttft_ms"]),
         "kv_transfer_ms_median": statistics.median(services["kv_transfer_ms"]),
         "kv_bytes_per_request": services["kv_bytes"][0],
@@ -166,10 +171,12 @@ def summarize(spec: ServingSpec, local: dict, services: dict) -> dict:
 def print_table(spec: ServingSpec, s: dict) -> None:
     print(f"serving benchmark '{spec.name}': {spec.requests} requests, prompt {spec.prompt_len}, "
           f"output {spec.output_len}, {spec.device} {spec.dtype}")
-    rows = [("in-process engine output tok/s", f"{s['in_process_tokens_per_s']:,.1f}"),
-            ("services output tok/s", f"{s['services_tokens_per_s']:,.1f}"),
-            ("services / in-process", f"{s['services_over_in_process']:.2f}"),
-            ("same greedy tokens", f"{s['same_tokens']:.0%}"),
+    rows = []
+    if "in_process_tokens_per_s" in s:
+        rows += [("in-process engine output tok/s", f"{s['in_process_tokens_per_s']:,.1f}"),
+                 ("services / in-process", f"{s['services_over_in_process']:.2f}"),
+                 ("same greedy tokens", f"{s['same_tokens']:.0%}")]
+    rows += [("services output tok/s", f"{s['services_tokens_per_s']:,.1f}"),
             ("TTFT median (ms)", f"{s['ttft_ms_median']:.1f}"),
             ("KV handoff median (ms)", f"{s['kv_transfer_ms_median']:.2f}"),
             ("KV bytes per request", f"{s['kv_bytes_per_request']:,}"),
@@ -187,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "tandem-bench")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--skip-in-process", action="store_true",
+                        help="only the services (saves loading the model a third time)")
     args = parser.parse_args(argv)
     spec = PRESETS[args.preset]
     if args.requests:
@@ -196,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     torch.bfloat16)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(spec, vocab)
-    log("in-process engine")
-    local = run_in_process(spec, model_dir, prompts)
+    local = None
+    if not args.skip_in_process:
+        log("in-process engine")
+        local = run_in_process(spec, model_dir, prompts)
     services = run_services(spec, model_dir, prompts, args.scratch / "cluster")
     summary = summarize(spec, local, services)
     print_table(spec, summary)
@@ -206,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS_DIR / f"serving_{spec.name}_{slug(env['device_name'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for run in (local, services):
-        run.pop("token_ids")
+        if run is not None:
+            run.pop("token_ids")
     out.write_text(json.dumps({"spec": asdict(spec), "environment": env, "summary": summary,
                                "in_process": local, "services": services}, indent=2))
     log(f"wrote {out}")
