@@ -49,6 +49,8 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 _SSE_DONE = b"data: [DONE]\n\n"
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
+_Items = AsyncIterator[TokenChunk | GenerationResult]  # what Router.generate yields
+_ResponseShape = CompletionShape | ChatShape
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -131,8 +133,8 @@ class OpenAIRoutes:
         tokenizer = self._frontend.tokenizer
         return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
 
-    async def _serve(self, request: web.Request, gen: GenerationRequest, shape: CompletionShape | ChatShape,
-                     stream: bool, include_usage: bool) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, gen: GenerationRequest, shape: _ResponseShape, stream: bool,
+                     include_usage: bool) -> web.StreamResponse:
         async with contextlib.aclosing(self._frontend.router.generate(gen)) as items:
             first = await _next(items)  # errors up to here get their own HTTP status
             if stream:
@@ -140,22 +142,22 @@ class OpenAIRoutes:
             return await _collect(request, first, items, shape)
 
 
-async def _next(items: AsyncIterator[TokenChunk | GenerationResult]) -> TokenChunk | GenerationResult:
+async def _next(items: _Items) -> TokenChunk | GenerationResult:
     try:
         return await anext(items)
     except StopAsyncIteration:  # the router always ends with a result; this would be its bug
         raise RequestFailed(grpc.StatusCode.INTERNAL, "the generation ended without a result") from None
 
 
-async def _finish(items: AsyncIterator[TokenChunk | GenerationResult]) -> None:
+async def _finish(items: _Items) -> None:
     """Run the router's iterator past its result to its end: closing it at the result instead
     would count the request as cancelled."""
     async for _ in items:
         pass
 
 
-async def _collect(request: web.Request, item: TokenChunk | GenerationResult,
-                   items: AsyncIterator[TokenChunk | GenerationResult], shape) -> web.Response:
+async def _collect(request: web.Request, item: TokenChunk | GenerationResult, items: _Items,
+                   shape: _ResponseShape) -> web.Response:
     chunks: list[TokenChunk] = []
     while not isinstance(item, GenerationResult):
         chunks.append(item)
@@ -166,8 +168,8 @@ async def _collect(request: web.Request, item: TokenChunk | GenerationResult,
     return web.json_response(shape.full(chunks, item), dumps=_dumps)
 
 
-async def _stream(request: web.Request, item: TokenChunk | GenerationResult,
-                  items: AsyncIterator[TokenChunk | GenerationResult], shape, include_usage: bool) -> web.StreamResponse:
+async def _stream(request: web.Request, item: TokenChunk | GenerationResult, items: _Items, shape: _ResponseShape,
+                  include_usage: bool) -> web.StreamResponse:
     response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     try:

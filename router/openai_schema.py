@@ -133,7 +133,7 @@ class _Fields:
     def get(self, name: str) -> Any:
         return self._body.get(name)
 
-    def int(self, name: str, default: int | None = None, lo: int = 0, hi: int = _UINT32_MAX) -> int | None:
+    def integer(self, name: str, default: int | None = None, lo: int = 0, hi: int = _UINT32_MAX) -> int | None:
         value = self._body.get(name)
         if value is None:
             return default
@@ -153,7 +153,7 @@ class _Fields:
             raise BadRequest(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
         return float(value)
 
-    def bool(self, name: str, default: bool = False) -> bool:
+    def boolean(self, name: str, default: bool = False) -> bool:
         value = self._body.get(name)
         if value is None:
             return default
@@ -161,7 +161,7 @@ class _Fields:
             raise BadRequest(f"{name} must be true or false, got {_describe(value)}", name)
         return value
 
-    def str(self, name: str, default: str = "") -> str:
+    def string(self, name: str, default: str = "") -> str:
         value = self._body.get(name)
         if value is None:
             return default
@@ -182,23 +182,23 @@ def _describe(value: Any) -> str:
 
 
 def _sampling(f: _Fields, max_tokens: int | None, logprobs: bool) -> Sampling:
-    n = f.int("n", 1, lo=1, hi=_UINT32_MAX)
+    n = f.integer("n", 1, lo=1, hi=_UINT32_MAX)
     if n != 1:
         raise BadRequest(f"n must be 1 (one choice per request), got {n}", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         f.must_be(name, (None, 0, 0.0), "penalties are not implemented")
     f.must_be("logit_bias", (None, {}), "logit_bias is not implemented")
-    top_k = f.int("top_k", lo=-1)
+    top_k = f.integer("top_k", lo=-1)
     return Sampling(
         max_tokens=max_tokens,
         temperature=f.number("temperature", 0.0, _MAX_TEMPERATURE),
         top_p=f.number("top_p", 0.0, 1.0, lo_open=True),
         top_k=None if top_k in (None, -1) else top_k,  # -1 = all tokens, as in vLLM
-        seed=f.int("seed", hi=_SEED_LIMIT - 1),
+        seed=f.integer("seed", hi=_SEED_LIMIT - 1),
         stop=_stop_strings(f.get("stop")),
         stop_token_ids=_token_ids(f.get("stop_token_ids") or [], "stop_token_ids"),
-        ignore_eos=f.bool("ignore_eos"),
-        min_tokens=f.int("min_tokens", 0),
+        ignore_eos=f.boolean("ignore_eos"),
+        min_tokens=f.integer("min_tokens", 0),
         logprobs=logprobs,
     )
 
@@ -220,11 +220,11 @@ def _token_ids(value: Any, param: str) -> tuple[int, ...]:
 
 
 def _stream_fields(f: _Fields) -> tuple[bool, bool]:
-    stream = f.bool("stream")
+    stream = f.boolean("stream")
     options = f.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest(f"stream_options must be an object, got {_describe(options)}", "stream_options")
-    include_usage = _Fields(options or {}).bool("include_usage")
+    include_usage = _Fields(options or {}).boolean("include_usage")
     return stream, stream and include_usage
 
 
@@ -233,12 +233,12 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
     f.must_be("echo", (None, False), "the prompt is not echoed back")
     f.must_be("best_of", (None, 1), "only one candidate is generated")
     f.must_be("suffix", (None, ""), "insertion is not implemented")
-    logprobs = f.int("logprobs", lo=0, hi=_MAX_LOGPROBS)
+    logprobs = f.integer("logprobs", lo=0, hi=_MAX_LOGPROBS)
     stream, include_usage = _stream_fields(f)
     return CompletionRequest(
-        model=f.str("model"),
+        model=f.string("model"),
         prompt=_prompt(body.get("prompt")),
-        sampling=_sampling(f, f.int("max_tokens", _COMPLETIONS_DEFAULT_MAX_TOKENS, lo=1), logprobs is not None),
+        sampling=_sampling(f, f.integer("max_tokens", _COMPLETIONS_DEFAULT_MAX_TOKENS, lo=1), logprobs is not None),
         stream=stream, include_usage=include_usage, logprobs=logprobs)
 
 
@@ -264,15 +264,15 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     fmt = f.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise BadRequest("response_format is not supported: only {\"type\": \"text\"}", "response_format")
-    max_tokens = f.int("max_completion_tokens", lo=1)
+    max_tokens = f.integer("max_completion_tokens", lo=1)
     if max_tokens is None:
-        max_tokens = f.int("max_tokens", lo=1)  # None: up to the context length, as OpenAI's chat
-    logprobs = f.bool("logprobs")
+        max_tokens = f.integer("max_tokens", lo=1)  # None: up to the context length, as OpenAI's chat
+    logprobs = f.boolean("logprobs")
     stream, include_usage = _stream_fields(f)
     return ChatRequest(
-        model=f.str("model"), messages=_messages(body.get("messages")),
+        model=f.string("model"), messages=_messages(body.get("messages")),
         sampling=_sampling(f, max_tokens, logprobs), stream=stream, include_usage=include_usage,
-        logprobs=logprobs, top_logprobs=f.int("top_logprobs", 0, hi=_MAX_LOGPROBS))
+        logprobs=logprobs, top_logprobs=f.integer("top_logprobs", 0, hi=_MAX_LOGPROBS))
 
 
 def _messages(value: Any) -> tuple[ChatMessage, ...]:

@@ -20,6 +20,7 @@ reservation is released (or expires).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -85,38 +86,31 @@ class Router:
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenChunk | GenerationResult]:
         """Yields TokenChunks, then one GenerationResult; raises RequestFailed after retries."""
-        started = time.perf_counter()
-        seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
-        generated: list[int] = []
-        workers_used: list[str] = []
+        progress = _Progress(started=time.perf_counter(),
+                             seed=req.params.seed if req.params.seed is not None else random.getrandbits(63))
         excluded: set[str] = set()
-        first_token_at = None
-        cached = 0
-        handoff = [0, 0.0]  # KV bytes, transfer ms (summed over attempts)
         self.metrics.in_flight.inc()
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         status = "error"
         try:
             for attempt in range(self.config.max_attempts):
-                pair = await self._pick(req, len(req.prompt_ids) + len(generated), excluded)
-                workers_used += [pair.prefill.worker_id] + ([] if pair.colocated else [pair.decode.worker_id])
+                pair = await self._pick(req, len(req.prompt_ids) + len(progress.generated), excluded)
+                progress.workers += [pair.prefill.worker_id] + ([] if pair.colocated else [pair.decode.worker_id])
+                stream = self._run(pair, req, progress.generated, progress.seed, f"{req.request_id}-{attempt}")
                 try:
-                    async for chunk in self._run(pair, req, generated, seed, f"{req.request_id}-{attempt}"):
-                        if chunk.token_ids:
-                            first_token_at = first_token_at or time.perf_counter()
-                            generated += chunk.token_ids
-                            cached = max(cached, chunk.num_cached_tokens)
-                            handoff = [handoff[0] + chunk.kv_bytes, handoff[1] + chunk.kv_transfer_ms]
-                            yield chunk
-                        if chunk.finish_reason:
-                            status = "ok"
-                            yield self._result(req, chunk.finish_reason, generated, cached, started,
-                                               first_token_at, workers_used, handoff)
-                            return
+                    async with contextlib.aclosing(stream):  # leaving early cancels the attempt's RPCs now
+                        async for chunk in stream:
+                            progress.add(chunk)
+                            if chunk.token_ids:
+                                yield chunk
+                            if chunk.finish_reason:
+                                status = "ok"
+                                yield self._result(req, chunk.finish_reason, progress)
+                                return
                     raise _WorkerFailed(pair.decode, "decode", RuntimeError("stream ended without finishing"))
                 except _WorkerFailed as e:
                     log.warning("request %s: %s; retrying elsewhere (%d token(s) already sent)", req.request_id,
-                                e, len(generated))
+                                e, len(progress.generated))
                     excluded.add(e.worker.worker_id)
                     self.metrics.retries.labels(e.stage).inc()
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
@@ -125,7 +119,8 @@ class Router:
             status = "client_error" if e.code in _CLIENT_ERRORS else "error"
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            status = "cancelled"
+            if status != "ok":  # a caller that stops right after the result was still served
+                status = "cancelled"
             raise
         finally:
             self.metrics.in_flight.dec()
@@ -237,20 +232,41 @@ class Router:
         except grpc.aio.AioRpcError as e:  # the reservation expires on its own
             log.info("release of %s failed (%s); it will expire", r.reservation_id, e.code())
 
-    def _result(self, req: GenerationRequest, finish_reason: str, generated: list[int], cached: int,
-                started: float, first_token_at: float | None, workers: list[str],
-                handoff: list) -> GenerationResult:
+    def _result(self, req: GenerationRequest, finish_reason: str, p: "_Progress") -> GenerationResult:
         now = time.perf_counter()
-        first = first_token_at or now
-        ttft, e2e = first - started, now - started
-        tpot = (now - first) / (len(generated) - 1) if len(generated) > 1 else 0.0
+        first = p.first_token_at or now
+        ttft, e2e = first - p.started, now - p.started
+        n = len(p.generated)
+        tpot = (now - first) / (n - 1) if n > 1 else 0.0
         self.metrics.ttft.observe(ttft)
         self.metrics.e2e.observe(e2e)
-        if len(generated) > 1:
+        if n > 1:
             self.metrics.tpot.observe(tpot)
-        self.metrics.output_tokens.inc(len(generated))
-        return GenerationResult(req.request_id, finish_reason, len(req.prompt_ids), len(generated), cached,
-                                ttft * 1000, tpot * 1000, e2e * 1000, workers, handoff[0], handoff[1])
+        self.metrics.output_tokens.inc(n)
+        return GenerationResult(req.request_id, finish_reason, len(req.prompt_ids), n, p.cached, ttft * 1000,
+                                tpot * 1000, e2e * 1000, p.workers, p.kv_bytes, p.kv_transfer_ms)
+
+
+@dataclass
+class _Progress:
+    """What one request has produced so far, across attempts."""
+
+    started: float
+    seed: int
+    generated: list[int] = field(default_factory=list)
+    workers: list[str] = field(default_factory=list)
+    first_token_at: float | None = None
+    cached: int = 0
+    kv_bytes: int = 0
+    kv_transfer_ms: float = 0.0
+
+    def add(self, chunk: TokenChunk) -> None:
+        if chunk.token_ids:
+            self.first_token_at = self.first_token_at or time.perf_counter()
+            self.generated += chunk.token_ids
+        self.cached = max(self.cached, chunk.num_cached_tokens)
+        self.kv_bytes += chunk.kv_bytes
+        self.kv_transfer_ms += chunk.kv_transfer_ms
 
 
 def new_request_id() -> str:
