@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 
 from proto.tandem.v1 import tandem_pb2 as pb
@@ -18,12 +20,15 @@ class GenerationService(pb_grpc.GenerationServicer):
         prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
         try:
             req = self._frontend.prepare(request.model, prompt, request.sampling, request.request_id)
-            async for item in self._frontend.router.generate(req):
-                if isinstance(item, GenerationResult):
-                    yield pb.GenerateResponse(result=item.to_pb())
-                else:
-                    yield pb.GenerateResponse(delta=pb.TokenDelta(token_ids=item.token_ids, text=item.text,
-                                                                  logprobs=item.logprobs))
+            # aclosing: a client that leaves mid-stream cancels this handler at a yield; the router's
+            # stream must then be closed now (aborting the request on its workers), not at GC time.
+            async with contextlib.aclosing(self._frontend.router.generate(req)) as stream:
+                async for item in stream:
+                    if isinstance(item, GenerationResult):
+                        yield pb.GenerateResponse(result=item.to_pb())
+                    else:
+                        yield pb.GenerateResponse(delta=pb.TokenDelta(token_ids=item.token_ids, text=item.text,
+                                                                      logprobs=item.logprobs))
         except RequestFailed as e:
             await context.abort(e.code, e.message)
 

@@ -132,45 +132,58 @@ class Router:
                    attempt_id: str) -> AsyncIterator[TokenChunk]:
         decode_req = pb.DecodeRequest(request_id=attempt_id, prompt_token_ids=req.prompt_ids,
                                       output_token_ids=generated, sampling=req.sampling, seed=seed)
-        if not pair.colocated:
-            first = await self._prefill_into_reservation(pair, req, generated, seed, attempt_id, decode_req)
+        if pair.colocated:
+            async for chunk in self._decode(pair.decode, decode_req):
+                yield chunk
+            return
+        decode_stub = pb_grpc.DecodeWorkerStub(self._channel(pair.decode))
+        reservation = await self._reserve(pair, decode_stub, len(req.prompt_ids) + len(generated), attempt_id)
+        finished = False
+        try:
+            first = await self._prefill(pair, req, generated, seed, attempt_id, reservation)
+            finished = bool(first.finish_reason)
             yield first
-            if first.finish_reason:
+            if finished:
                 return
             decode_req.output_token_ids.append(first.token_ids[0])
-        async for chunk in self._decode(pair.decode, decode_req):
-            yield chunk
+            decode_req.reservation_id, decode_req.lease = reservation.reservation_id, reservation.lease
+            async for chunk in self._decode(pair.decode, decode_req):
+                finished = bool(chunk.finish_reason)
+                yield chunk
+        finally:
+            # Whatever stopped the attempt (failure, client gone, first token final), the blocks must
+            # not wait for their expiry. Releasing a reservation Decode already committed is a no-op.
+            if not finished or first.finish_reason:
+                self._spawn(self._release(decode_stub, reservation))
 
-    async def _prefill_into_reservation(self, pair: Pair, req: GenerationRequest, generated: list[int], seed: int,
-                                        attempt_id: str, decode_req: pb.DecodeRequest) -> TokenChunk:
-        num_tokens = len(req.prompt_ids) + len(generated)
-        decode_stub = pb_grpc.DecodeWorkerStub(self._channel(pair.decode))
+    async def _reserve(self, pair: Pair, stub: pb_grpc.DecodeWorkerStub, num_tokens: int,
+                       attempt_id: str) -> pb.ReserveResponse:
         try:
-            r = await decode_stub.Reserve(pb.ReserveRequest(request_id=attempt_id, num_tokens=num_tokens,
-                                                            ttl_ms=_RESERVATION_TTL_MS))
+            return await stub.Reserve(pb.ReserveRequest(request_id=attempt_id, num_tokens=num_tokens,
+                                                        ttl_ms=_RESERVATION_TTL_MS))
         except grpc.aio.AioRpcError as e:
             raise self._failure(pair.decode, "reserve", e) from None
+
+    async def _prefill(self, pair: Pair, req: GenerationRequest, generated: list[int], seed: int, attempt_id: str,
+                       r: pb.ReserveResponse) -> TokenChunk:
+        """Prefill into the reservation; returns the next token (KV already in the decode worker)."""
+        num_tokens = len(req.prompt_ids) + len(generated)
         target = pb.KVTarget(worker_id=pair.decode.worker_id, ucx_address=r.ucx_address,
                              reservation_id=r.reservation_id, lease=r.lease)
-        prefill_stub = pb_grpc.PrefillWorkerStub(self._channel(pair.prefill))
+        stub = pb_grpc.PrefillWorkerStub(self._channel(pair.prefill))
         self._track(pair.prefill, num_tokens, +1)
-        committed = False
         try:
-            p = await prefill_stub.Prefill(pb.PrefillRequest(
+            p = await stub.Prefill(pb.PrefillRequest(
                 request_id=attempt_id, prompt_token_ids=req.prompt_ids, output_token_ids=generated,
                 sampling=req.sampling, seed=seed, target=target))
-            self.metrics.kv_bytes.inc(p.kv_bytes)
-            self.metrics.kv_transfer.observe(p.transfer_ms / 1000)
-            committed = not p.finished
-            decode_req.reservation_id, decode_req.lease = r.reservation_id, r.lease
-            return TokenChunk([p.token_id], p.text, [p.logprob] if req.params.logprobs else [],
-                              p.finish_reason, p.num_cached_tokens, p.kv_bytes, p.transfer_ms)
         except grpc.aio.AioRpcError as e:
             raise self._failure(pair.prefill, "prefill", e) from None
         finally:
             self._track(pair.prefill, num_tokens, -1)
-            if not committed:
-                self._spawn(self._release(decode_stub, r))
+        self.metrics.kv_bytes.inc(p.kv_bytes)
+        self.metrics.kv_transfer.observe(p.transfer_ms / 1000)
+        return TokenChunk([p.token_id], p.text, [p.logprob] if req.params.logprobs else [],
+                          p.finish_reason, p.num_cached_tokens, p.kv_bytes, p.transfer_ms)
 
     async def _decode(self, worker: WorkerInfo, decode_req: pb.DecodeRequest) -> AsyncIterator[TokenChunk]:
         stub = pb_grpc.DecodeWorkerStub(self._channel(worker))

@@ -8,14 +8,14 @@ Wire protocol (all messages on the endpoint's default tag; UCX delivers messages
 one endpoint in order, so the exchange is a simple alternating dialogue)::
 
     sender (KVTransferClient.send)                 receiver (KVTransferServer, one task per endpoint)
-      |  header: u64 LE length + JSON (UTF-8, <=64 KiB)|
+      |  header: u64 LE length + JSON (<= 64 KiB)      |
       |----------------------------------------------->|  handler.destination(header)
       |                    1 byte: GO, or a refusal    |    -> tensor, or None (refuse)
       |<-----------------------------------------------|
       |  [GO only] the whole payload as ONE message    |
       |----------------------------------------------->|  received straight into the tensor
       |                                                |  handler.complete(header, tensor)
-      |       1 byte: COMMITTED or REFUSED_COMPLETE    |    -> True / False
+      |  1 byte: COMMITTED, REFUSED_COMPLETE or error  |    -> True / False
       |<-----------------------------------------------|
     TransferResult(ok=reply == COMMITTED, ...)
 
@@ -28,7 +28,9 @@ Concurrency: the client serialises transfers per endpoint with an ``asyncio.Lock
 dialogue above has no transfer id, so two transfers on one endpoint must not interleave);
 transfers to different addresses, and from different clients to one server, run
 concurrently (the server runs one task per connected endpoint). Payloads are large, so one
-transfer at a time per endpoint loses little.
+transfer at a time per endpoint loses little. The header/GO exchange costs one round trip
+more than a bare send + ack (measured: ~0.25 ms on an H100 host, ~1.5 ms on a 2-vCPU VM),
+which is why callers batch blocks into large payloads.
 
 Failures: any error or timeout on the client drops (closes) that endpoint; the next send
 reconnects. A closed endpoint cancels its in-flight UCX requests, so neither side keeps

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
+import signal
 import struct
 import time
 
@@ -43,6 +46,7 @@ class _Handler(TransferHandler):
         self.committed: list[str] = []
         self.abandoned_ids: list[str] = []
         self.stall = asyncio.Event()  # destination() waits on it for reservations named "stall*"
+        # complete() never returns for reservations named "hang*"
 
     async def destination(self, header: TransferHeader) -> torch.Tensor | None:
         if header.reservation_id.startswith("stall"):
@@ -54,6 +58,8 @@ class _Handler(TransferHandler):
         return buffer
 
     async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
+        if header.reservation_id.startswith("hang"):  # never acknowledges
+            await asyncio.Event().wait()
         if header.reservation_id in self.decline:
             return False
         self.committed.append(header.reservation_id)
@@ -208,6 +214,42 @@ async def test_peer_gone_fails_within_timeout_then_a_restarted_server_works():
         assert (await client.send(second, "c", lease=1, tensor=tensor, timeout_s=_TIMEOUT_S)).ok
     assert torch.equal(handler.buffers["c"], tensor)
     await client.close()
+
+
+def _receiver_process(conn) -> None:
+    """A decode worker in its own process, to be SIGKILLed: serves until killed."""
+
+    async def serve() -> None:
+        server = KVTransferServer(_Handler())
+        conn.send(await server.start())
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+@_MODULE_LOOP
+async def test_receiver_killed_during_transfer_fails_within_timeout():
+    ctx = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe()
+    receiver = ctx.Process(target=_receiver_process, args=(child_conn,), daemon=True)
+    receiver.start()
+    client = KVTransferClient("prefill-0")
+    try:
+        address = await asyncio.to_thread(parent_conn.recv)
+        assert (await client.send(address, "warm", lease=1, tensor=torch.ones(256))).ok
+        # Killed mid-payload or while committing ("hang": never acknowledged): never ok.
+        big = torch.ones(64 << 20, dtype=torch.uint8)
+        sending = asyncio.create_task(client.send(address, "hang", lease=1, tensor=big, timeout_s=_TIMEOUT_S))
+        await asyncio.sleep(0.05)
+        os.kill(receiver.pid, signal.SIGKILL)
+        started = time.monotonic()
+        result = await sending
+        assert not result.ok and result.reason
+        assert time.monotonic() - started < _TIMEOUT_S + _SLACK_S
+    finally:
+        receiver.kill()
+        await asyncio.to_thread(receiver.join)
+        await client.close()
 
 
 @_MODULE_LOOP

@@ -27,9 +27,10 @@ def local_cluster(state_dir: Path, model_dir: Path, *, prefill: int = 1, decode:
         stop_cluster(state_dir, progress=lambda *_: None, timeout_s=30)
 
 
-async def worker_stats(address: str) -> pb.WorkerStats:
+async def worker_stats(address: str, role: str = "decode") -> pb.WorkerStats:
+    stub_class = pb_grpc.PrefillWorkerStub if role == "prefill" else pb_grpc.DecodeWorkerStub
     async with grpc.aio.insecure_channel(address) as ch:
-        return await pb_grpc.DecodeWorkerStub(ch).Stats(pb.StatsRequest(), timeout=5)
+        return await stub_class(ch).Stats(pb.StatsRequest(), timeout=5)
 
 
 def log_tail(state_dir: Path, name: str, lines: int = 30) -> str:

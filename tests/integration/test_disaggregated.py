@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -12,7 +14,8 @@ from router.client import AsyncClient
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.request import SamplingParams
-from tests.integration.cluster import local_cluster
+from services.common.registry import read_cluster
+from tests.integration.cluster import local_cluster, worker_stats
 from tools.demo import DEMO_MODEL_DIR, DEMO_MOE_MODEL_DIR
 
 MODELS = {"dense": DEMO_MODEL_DIR, "moe": DEMO_MOE_MODEL_DIR}
@@ -34,12 +37,13 @@ def _reference(model_dir, prompts: list[str], max_tokens: int) -> list[list[int]
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def cluster(request, tmp_path_factory):
     model = MODELS[request.param]
-    with local_cluster(tmp_path_factory.mktemp(f"cluster-{request.param}"), model) as state:
-        yield model, state
+    state_dir = tmp_path_factory.mktemp(f"cluster-{request.param}")
+    with local_cluster(state_dir, model) as state:
+        yield model, state, state_dir
 
 
 def test_concurrent_requests_match_the_in_process_engine(cluster):
-    model, state = cluster
+    model, state, _ = cluster
     prompts = _prompts(24)
     want = _reference(model, prompts, 20)
 
@@ -56,7 +60,7 @@ def test_concurrent_requests_match_the_in_process_engine(cluster):
 
 
 def test_bad_input_is_invalid_argument_and_the_cluster_stays_healthy(cluster):
-    _, state = cluster
+    _, state, _ = cluster
 
     async def main():
         async with AsyncClient(state.grpc_address) as client:
@@ -80,7 +84,7 @@ def test_bad_input_is_invalid_argument_and_the_cluster_stays_healthy(cluster):
 
 
 def test_200_concurrent_streams_each_get_their_own_answer(cluster):
-    model, state = cluster
+    model, state, _ = cluster
     prompts = _prompts(200, seed=1)
     want = _reference(model, prompts, 8)
 
@@ -100,3 +104,40 @@ def test_200_concurrent_streams_each_get_their_own_answer(cluster):
     results = asyncio.run(main())
     assert [ids for ids, _ in results] == want
     assert all(finish in ("stop", "length") for _, finish in results)
+
+
+def test_client_disconnect_cancels_the_request_on_every_worker(cluster):
+    _, state, _ = cluster
+    workers = {w.worker_id: w for w in asyncio.run(read_cluster(state.etcd_url, state.cluster))[0]}
+
+    async def busy() -> int:
+        stats = [await worker_stats(workers[w].grpc_address, workers[w].role) for w in ("prefill-0", "decode-0")]
+        return sum(s.running_requests + s.waiting_requests + s.reservations for s in stats)
+
+    async def main():
+        async with AsyncClient(state.grpc_address) as client:
+            stream = client.stream("import os\n", max_tokens=900, temperature=0, ignore_eos=True)
+            async for _ in stream:
+                break  # the first token arrived; the client goes away
+            await stream.aclose()
+        assert await busy() >= 0
+        for _ in range(50):
+            if await busy() == 0:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    assert asyncio.run(main()), "the workers kept generating for a client that left"
+
+
+def test_tandem_status_lists_the_live_workers(cluster):
+    _, state, state_dir = cluster
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "status", "--state-dir", str(state_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ROLE", "ID", "GRPC"]
+    rows = {line.split()[1]: line.split() for line in lines[1:]}
+    assert set(rows) == {"prefill-0", "decode-0", "router"}
+    assert all(row[-2] == "serving" for row in rows.values())
+    assert rows["decode-0"][-1] == str(state.processes["decode-0"])

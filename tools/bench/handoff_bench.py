@@ -61,6 +61,7 @@ from services.common.ucx_transport import (
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _WARMUP = 1
 _SEND_TIMEOUT_S = 300.0  # one transfer, 1 GiB over TCP staging at ~0.4 GB/s is ~3 s
+_CONNECT_TIMEOUT_S = 30.0
 _RECEIVER_START_TIMEOUT_S = 120.0
 _RECEIVER_EXIT_TIMEOUT_S = 60.0
 _SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -188,10 +189,14 @@ async def _time_raw(ep, payload: torch.Tensor, count: int) -> list[float]:
     samples = []
     for _ in range(count):
         started = time.perf_counter()
-        await ep.send(view)
-        await ep.recv(ack)
+        await asyncio.wait_for(_raw_exchange(ep, view, ack), _SEND_TIMEOUT_S)
         samples.append(time.perf_counter() - started)
     return samples
+
+
+async def _raw_exchange(ep, view, ack: np.ndarray) -> None:
+    await ep.send(view)
+    await ep.recv(ack)
 
 
 async def _time_handoff(client: KVTransferClient, address: str, payload: torch.Tensor, count: int) -> list[float]:
@@ -207,7 +212,7 @@ async def _time_handoff(client: KVTransferClient, address: str, payload: torch.T
 
 async def _send_all(config: BenchConfig, raw_port: int, address: str, device: str) -> tuple[list[SizeResult], dict]:
     ensure_ucx_initialized()
-    ep = await ucxx.create_endpoint("127.0.0.1", raw_port)
+    ep = await asyncio.wait_for(ucxx.create_endpoint("127.0.0.1", raw_port), _CONNECT_TIMEOUT_S)
     client = KVTransferClient("handoff-bench")
     results, sums = [], {}
     try:
