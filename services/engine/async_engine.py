@@ -85,11 +85,11 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already streaming")
+        finished = False
+        submitted = self.post(submit)  # outputs can only arrive after this coroutine next yields
         self._streams[request_id] = q
-        finished = submitted = False
         try:
-            await self.call(submit)
-            submitted = True
+            await asyncio.shield(submitted)
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -98,14 +98,11 @@ class AsyncEngine:
                 yield item
         finally:
             self._streams.pop(request_id, None)
-            if submitted and not finished and self._failure is None and not self._stopping.is_set():
-                await asyncio.shield(self._abort_quietly(request_id))
-
-    async def _abort_quietly(self, request_id: str) -> None:
-        try:
-            await self.call(lambda e: e.abort(request_id))
-        except EngineStopped:
-            pass
+            # Commands run in order, so an abort posted now runs after ``submit`` even when the
+            # caller was cancelled while ``submit`` was still queued.
+            submit_failed = submitted.done() and not submitted.cancelled() and submitted.exception() is not None
+            if not finished and not submit_failed and self._failure is None and not self._stopping.is_set():
+                self.post(lambda e: e.abort(request_id)).add_done_callback(_log_failure)
 
     # -- the engine thread --------------------------------------------------------------------
 
@@ -144,6 +141,11 @@ class AsyncEngine:
     def _fail_all(self, error: BaseException) -> None:
         for q in self._streams.values():
             q.put_nowait(EngineStopped(f"engine failed: {error!r}"))
+
+
+def _log_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("engine command failed", exc_info=future.exception())
 
 
 def _aborted_output(request_id: str) -> RequestOutput:

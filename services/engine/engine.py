@@ -92,7 +92,7 @@ class LLMEngine:
         """Stop a request and free its blocks; False if it is not known (or already done)."""
         request = self._requests.get(request_id)
         if request is None:
-            return self.release(request_id)  # a reservation, if anything
+            return False
         if request.status is RequestStatus.FINISHED:
             self.release(request_id)
             return False

@@ -110,8 +110,11 @@ def test_client_disconnect_cancels_the_request_on_every_worker(cluster):
     _, state, _ = cluster
     workers = {w.worker_id: w for w in asyncio.run(read_cluster(state.etcd_url, state.cluster))[0]}
 
+    last: list = []
+
     async def busy() -> int:
         stats = [await worker_stats(workers[w].grpc_address, workers[w].role) for w in ("prefill-0", "decode-0")]
+        last[:] = stats
         return sum(s.running_requests + s.waiting_requests + s.reservations for s in stats)
 
     async def main():
@@ -127,7 +130,7 @@ def test_client_disconnect_cancels_the_request_on_every_worker(cluster):
             await asyncio.sleep(0.1)
         return False
 
-    assert asyncio.run(main()), "the workers kept generating for a client that left"
+    assert asyncio.run(main()), f"the workers kept generating for a client that left: {last}"
 
 
 def test_tandem_status_lists_the_live_workers(cluster):
