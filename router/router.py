@@ -76,6 +76,12 @@ class Router:
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
 
+    def render_metrics(self) -> bytes:
+        """Prometheus text: the router's own counters plus per-worker load from etcd."""
+        workers = [w for w in self.membership.workers() if w.role in ("prefill", "decode", "mixed")]
+        self.metrics.observe_workers(workers, {w.worker_id: self.membership.load(w.worker_id) for w in workers})
+        return self.metrics.render()
+
     def models(self) -> list[WorkerInfo]:
         """One WorkerInfo per model served (the first worker found for it)."""
         seen: dict[str, WorkerInfo] = {}

@@ -91,7 +91,11 @@ async def test_models_health_metrics(cluster, client, http):
     async with http.get("/metrics") as r:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        assert 'tandem_requests_total{status="ok"}' in await r.text()
+        text = await r.text()
+        for name in ('tandem_requests_total{status="ok"}', "tandem_ttft_seconds_bucket", "tandem_tpot_seconds_bucket",
+                     "tandem_e2e_seconds_bucket", "tandem_kv_transfer_bytes_total", "tandem_kv_transfer_seconds_bucket",
+                     "tandem_worker_queue_depth{", "tandem_worker_free_kv_blocks{"):
+            assert name in text, name
     assert _cancelled_requests(cluster) == cancelled_before  # a finished request is not "cancelled"
 
 

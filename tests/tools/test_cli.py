@@ -51,3 +51,43 @@ def test_bad_input_exits_2_with_one_clear_line():
 def test_generate_url_reports_an_unreachable_router():
     done = _tandem("generate", "--url", "http://127.0.0.1:9", "x")
     assert done.returncode == 2 and "cannot reach" in done.stderr
+
+
+def test_serve_drains_on_sigterm_and_exits_0(etcd):
+    """A real `tandem serve mixed` process: SIGTERM mid-stream finishes the stream, then exits 0."""
+    import asyncio
+    import signal
+
+    import grpc
+
+    from proto.tandem.v1 import tandem_pb2 as pb
+    from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+    from services.common.registry import read_cluster
+    from tools.local_cluster import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "mixed", "--etcd", etcd.url, "--id", "m0",
+                             "--grpc-port", str(port), "--kv-cache-bytes", str(32 << 20)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        async def main() -> int:
+            for _ in range(240):
+                if any(w.worker_id == "m0" for w in (await read_cluster(etcd.url, "default"))[0]):
+                    break
+                await asyncio.sleep(0.25)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                call = pb_grpc.DecodeWorkerStub(ch).Decode(pb.DecodeRequest(
+                    request_id="r", prompt_token_ids=[5, 6, 7],
+                    sampling=pb.SamplingOptions(max_tokens=400, temperature=0, ignore_eos=True)))
+                tokens = len((await call.read()).token_ids)
+                proc.send_signal(signal.SIGTERM)
+                while (event := await call.read()) is not grpc.aio.EOF:
+                    tokens += len(event.token_ids)
+                workers, _ = await read_cluster(etcd.url, "default")
+                assert all(w.worker_id != "m0" for w in workers)  # deregistered while draining
+                return tokens
+
+        assert asyncio.run(main()) == 400
+        assert proc.wait(timeout=60) == 0, proc.stdout.read()
+    finally:
+        proc.kill()
