@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import uuid
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from router.grpc_api import GenerationService
 from router.http_api import build_http_app
 from router.router import Router, RouterConfig
 from services.common.registry import Membership, Registration, WorkerInfo
+from services.common.process import serve_until_signalled
 from services.common.rpc import new_server, set_serving
 from services.engine.tokenizer import TextTokenizer
 
@@ -65,12 +65,8 @@ class RouterServer:
         self._stopped = asyncio.Event()
 
     async def run(self) -> None:
-        await self.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopped.set)
-        await self._stopped.wait()
-        await self.stop()
+        """Serve until SIGTERM/SIGINT, then stop and return."""
+        await serve_until_signalled(self.start, self.stop, self._stopped)
 
     def request_stop(self) -> None:
         self._stopped.set()

@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from services.common.registry import Registration, WorkerInfo
+from services.common.process import serve_until_signalled
 from services.common.rpc import new_server, set_serving
 from services.common.ucx_transport import KVTransferClient, KVTransferServer, shutdown_ucx
 from services.common.worker_config import WorkerConfig
@@ -46,12 +46,7 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain and return."""
-        await self.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopped.set)
-        await self._stopped.wait()
-        await self.drain_and_stop()
+        await serve_until_signalled(self.start, self.drain_and_stop, self._stopped)
 
     async def start(self) -> None:
         c = self.config
