@@ -36,17 +36,20 @@ class Pair:
 
 class RoutingPolicy(ABC):
     @abstractmethod
-    def pick(self, prefills: list[Candidate], decodes: list[Candidate], num_tokens: int) -> Pair | None:
-        """Choose a pair for a request of ``num_tokens`` (prompt + generated); None if none fits.
-        Mixed workers appear in both lists."""
+    def pick(self, prefills: list[Candidate], decodes: list[Candidate], tokens: list[int]) -> Pair | None:
+        """Choose a pair for a request whose KV covers ``tokens`` (prompt + generated); None if
+        none fits. Mixed workers appear in both lists."""
+
+    def routed(self, pair: Pair, tokens: list[int]) -> None:
+        """Told after each pick that was used (policies that learn from placement override it)."""
 
 
 class LeastLoadedPolicy(RoutingPolicy):
     """Prefill: fewest queued prompt tokens. Decode: fewest running requests among those with
     room for the prompt's KV. A mixed worker chosen for both roles serves the request alone."""
 
-    def pick(self, prefills: list[Candidate], decodes: list[Candidate], num_tokens: int) -> Pair | None:
-        decodes = [d for d in decodes if _has_room(d, num_tokens)] or decodes
+    def pick(self, prefills: list[Candidate], decodes: list[Candidate], tokens: list[int]) -> Pair | None:
+        decodes = [d for d in decodes if _has_room(d, len(tokens))] or decodes
         if not prefills or not decodes:
             return None
         decode = min(decodes, key=_decode_score)
@@ -54,13 +57,17 @@ class LeastLoadedPolicy(RoutingPolicy):
             dedicated = [p for p in prefills if p.info.role == "prefill"]
             if not dedicated:
                 return Pair(decode.info, decode.info)
-        prefill = min(prefills, key=_prefill_score)
+        prefill = min(prefills, key=lambda c: self.prefill_cost(c, tokens))
         return Pair(prefill.info, decode.info)
 
+    def prefill_cost(self, c: Candidate, tokens: list[int]) -> tuple:
+        """Smaller is better: queued prompt tokens, then requests in flight, then id (stable ties)."""
+        return (queued_tokens(c), c.in_flight_requests, c.info.worker_id)
 
-def _prefill_score(c: Candidate) -> tuple:
-    queued = (c.load.queued_prefill_tokens if c.load else 0) + c.in_flight_prefill_tokens
-    return (queued, c.in_flight_requests, c.info.worker_id)
+
+def queued_tokens(c: Candidate) -> int:
+    """Prompt tokens waiting on a prefill worker: its last published queue plus what this router sent since."""
+    return (c.load.queued_prefill_tokens if c.load else 0) + c.in_flight_prefill_tokens
 
 
 def _decode_score(c: Candidate) -> tuple:
@@ -72,3 +79,16 @@ def _has_room(c: Candidate, num_tokens: int) -> bool:
     if c.load is None:
         return True
     return c.load.free_kv_blocks * c.info.block_size >= num_tokens
+
+
+POLICIES = ("least-loaded", "prefix-aware")
+
+
+def make_policy(name: str) -> RoutingPolicy:
+    if name == "least-loaded":
+        return LeastLoadedPolicy()
+    if name == "prefix-aware":
+        from router.prefix_policy import PrefixAwarePolicy
+
+        return PrefixAwarePolicy()
+    raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")

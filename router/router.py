@@ -100,7 +100,7 @@ class Router:
         status = "error"
         try:
             for attempt in range(self.config.max_attempts):
-                pair = await self._pick(req, len(req.prompt_ids) + len(progress.generated), excluded)
+                pair = await self._pick(req, req.prompt_ids + progress.generated, excluded)
                 progress.workers += [pair.prefill.worker_id] + ([] if pair.colocated else [pair.decode.worker_id])
                 stream = self._run(pair, req, progress.generated, progress.seed, f"{req.request_id}-{attempt}")
                 try:
@@ -207,14 +207,15 @@ class Router:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    async def _pick(self, req: GenerationRequest, num_tokens: int, excluded: set[str]) -> Pair:
+    async def _pick(self, req: GenerationRequest, tokens: list[int], excluded: set[str]) -> Pair:
         deadline = time.monotonic() + self.config.wait_for_workers_s
         while True:
             workers = [w for w in self.membership.workers() if w.model == req.model and w.worker_id not in excluded]
             prefills = [self._candidate(w) for w in workers if w.role in ("prefill", "mixed")]
             decodes = [self._candidate(w) for w in workers if w.role in ("decode", "mixed")]
-            pair = self.config.policy.pick(prefills, decodes, num_tokens)
+            pair = self.config.policy.pick(prefills, decodes, tokens)
             if pair is not None:
+                self.config.policy.routed(pair, tokens)
                 return pair
             if time.monotonic() > deadline:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE,

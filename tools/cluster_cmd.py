@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from router.policy import POLICIES
 from tools.demo import DEMO_MODEL_DIR
 
 _UP_TIMEOUT_S = 180.0
@@ -34,6 +35,8 @@ def add_parsers(sub) -> None:
     up.add_argument("--device", default="cpu")
     up.add_argument("--dtype", default="auto")
     up.add_argument("--kv-cache-bytes", type=int, default=None)
+    up.add_argument("--policy", default="least-loaded", choices=POLICIES,
+                    help="the router's routing policy")
     up.add_argument("--timeout", type=float, default=_UP_TIMEOUT_S, help="seconds to wait for readiness")
     for name, help_text in (("down", "stop the local cluster"), ("status", "show the cluster's workers")):
         p = sub.add_parser(name, help=help_text)
@@ -65,7 +68,8 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
         worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
     spec = ClusterSpec(model_dir=args.model.resolve(), state_dir=state_dir, prefill=args.prefill,
                        decode=args.decode, mixed=args.mixed, http_port=args.http_port, grpc_port=args.grpc_port,
-                       etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args))
+                       etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args),
+                       policy=args.policy)
     state = start_cluster(spec, args.timeout, progress=_say)
     print(f"tandem is up: http {state.http_url}  grpc {state.grpc_address}  etcd {state.etcd_url}")
     print(f"logs in {state_dir / 'logs'}; stop with `tandem down`")

@@ -45,6 +45,8 @@ class ClusterSpec:
     """Extra ``tandem serve`` arguments for every worker (device, dtype, cache size ...)."""
     role_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Extra arguments per role, after ``worker_args`` (e.g. a GPU per role)."""
+    policy: str = "least-loaded"
+    """The router's routing policy."""
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.mixed) < 0:
@@ -91,7 +93,7 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
                 state.processes[name] = _spawn(spec, name, args, state)
         state.processes["router"] = _spawn(spec, "router", [
             "serve", "router", "--id", "router", "--model", str(spec.model_dir), "--http-port", str(spec.http_port),
-            "--grpc-port", str(spec.grpc_port)], state)
+            "--grpc-port", str(spec.grpc_port), "--policy", spec.policy], state)
         state.save(spec.state_dir)
         _wait_ready(spec, state, timeout_s, progress)
     except BaseException:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from router.policy import POLICIES
 from tools.demo import DEMO_MODEL_DIR
 
 
@@ -28,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--policy", default="least-loaded", choices=POLICIES,
+                   help="router: how to pick a (prefill, decode) pair")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for torch in this process (default: torch's choice)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
@@ -39,12 +42,14 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.torch_threads)
     if args.role == "router":
+        from router.policy import make_policy
+        from router.router import RouterConfig
         from router.server import RouterServer, RouterServerConfig
 
         config = RouterServerConfig(etcd_url=args.etcd, model_dir=args.model, cluster=args.cluster, host=args.host,
                                     grpc_port=args.grpc_port, http_port=args.http_port, router_id=args.id,
                                     drain_grace_s=args.drain_grace)
-        asyncio.run(RouterServer(config).run())
+        asyncio.run(RouterServer(config, RouterConfig(policy=make_policy(args.policy))).run())
         return 0
     from services.common.worker import Worker
     from services.common.worker_config import WorkerConfig

@@ -17,9 +17,9 @@ _START_TIMEOUT_S = 240.0
 
 @contextmanager
 def local_cluster(state_dir: Path, model_dir: Path, *, prefill: int = 1, decode: int = 1, mixed: int = 0,
-                  worker_args: tuple[str, ...] = ("--kv-cache-bytes", str(64 << 20))):
+                  worker_args: tuple[str, ...] = ("--kv-cache-bytes", str(64 << 20)), policy: str = "least-loaded"):
     spec = ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=prefill, decode=decode, mixed=mixed,
-                       http_port=free_port(), grpc_port=free_port(), worker_args=worker_args)
+                       http_port=free_port(), grpc_port=free_port(), worker_args=worker_args, policy=policy)
     state = start_cluster(spec, _START_TIMEOUT_S, progress=lambda *_: None)
     try:
         yield state
