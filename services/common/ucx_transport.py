@@ -4,40 +4,55 @@ Roles: the decode worker runs a ``KVTransferServer`` (one UCX listener, its addr
 in etcd) with a ``TransferHandler`` that maps a reservation to destination memory; a prefill
 worker keeps one ``KVTransferClient`` that caches one UCX endpoint per decode address.
 
-Wire protocol (all messages on the endpoint's default tag; UCX delivers messages of one tag on
-one endpoint in order, so the exchange is a simple alternating dialogue)::
+Wire protocol: one round trip per transfer, like a bare send + ack. Two tags per endpoint
+(ucxx derives both from the tag the two sides agree on when they connect, so endpoints never
+see each other's messages): the *control* tag carries headers and replies, the *payload* tag
+carries payloads. UCX matches the messages of one tag on one endpoint in send order. A payload
+above UCX's rendezvous threshold (8 KiB as ucxx sets it up) moves only once the receiver posts
+a receive for it; until then only its announcement (RTS) waits at the receiver::
 
     sender (KVTransferClient.send)                 receiver (KVTransferServer, one task per endpoint)
-      |  header: u64 LE length + JSON (<= 64 KiB)      |
+      |  control: u64 LE length + JSON header          |
+      |  (<= 64 KiB)                                   |
       |----------------------------------------------->|  handler.destination(header)
-      |                    1 byte: GO, or a refusal    |    -> tensor, or None (refuse)
-      |<-----------------------------------------------|
-      |  [GO only] the whole payload as ONE message    |
-      |----------------------------------------------->|  received straight into the tensor
-      |                                                |  handler.complete(header, tensor)
-      |  1 byte: COMMITTED, REFUSED_COMPLETE or error  |    -> True / False
+      |  payload: the whole tensor as ONE message,     |    -> tensor, or None (refuse)
+      |  posted right after the header, no waiting     |
+      |- - - - - - - - - - - (RTS waits) - - - - - - ->|  tensor: receive the payload into it,
+      |                                                |          handler.complete() -> True/False
+      |                                                |  refused: drop it (see below), unmoved
+      |  control: 1 byte COMMITTED, REFUSED_* or error |
       |<-----------------------------------------------|
     TransferResult(ok=reply == COMMITTED, ...)
 
-A refusal before the payload means the payload never touches cache memory. The final byte is
-the receiver's acknowledgement: with ucxx 0.52 ``ep.send()`` completing does not mean the peer
-has the data (closing right after reset the connection mid-receive over TCP), so a transfer
-only counts once the receiver says so.
+Refusal (no destination, bad header, handler error): the receiver posts the payload receive
+into a 1-byte scratch buffer. UCX matches the payload to it, finds it longer, completes that
+receive as truncated and acknowledges the sender *without fetching the data* (UCX 1.21 proto
+v2: ``ucp_proto_rndv_receive_start_common`` turns a short receive into ``RNDV_RECV_DROP`` before
+any transport is chosen, so it holds for tcp, shared memory and cuda_ipc alike); a payload under
+the threshold already sits in UCX's own buffers and is freed the same way. So a refused payload
+never touches cache memory, costs no bandwidth whatever its size, the sender's send completes,
+and the endpoint is back at a header: the next transfer reuses it. The reply byte goes out
+only after the payload message is consumed (landed or dropped), so a reply always leaves the
+endpoint in step.
 
-Concurrency: the client serialises transfers per endpoint with an ``asyncio.Lock`` (the
-dialogue above has no transfer id, so two transfers on one endpoint must not interleave);
-transfers to different addresses, and from different clients to one server, run
-concurrently (the server runs one task per connected endpoint). Payloads are large, so one
-transfer at a time per endpoint loses little. The header/GO exchange costs one round trip
-more than a bare send + ack (measured: ~0.25 ms on an H100 host, ~1.5 ms on a 2-vCPU VM),
-which is why callers batch blocks into large payloads.
+Concurrency: the client serialises transfers per endpoint with an ``asyncio.Lock``: the
+payload tag is the same for every transfer on an endpoint, so a second transfer in flight could
+have its payload matched against the first one's header. Transfers to different addresses, and
+from different clients to one server, run concurrently (the server runs one task per connected
+endpoint). Payloads are large, so one transfer at a time per endpoint loses little.
 
-Failures: any error or timeout on the client drops (closes) that endpoint; the next send
-reconnects. A closed endpoint cancels its in-flight UCX requests, so neither side keeps
-writing into a buffer after giving up. ``ok=False`` after the payload left (timeout, peer
-gone) means "outcome unknown": the decode worker's lease fencing decides. On the server, a
-payload receive that fails or exceeds ``receive_timeout_s`` closes the endpoint (cancelling
-the receive) before ``handler.abandoned`` is told the buffer is free of the transport.
+Failures: any error or timeout on the client drops (aborts) that endpoint, which cancels its
+in-flight sends; the next send reconnects. The payload is on its way as soon as ``send()``
+starts, so ``ok=False`` with anything but a refusal means "outcome unknown": the payload may
+have landed, and the decode worker's lease fencing (and the router releasing a reservation
+whose attempt failed) decides. On the server, a payload receive that fails or exceeds
+``receive_timeout_s`` aborts the endpoint (cancelling the receive) before ``handler.abandoned``
+is told the buffer is free of the transport. A sender that closes its endpoint while
+``destination()`` runs gets its payload abandoned, not received: the server checks the
+endpoint before posting the receive, and UCX cancels a receive matching the announcement of an
+endpoint that is gone. The final reply is the receiver's acknowledgement: with ucxx 0.52
+``ep.send()`` completing does not mean the peer has the data (closing right after reset the
+connection mid-receive over TCP), so a transfer only counts once the receiver says so.
 
 Memory: the decode worker owns destination tensors; the transport only borrows them between
 ``destination()`` and ``complete()``/``abandoned()``. The client borrows the caller's tensor
@@ -72,7 +87,9 @@ logger = logging.getLogger(__name__)
 
 _LENGTH_PREFIX = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024
-_RECEIVE_TIMEOUT_S = 30.0  # server: longest wait for a payload after saying GO
+_PAYLOAD_TAG = 1  # ucxx hashes it with the endpoint's own tag; an int: hash(str) differs per process
+_RECEIVE_TIMEOUT_S = 30.0  # server: longest wait for a payload after its header arrived
+_REAP_TIMEOUT_S = 1.0  # client: longest wait for an aborted endpoint's sends to report cancellation
 _CLOSE_GRACE_S = 5.0  # server.close(): longest wait for ucxx's connection handshakes to retire
 _CLOSE_POLL_S = 0.01
 
@@ -180,9 +197,8 @@ class TransferResult:
 
 
 class _Reply(enum.IntEnum):
-    """The receiver's one-byte answers."""
+    """The receiver's one-byte answers (0 was GO in the protocol with a go/no-go round trip)."""
 
-    GO = 0
     COMMITTED = 1
     REFUSED_DESTINATION = 2  # handler.destination() returned None
     REFUSED_COMPLETE = 3  # handler.complete() returned False
@@ -196,6 +212,14 @@ _REFUSAL_REASONS = {
     _Reply.BAD_HEADER: "refused: receiver could not parse the header",
     _Reply.RECEIVER_ERROR: "refused: receiver error (see its log)",
 }
+
+
+class _Refusal(Exception):
+    """A transfer refused before its payload was received; carries the reply to send."""
+
+    def __init__(self, reply: _Reply) -> None:
+        super().__init__(reply.name)
+        self.reply = reply
 
 
 async def _send_reply(ep, reply: _Reply) -> None:
@@ -234,6 +258,7 @@ class KVTransferServer:
         self._listener = None
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self.connections_accepted = 0
         self.bytes_received = 0
         self.transfers_ok = 0
         self.transfers_refused = 0
@@ -270,6 +295,7 @@ class KVTransferServer:
         if self._closing:
             ep.abort()
             return
+        self.connections_accepted += 1
         task = asyncio.get_running_loop().create_task(self._serve(ep), name="kv-transfer-conn")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -305,30 +331,49 @@ class KVTransferServer:
         return buffer[_LENGTH_PREFIX.size : _LENGTH_PREFIX.size + length].tobytes()
 
     async def _transfer(self, ep, raw_header: bytes) -> None:
-        """One transfer after its header arrived. Raises (ending the connection) on UCX errors."""
+        """One transfer after its header arrived. Raises (ending the connection) on UCX errors/timeouts."""
         try:
-            header = TransferHeader.from_json(raw_header)
-        except (ValueError, KeyError, TypeError) as exc:
-            logger.warning("bad KV transfer header: %r", exc)
-            return await self._refuse(ep, _Reply.BAD_HEADER)
-        try:
-            buffer = await self._handler.destination(header)
-        except Exception:
-            logger.exception("destination() failed for %s", header.reservation_id)
-            return await self._refuse(ep, _Reply.RECEIVER_ERROR)
-        if buffer is None:
-            return await self._refuse(ep, _Reply.REFUSED_DESTINATION)
-        if not _matches(buffer, header):
-            logger.error("destination() gave %s, header says %s", _describe(buffer), header)
-            return await self._refuse(ep, _Reply.RECEIVER_ERROR)
-        await _send_reply(ep, _Reply.GO)
+            header, buffer = await self._destination(raw_header)
+        except _Refusal as refusal:
+            await self._drop_payload(ep)
+            return await self._refuse(ep, refusal.reply)
         await self._recv_payload(ep, header, buffer)
         self.bytes_received += header.nbytes
         await self._commit(ep, header, buffer)
 
+    async def _destination(self, raw_header: bytes) -> tuple[TransferHeader, torch.Tensor]:
+        """The parsed header and the handler's tensor for its payload; raises _Refusal otherwise."""
+        try:
+            header = TransferHeader.from_json(raw_header)
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("bad KV transfer header: %r", exc)
+            raise _Refusal(_Reply.BAD_HEADER) from None
+        try:
+            buffer = await self._handler.destination(header)
+        except Exception:
+            logger.exception("destination() failed for %s", header.reservation_id)
+            raise _Refusal(_Reply.RECEIVER_ERROR) from None
+        if buffer is None:
+            raise _Refusal(_Reply.REFUSED_DESTINATION)
+        if not _matches(buffer, header):
+            logger.error("destination() gave %s, header says %s", _describe(buffer), header)
+            raise _Refusal(_Reply.RECEIVER_ERROR)
+        return header, buffer
+
+    async def _drop_payload(self, ep) -> None:
+        """Consume a refused payload without receiving it (see the module docstring): a 1-byte
+        receive that UCX completes as truncated, leaving the data where it is."""
+        scratch = np.empty(1, dtype=np.uint8)
+        try:
+            await asyncio.wait_for(ep.recv(scratch, tag=_PAYLOAD_TAG), self._receive_timeout_s)
+        except ucxx.exceptions.UCXMsgTruncated:
+            pass  # the usual outcome; a payload of at most 1 byte simply lands in scratch
+
     async def _recv_payload(self, ep, header: TransferHeader, buffer: torch.Tensor) -> None:
         try:
-            await asyncio.wait_for(ep.recv(wire_view(buffer)), self._receive_timeout_s)
+            if ep.closed:  # the sender gave up while destination() ran: its payload is not for us
+                raise ucxx.exceptions.UCXCloseError("sender closed the endpoint before its payload was received")
+            await asyncio.wait_for(ep.recv(wire_view(buffer), tag=_PAYLOAD_TAG), self._receive_timeout_s)
         except BaseException:
             # Close first: it cancels the receive, so nothing lands in buffer once we tell the handler.
             ep.abort()
@@ -456,11 +501,29 @@ async def _connect(address: str):
 
 
 async def _run_dialogue(ep, header: TransferHeader, payload) -> _Reply:
+    """Header and payload go out back to back; the receiver's one reply byte ends the transfer."""
     raw_header = header.to_json()
     message = np.frombuffer(_LENGTH_PREFIX.pack(len(raw_header)) + raw_header, dtype=np.uint8)
-    await ep.send(message)
-    reply = await _recv_reply(ep)
-    if reply != _Reply.GO:
-        return reply
-    await ep.send(payload)
-    return await _recv_reply(ep)
+    # Each ep.send() posts its UCX request when its task first runs (tasks start in creation
+    # order, within this loop iteration's next turn): nothing waits for the receiver in between.
+    sends = [
+        asyncio.ensure_future(ep.send(message)),
+        asyncio.ensure_future(ep.send(payload, tag=_PAYLOAD_TAG)),
+    ]
+    try:
+        reply = await _recv_reply(ep)
+        # The receiver replies only after consuming the payload (landed or dropped): both sends end.
+        await asyncio.gather(*sends)
+    except BaseException:  # error, timeout or cancellation
+        ep.abort()  # cancels whichever send is still in flight: the caller's tensor is free of UCX
+        await _reap(sends)
+        raise
+    return reply
+
+
+async def _reap(tasks: list[asyncio.Task]) -> None:
+    """Collect the outcome of tasks whose endpoint was just aborted (bounded wait, then cancel)."""
+    _, pending = await asyncio.wait(tasks, timeout=_REAP_TIMEOUT_S)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

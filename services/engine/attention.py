@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 @dataclass
 class PrefillSpan:
@@ -82,29 +85,37 @@ def _gather(kv_layer: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Te
 
 def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
     k, v = _gather(kv_layer, span.block_table)  # [S, Hkv, D], S >= context_len
-    k, v = k[: span.context_len], v[: span.context_len]
-    groups = q.shape[1] // k.shape[1]
     q_ = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
-    k_ = k.transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)  # [1, Hq, S, D]
-    v_ = v.transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)
+    k_ = k[: span.context_len].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+    v_ = v[: span.context_len].transpose(0, 1).unsqueeze(0)
     cached = span.context_len - span.num_tokens
     if cached == 0:
-        out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+        out = _sdpa(q_, k_, v_, is_causal=True)
     else:
         # Query i sits at absolute position cached + i and sees keys 0..cached + i.
         q_pos = torch.arange(span.num_tokens, device=q.device).unsqueeze(1) + cached
         k_pos = torch.arange(span.context_len, device=q.device).unsqueeze(0)
-        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=k_pos <= q_pos)
+        out = _sdpa(q_, k_, v_, attn_mask=k_pos <= q_pos)
     return out.squeeze(0).transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
     k, v = _gather(kv_layer, d.block_tables)  # [B, S, Hkv, D]
-    groups = q.shape[1] // k.shape[2]
     q_ = q.unsqueeze(2)  # [B, Hq, 1, D]
-    k_ = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, Hq, S, D]
-    v_ = v.transpose(1, 2).repeat_interleave(groups, dim=1)
     k_pos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
     mask = (k_pos < d.context_lens.unsqueeze(1))[:, None, None, :]  # [B, 1, 1, S]
-    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+    out = _sdpa(q_, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.squeeze(2)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """SDPA with grouped-query attention: q [..., Hq, T, D], k/v [..., Hkv, S, D]. Uses SDPA's own
+    GQA support where torch has it (2.5+) instead of materialising repeated keys/values."""
+    groups = q.shape[-3] // k.shape[-3]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    k = k.repeat_interleave(groups, dim=-3)
+    v = v.repeat_interleave(groups, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -22,6 +22,7 @@ import torch
 import ucxx
 
 from services.common.ucx_transport import (
+    _PAYLOAD_TAG,
     KVTransferClient,
     KVTransferServer,
     TransferHandler,
@@ -32,6 +33,7 @@ from services.common.ucx_transport import (
 )
 
 _TIMEOUT_S = 3.0  # per-send budget in the failure tests
+_COMMITTED, _REFUSED_DESTINATION, _BAD_HEADER = 1, 2, 4  # reply bytes on the wire
 _SLACK_S = 1.0  # scheduling slack on top of a timeout
 _MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 
@@ -83,6 +85,10 @@ def _payload(nbytes: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     count = nbytes // torch.empty((), dtype=dtype).element_size()
     return torch.randn(count // 256, 256, generator=gen).to(dtype)
+
+
+def _header_message(header: bytes) -> np.ndarray:
+    return np.frombuffer(struct.pack("<Q", len(header)) + header, dtype=np.uint8)
 
 
 def _stray_tasks() -> list[asyncio.Task]:
@@ -160,8 +166,53 @@ async def test_refused_destination_never_touches_cache_memory():
         fresh = await client.send(address, "r", lease=2, tensor=torch.full((4096,), 3.0))
         assert fresh.ok
         assert torch.equal(cache, torch.full((4096,), 3.0))
-        assert (server.transfers_ok, server.transfers_refused) == (1, 1)
+        assert (server.transfers_ok, server.transfers_refused, server.connections_accepted) == (1, 1, 1)
     await client.close()
+
+
+@_MODULE_LOOP
+@pytest.mark.parametrize("nbytes", [16, 4 << 10, 64 << 20])  # eager (under UCX's 8 KiB threshold) and rendezvous
+async def test_refused_payload_of_any_size_is_dropped_and_the_endpoint_stays(nbytes):
+    cache = torch.zeros(nbytes // 4, dtype=torch.float32)
+
+    class _Fenced(_Handler):
+        async def destination(self, header):
+            return cache if header.lease == 2 else None
+
+    client = KVTransferClient("prefill-0")
+    payload = torch.full((nbytes // 4,), 5.0)
+    async with _serving(_Fenced()) as (server, address):
+        for _ in range(3):  # refusals back to back: each payload is consumed, none lands later
+            stale = await client.send(address, "r", lease=1, tensor=payload)
+            assert (stale.ok, stale.nbytes) == (False, 0) and "no destination" in stale.reason
+        assert torch.count_nonzero(cache) == 0 and server.bytes_received == 0
+        fresh = await client.send(address, "r", lease=2, tensor=torch.arange(nbytes // 4, dtype=torch.float32))
+        assert (fresh.ok, fresh.nbytes) == (True, nbytes)
+        assert torch.equal(cache, torch.arange(nbytes // 4, dtype=torch.float32))
+        # One connection throughout: refusing cost no reconnect.
+        assert (server.transfers_ok, server.transfers_refused, server.connections_accepted) == (1, 3, 1)
+    await client.close()
+
+
+@_MODULE_LOOP
+async def test_bad_header_drops_the_payload_and_the_dialogue_goes_on():
+    handler = _Handler()
+    async with _serving(handler) as (server, address):
+        host, port = address.rsplit(":", 1)
+        ep = await ucxx.create_endpoint(host, int(port))  # speaks the wire protocol by hand
+        reply = np.zeros(1, dtype=np.uint8)
+        await ep.send(_header_message(b"{not json"))
+        await ep.send(np.full(1 << 20, 9, dtype=np.uint8), tag=_PAYLOAD_TAG)
+        await ep.recv(reply)
+        assert reply[0] == _BAD_HEADER
+        header = TransferHeader("r", 1, 1 << 20, "uint8", (1 << 20,), "rogue").to_json()
+        await ep.send(_header_message(header))
+        await ep.send(np.full(1 << 20, 7, dtype=np.uint8), tag=_PAYLOAD_TAG)
+        await ep.recv(reply)
+        assert reply[0] == _COMMITTED
+        assert torch.equal(handler.buffers["r"], torch.full((1 << 20,), 7, dtype=torch.uint8))
+        assert (server.transfers_ok, server.transfers_refused, server.connections_accepted) == (1, 1, 1)
+        await ep.close()
 
 
 @_MODULE_LOOP
@@ -246,6 +297,7 @@ async def test_receiver_killed_during_transfer_fails_within_timeout():
         result = await sending
         assert not result.ok and result.reason
         assert time.monotonic() - started < _TIMEOUT_S + _SLACK_S
+        assert _stray_tasks() == []
     finally:
         receiver.kill()
         await asyncio.to_thread(receiver.join)
@@ -266,6 +318,29 @@ async def test_stalled_receiver_times_out_and_the_client_reconnects():
     # server.close() cancelled the connection task still stuck in destination()
     assert server.transfers_ok == 1
     await client.close()
+    assert _stray_tasks() == []
+
+
+@_MODULE_LOOP
+@pytest.mark.parametrize("nbytes", [1 << 10, 1 << 20])  # eager, rendezvous
+async def test_payload_of_a_sender_that_gave_up_is_abandoned_not_received(nbytes):
+    handler = _Handler()
+    client = KVTransferClient("prefill-0")
+    async with _serving(handler) as (server, address):
+        tensor = torch.ones(nbytes // 4)
+        result = await client.send(address, "stall", lease=1, tensor=tensor, timeout_s=0.3)
+        assert not result.ok and "timed out" in result.reason
+        await asyncio.sleep(0.2)  # the server notices the closed endpoint
+        handler.stall.set()  # destination() returns a buffer only now
+        for _ in range(100):
+            if handler.abandoned_ids:
+                break
+            await asyncio.sleep(0.02)
+        assert handler.abandoned_ids == ["stall"] and handler.committed == []
+        assert torch.count_nonzero(handler.buffers["stall"]) == 0
+        assert (server.transfers_ok, server.transfers_failed, server.bytes_received) == (0, 1, 0)
+    await client.close()
+    assert _stray_tasks() == []
 
 
 @_MODULE_LOOP
@@ -275,10 +350,7 @@ async def test_payload_that_never_comes_is_abandoned_by_the_server():
         host, port = address.rsplit(":", 1)
         ep = await ucxx.create_endpoint(host, int(port))  # a sender that stops after the header
         header = TransferHeader("r", 1, 1024, "float32", (256,), "rogue").to_json()
-        await ep.send(np.frombuffer(struct.pack("<Q", len(header)) + header, dtype=np.uint8))
-        go = np.zeros(1, dtype=np.uint8)
-        await ep.recv(go)
-        assert go[0] == 0
+        await ep.send(_header_message(header))
         for _ in range(100):
             if handler.abandoned_ids:
                 break
