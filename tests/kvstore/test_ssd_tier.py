@@ -163,3 +163,16 @@ def test_delete_and_clear_remove_files(tmp_path, file_size, chunks):
     assert tier.used_bytes == 2 * file_size
     tier.clear()
     assert _files(tmp_path) == [] and tier.keys() == [] and tier.used_bytes == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_is_a_write_error_not_an_exception(tmp_path, chunks, monkeypatch):
+    tier = SSDTier(tmp_path, 1 << 20)
+    tier.put(chunks["A"])
+    os.symlink("/dev/full", tmp_path / ".full.tmp")  # every write through it fails with ENOSPC
+    monkeypatch.setattr("kvstore.tiers.ssd.temp_file_name", lambda key: ".full.tmp")
+    assert tier.put(chunks["B"]) == [chunks["B"]]
+    assert tier.counters().write_errors == 1
+    assert tier.keys() == [chunks["A"].key]
+    assert _files(tmp_path) == [chunk_file_name(chunks["A"].key)]  # the temp file was removed
+    assert same_bits(tier.get(chunks["A"].key).payload, chunks["A"].payload)
