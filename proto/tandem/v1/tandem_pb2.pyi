@@ -271,3 +271,124 @@ class WorkerStats(_message.Message):
     kv_bytes_received: int
     kv_bytes_sent: int
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ...) -> None: ...
+
+class KVLayoutInfo(_message.Message):
+    __slots__ = ("model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "dtype", "chunk_tokens", "block_size")
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model_fingerprint: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    chunk_tokens: int
+    block_size: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("num_hits", "tiers")
+    NUM_HITS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    num_hits: int
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, num_hits: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BeginPutRequest(_message.Message):
+    __slots__ = ("layout", "keys", "ttl_ms")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    layout: KVLayoutInfo
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    ttl_ms: int
+    def __init__(self, layout: _Optional[_Union[KVLayoutInfo, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class BeginPutResponse(_message.Message):
+    __slots__ = ("put_id", "lease", "ucx_address", "wanted")
+    PUT_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    UCX_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    put_id: str
+    lease: int
+    ucx_address: str
+    wanted: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, put_id: _Optional[str] = ..., lease: _Optional[int] = ..., ucx_address: _Optional[str] = ..., wanted: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("layout", "keys", "target_ucx_address", "transfer_id", "lease")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_UCX_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    layout: KVLayoutInfo
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    target_ucx_address: str
+    transfer_id: str
+    lease: int
+    def __init__(self, layout: _Optional[_Union[KVLayoutInfo, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ..., target_ucx_address: _Optional[str] = ..., transfer_id: _Optional[str] = ..., lease: _Optional[int] = ...) -> None: ...
+
+class FetchResponse(_message.Message):
+    __slots__ = ("num_chunks", "bytes", "load_ms", "transfer_ms")
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    num_chunks: int
+    bytes: int
+    load_ms: float
+    transfer_ms: float
+    def __init__(self, num_chunks: _Optional[int] = ..., bytes: _Optional[int] = ..., load_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class ClearRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClearResponse(_message.Message):
+    __slots__ = ("cleared",)
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    cleared: int
+    def __init__(self, cleared: _Optional[int] = ...) -> None: ...
+
+class KVStoreStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVStoreStats(_message.Message):
+    __slots__ = ("store_id", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    counters: _containers.ScalarMap[str, float]
+    def __init__(self, store_id: _Optional[str] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...

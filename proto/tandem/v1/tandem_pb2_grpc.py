@@ -454,3 +454,290 @@ class DecodeWorker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class KVStoreStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Lookup = channel.unary_unary(
+                '/tandem.v1.KVStore/Lookup',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.LookupRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.LookupResponse.FromString,
+                _registered_method=True)
+        self.BeginPut = channel.unary_unary(
+                '/tandem.v1.KVStore/BeginPut',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.BeginPutRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.BeginPutResponse.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_unary(
+                '/tandem.v1.KVStore/Fetch',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.FetchRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.FetchResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/tandem.v1.KVStore/Delete',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.Clear = channel.unary_unary(
+                '/tandem.v1.KVStore/Clear',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ClearRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ClearResponse.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/tandem.v1.KVStore/Stats',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.KVStoreStatsRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.KVStoreStats.FromString,
+                _registered_method=True)
+
+
+class KVStoreServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Lookup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginPut(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Clear(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVStoreServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.LookupRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.LookupResponse.SerializeToString,
+            ),
+            'BeginPut': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginPut,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.BeginPutRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.BeginPutResponse.SerializeToString,
+            ),
+            'Fetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.FetchRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.FetchResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.DeleteRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Clear': grpc.unary_unary_rpc_method_handler(
+                    servicer.Clear,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ClearRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ClearResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.KVStoreStatsRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.KVStoreStats.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tandem.v1.KVStore', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tandem.v1.KVStore', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVStore:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVStore/Lookup',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.LookupRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginPut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVStore/BeginPut',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.BeginPutRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.BeginPutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVStore/Fetch',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.FetchRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVStore/Delete',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.DeleteRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Clear(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVStore/Clear',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.ClearRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.ClearResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVStore/Stats',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.KVStoreStatsRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.KVStoreStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
