@@ -164,6 +164,32 @@ class LLMEngine:
             return True
         return False
 
+    def load_prefix(self, token_ids: list[int], kv: torch.Tensor) -> int:
+        """Put KV computed elsewhere (e.g. fetched from the KV store) into the prefix cache.
+
+        ``kv`` is [L, 2, n_blocks, block_size, Hkv, D] for the first ``n_blocks`` full blocks of
+        ``token_ids``. The blocks are filled, registered under their hash chain and released at
+        once: they stay cached (evictable) so that a request with this prefix, added next,
+        starts after it. Returns the number of tokens made available (0 if there was no room).
+        """
+        bs = self.config.block_size
+        n_blocks = kv.shape[2]
+        if n_blocks == 0 or n_blocks * bs > len(token_ids):
+            raise InvalidRequestError(f"KV for {n_blocks} blocks does not match {len(token_ids)} tokens")
+        tokens = token_ids[: n_blocks * bs]
+        if len(self.blocks.match_prefix(tokens + [0])) >= n_blocks:
+            return n_blocks * bs  # already cached here
+        loader_id = f"prefix-load-{random.getrandbits(64):016x}"
+        if not self.blocks.can_allocate(loader_id, len(tokens)):
+            return 0
+        self.blocks.allocate(loader_id, len(tokens))
+        try:
+            self.runner.write_blocks(self.blocks.block_table(loader_id), kv)
+            self.blocks.cache_full_blocks(loader_id, tokens, len(tokens))
+        finally:
+            self.blocks.free(loader_id)
+        return len(tokens)
+
     def reserve(self, request_id: str, num_tokens: int) -> list[int]:
         """Allocate blocks for ``num_tokens`` of KV that another engine will write; they stay
         out of the batch until :meth:`commit_reserved` (or are freed by :meth:`release`)."""

@@ -193,3 +193,21 @@ def test_reservations_are_fenced_and_freed(model, expected):
     with pytest.raises(CapacityError):
         for i in range(dst.blocks.num_blocks + 1):
             dst.reserve(f"fill{i}", dst.max_model_len - 1)
+
+
+def test_loaded_prefix_is_reused_exactly(model, expected):
+    i = max(range(8), key=lambda j: len(_prompts(8)[j]))
+    prompt = _prompts(8)[i]
+    src = small_engine(model)
+    src.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
+    src.step()
+    kv = src.export_kv("p")
+    full_blocks = len(prompt) // 16
+    assert full_blocks >= 1
+    dst = small_engine(model)
+    assert dst.load_prefix(prompt, kv.kv[:, :, :full_blocks]) == full_blocks * 16
+    assert dst.blocks.num_free_blocks == dst.blocks.num_blocks  # cached, but not held
+    c = dst.generate([prompt], GREEDY)[0]
+    assert c.token_ids == expected[i]
+    assert c.num_cached_prompt_tokens == full_blocks * 16
+    assert dst.load_prefix(prompt, kv.kv[:, :, :full_blocks]) == full_blocks * 16  # idempotent
