@@ -6,6 +6,7 @@
               [--etcd URL]
     tandem down
     tandem status
+    tandem kv stats|clear
     tandem serve prefill|decode|mixed|router --etcd URL [...]
     tandem bench engine [...]
 
@@ -21,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tools import cluster_cmd, serve_cmd
+from tools import cluster_cmd, kv_cmd, serve_cmd
 from tools.demo import DEMO_MODEL_DIR
 
 _EXIT_BAD_INPUT = 2
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_cmd.run(args)
     if args.command in ("up", "down", "status"):
         return cluster_cmd.run(args)
+    if args.command == "kv":
+        return kv_cmd.run(args, args.state_dir or cluster_cmd.default_state_dir())
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return _generate(args)
@@ -65,9 +68,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve_cmd.add_parser(sub)
     cluster_cmd.add_parsers(sub)
+    kv_cmd.add_parser(sub)
 
-    bench = sub.add_parser("bench", help="benchmarks (run `tandem bench engine --help`)")
-    bench.add_argument("target", choices=["engine"])
+    # add_help=False: `tandem bench serve --help` reaches the benchmark's own parser
+    bench = sub.add_parser("bench", help="benchmarks (`tandem bench engine|serve --help`)", add_help=False)
+    bench.add_argument("target", choices=["engine", "serve"])
     return parser
 
 
@@ -115,6 +120,10 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.target == "serve":
+        from tools.bench import serve_bench
+
+        return serve_bench.main(rest)
     from tools.bench import engine_bench
 
     return engine_bench.main(rest)

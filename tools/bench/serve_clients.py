@@ -1,0 +1,208 @@
+"""Transports for ``tandem bench serve``: one streaming request at a time, timed on the client.
+
+    LoadClient.for_url(url)
+      http(s)://host:port      -> HttpLoadClient: POST /v1/completions, stream=true, SSE
+      grpc://host:port, host:port -> GrpcLoadClient: router.client.AsyncClient.stream
+
+Both send the prompt as token ids (or text, for text trace lines) with
+``max_tokens = min_tokens = output_len`` and ``ignore_eos`` so the output length is
+exact, and write what they see into the request's :class:`Measurement` as it arrives
+(so a request cancelled at the drain deadline keeps what it had). One client serves a
+whole run: one aiohttp session (connection pool without a practical limit: open loop
+means many requests in flight) or one gRPC channel (HTTP/2 streams).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import grpc
+
+from router.client import AsyncClient, Completion
+from tools.bench.workloads import BenchRequest
+
+_CONNECT_TIMEOUT_S = 30.0
+_INFO_TIMEOUT_S = 30.0
+_HTTP_CONNECTION_LIMIT = 10_000
+_FINISHED_OK = ("length", "stop")
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    model: str
+    max_context: int
+
+
+class Measurement:
+    """What one request's task has seen so far (``time.perf_counter`` seconds)."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.end: float | None = None
+        self.tokens = 0
+        """Output tokens received (HTTP: chunks until the usage chunk gives the count)."""
+        self.input_len: int | None = None
+        """Prompt tokens as the server counted them."""
+        self.cached_tokens: int | None = None
+        """Prompt tokens the server took from its prefix cache."""
+        self.server_ttft_ms: float | None = None
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+
+    def on_token(self, count: int) -> None:
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+        self.last_token = now
+        self.tokens += count
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.end = time.perf_counter()
+        self.finish_reason = reason
+        if error is None and reason not in _FINISHED_OK:
+            error = f"finished with reason {reason!r}"
+        self.error = error
+
+
+class LoadClient(abc.ABC):
+    @staticmethod
+    def for_url(url: str) -> "LoadClient":
+        if url.startswith(("http://", "https://")):
+            return HttpLoadClient(url.rstrip("/"))
+        return GrpcLoadClient(url.removeprefix("grpc://"))
+
+    @abc.abstractmethod
+    async def info(self, model: str) -> ServerInfo:
+        """The served model (``model``, or the first one when empty) and its context length."""
+
+    @abc.abstractmethod
+    async def send(self, req: BenchRequest, m: Measurement, model: str, temperature: float) -> None:
+        """Run one request to its end, recording into ``m``; errors end up in ``m.error``, not raised."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+def _pick_model(models: list[tuple[str, int]], model: str) -> ServerInfo:
+    if not models:
+        raise RuntimeError("the server lists no models (are workers registered?)")
+    for name, max_len in models:
+        if not model or name == model:
+            return ServerInfo(name, max_len)
+    raise RuntimeError(f"the server does not serve {model!r} (it serves {', '.join(n for n, _ in models)})")
+
+
+class HttpLoadClient(LoadClient):
+    def __init__(self, base_url: str):
+        self._base = base_url
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:  # created inside the running loop
+            connector = aiohttp.TCPConnector(limit=_HTTP_CONNECTION_LIMIT)
+            timeout = aiohttp.ClientTimeout(total=None, connect=_CONNECT_TIMEOUT_S, sock_read=None)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return self._session
+
+    async def info(self, model: str) -> ServerInfo:
+        timeout = aiohttp.ClientTimeout(total=_INFO_TIMEOUT_S)
+        async with self._client().get(f"{self._base}/v1/models", timeout=timeout) as resp:
+            resp.raise_for_status()
+            data = (await resp.json())["data"]
+        return _pick_model([(d["id"], int(d["max_model_len"])) for d in data], model)
+
+    async def send(self, req: BenchRequest, m: Measurement, model: str, temperature: float) -> None:
+        body = {"model": model, "prompt": req.prompt if isinstance(req.prompt, str) else list(req.prompt),
+                "max_tokens": req.output_len, "min_tokens": req.output_len, "ignore_eos": True,
+                "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            async with self._client().post(f"{self._base}/v1/completions", json=body) as resp:
+                if resp.status != 200:
+                    m.finish("error", f"HTTP {resp.status}: {_error_message(await resp.text())}")
+                    return
+                await self._read_events(resp, m)
+        except aiohttp.ClientError as e:
+            m.finish("error", f"{type(e).__name__}: {e}")
+
+    @staticmethod
+    async def _read_events(resp: aiohttp.ClientResponse, m: Measurement) -> None:
+        finish_reason = None
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                break
+            event = json.loads(payload)
+            if "error" in event:
+                m.finish("error", f"stream error: {_error_message(json.dumps(event))}")
+                return
+            for choice in event.get("choices", []):
+                if choice.get("text"):
+                    m.on_token(1)
+                finish_reason = choice.get("finish_reason") or finish_reason
+            if "tandem" in event:
+                m.server_ttft_ms = event["tandem"].get("ttft_ms")
+            if event.get("usage"):
+                m.tokens = event["usage"]["completion_tokens"]
+                m.input_len = event["usage"]["prompt_tokens"]
+                m.cached_tokens = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
+        if finish_reason is None:
+            m.finish("error", "the stream ended without a finish reason")
+        else:
+            m.finish(finish_reason)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _error_message(text: str) -> str:
+    try:
+        return json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return text[:200]
+
+
+class GrpcLoadClient(LoadClient):
+    def __init__(self, address: str):
+        self._address = address
+        self._client: AsyncClient | None = None
+
+    def _stub(self) -> AsyncClient:
+        if self._client is None:  # grpc.aio channels bind to the running loop
+            self._client = AsyncClient(self._address)
+        return self._client
+
+    async def info(self, model: str) -> ServerInfo:
+        models = await asyncio.wait_for(self._stub().models(), _INFO_TIMEOUT_S)
+        return _pick_model([(m.id, m.max_model_len) for m in models], model)
+
+    async def send(self, req: BenchRequest, m: Measurement, model: str, temperature: float) -> None:
+        prompt = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
+        try:
+            async for item in self._stub().stream(prompt, model, max_tokens=req.output_len,
+                                                  min_tokens=req.output_len, ignore_eos=True,
+                                                  temperature=temperature):
+                if isinstance(item, Completion):
+                    m.tokens, m.input_len, m.server_ttft_ms = item.completion_tokens, item.prompt_tokens, item.ttft_ms
+                    m.cached_tokens = item.cached_prompt_tokens
+                    m.finish(item.finish_reason)
+                    return
+                if item.token_ids:
+                    m.on_token(len(item.token_ids))
+            m.finish("error", "the stream ended without a result")
+        except grpc.RpcError as e:
+            m.finish("error", f"gRPC {e.code().name}: {e.details()}")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
