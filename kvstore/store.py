@@ -130,6 +130,29 @@ class TieredStore:
             for tier in self._tiers:
                 tier.clear()
 
+    def spill_to_bottom(self, timeout_s: float) -> int:
+        """Move the upper tiers' chunks (least recently used first) into the bottom tier, e.g. into
+        an SSD tier before a shutdown so they outlive the process; stops at the deadline. What
+        the bottom tier evicts to make room is dropped. Returns the chunks moved."""
+        deadline = time.monotonic() + timeout_s
+        moved = 0
+        bottom = self._tiers[-1]
+        with self._move_lock:
+            for tier in self._tiers[:-1]:
+                for key in list(tier.keys()):
+                    if time.monotonic() > deadline:
+                        return moved
+                    chunk = tier.get(key)
+                    if chunk is None or chunk.nbytes > bottom.capacity_bytes:
+                        continue
+                    tier.delete(key)
+                    dropped = [c for c in bottom.put(chunk) if c is not chunk]
+                    with self._stats_lock:
+                        self._dropped_chunks += len(dropped)
+                        self._activity[bottom.name].demotions += 1
+                    moved += 1
+        return moved
+
     def close(self, timeout_s: float | None = None) -> None:
         """Write what is queued and stop the write-behind worker; tiers keep their contents."""
         self._writer.close(timeout_s)

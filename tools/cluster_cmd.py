@@ -35,6 +35,10 @@ def add_parsers(sub) -> None:
     up.add_argument("--device", default="cpu")
     up.add_argument("--dtype", default="auto")
     up.add_argument("--kv-cache-bytes", type=int, default=None)
+    up.add_argument("--no-kvstore", action="store_true", help="do not start a KV store")
+    up.add_argument("--kvstore-cpu-bytes", type=int, default=1 << 30)
+    up.add_argument("--kvstore-ssd-bytes", type=int, default=8 << 30,
+                    help="the store's SSD tier, kept in <state dir>/kvstore across down / up")
     up.add_argument("--policy", default="least-loaded", choices=POLICIES,
                     help="the router's routing policy")
     up.add_argument("--timeout", type=float, default=_UP_TIMEOUT_S, help="seconds to wait for readiness")
@@ -69,7 +73,9 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     spec = ClusterSpec(model_dir=args.model.resolve(), state_dir=state_dir, prefill=args.prefill,
                        decode=args.decode, mixed=args.mixed, http_port=args.http_port, grpc_port=args.grpc_port,
                        etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args),
-                       policy=args.policy)
+                       policy=args.policy, kvstore=not args.no_kvstore,
+                       kvstore_args=("--cpu-bytes", str(args.kvstore_cpu_bytes), "--ssd-bytes",
+                                     str(args.kvstore_ssd_bytes)))
     state = start_cluster(spec, args.timeout, progress=_say)
     print(f"tandem is up: http {state.http_url}  grpc {state.grpc_address}  etcd {state.etcd_url}")
     print(f"logs in {state_dir / 'logs'}; stop with `tandem down`")

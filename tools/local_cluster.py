@@ -47,6 +47,10 @@ class ClusterSpec:
     """Extra arguments per role, after ``worker_args`` (e.g. a GPU per role)."""
     policy: str = "least-loaded"
     """The router's routing policy."""
+    kvstore: bool = True
+    """Start a KV store (its SSD tier in ``<state_dir>/kvstore``, kept across down / up)."""
+    kvstore_args: tuple[str, ...] = ("--cpu-bytes", str(1 << 30), "--ssd-bytes", str(8 << 30))
+    """Extra ``tandem serve kvstore`` arguments (capacities)."""
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.mixed) < 0:
@@ -85,6 +89,10 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
     state = ClusterState("", spec.cluster, f"http://127.0.0.1:{spec.http_port}", f"127.0.0.1:{spec.grpc_port}")
     try:
         state.etcd_url = spec.etcd_url or _start_etcd(spec, state, progress)
+        if spec.kvstore:  # first, so prefill workers find it when they start
+            state.processes["kvstore"] = _spawn(spec, "kvstore", [
+                "serve", "kvstore", "--id", "kvstore", "--ssd-dir", str(spec.state_dir / "kvstore"),
+                *spec.kvstore_args], state)
         for role, count in (("prefill", spec.prefill), ("decode", spec.decode), ("mixed", spec.mixed)):
             for i in range(count):
                 name = f"{role}-{i}"
@@ -107,8 +115,8 @@ def stop_cluster(state_dir: Path, progress=print, timeout_s: float = _STOP_TIMEO
     state = ClusterState.load(state_dir)
     if state is None:
         return False
-    order = ["router"] + [n for n in state.processes if n not in ("router", "etcd")] + ["etcd"]
-    for group in (order[:1], order[1:-1], order[-1:]):  # router, then workers together, then etcd
+    workers = [n for n in state.processes if n not in ("router", "kvstore", "etcd")]
+    for group in (["router"], workers, ["kvstore"], ["etcd"]):  # front to back
         pids = {n: state.processes[n] for n in group if n in state.processes and _alive(state.processes[n])}
         for name, pid in pids.items():
             progress(f"stopping {name} (pid {pid})")
@@ -160,10 +168,11 @@ def _wait_ready(spec: ClusterSpec, state: ClusterState, timeout_s: float, progre
             workers = []
         ready = [w for w in workers if w.role in ("prefill", "decode", "mixed")]
         router_up = any(w.role == "router" for w in workers)
+        store_up = not spec.kvstore or any(w.role == "kvstore" for w in workers)
         if len(ready) != last:
             progress(f"{len(ready)}/{expected} workers ready" + (", router ready" if router_up else ""))
             last = len(ready)
-        if len(ready) >= expected and router_up:
+        if len(ready) >= expected and router_up and store_up:
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"cluster not ready after {timeout_s:.0f} s; see {spec.state_dir / 'logs'}")

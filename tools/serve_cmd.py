@@ -1,18 +1,22 @@
-"""``tandem serve prefill|decode|mixed|router``: run one service process in the foreground."""
+"""``tandem serve prefill|decode|mixed|router|kvstore``: run one service process in the foreground."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 
 from router.policy import POLICIES
 from tools.demo import DEMO_MODEL_DIR
 
+_EXIT_BAD_INPUT = 2
+_DEFAULT_SSD_BYTES = 10 << 30  # kvstore: SSD tier capacity when --ssd-dir comes without --ssd-bytes
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="run one service (prefill, decode, mixed worker, or router)")
-    p.add_argument("role", choices=["prefill", "decode", "mixed", "router"])
+    p = sub.add_parser("serve", help="run one service (prefill, decode, mixed worker, router, or KV store)")
+    p.add_argument("role", choices=["prefill", "decode", "mixed", "router", "kvstore"])
     p.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="Hugging Face model directory "
                    "(default: the built-in demo model)")
     p.add_argument("--model-name", default="", help="name clients use (default: the directory name)")
@@ -34,6 +38,12 @@ def add_parser(sub) -> None:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for torch in this process (default: torch's choice)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--cpu-bytes", type=int, default=1 << 30, help="kvstore: CPU tier capacity (0: no CPU tier)")
+    p.add_argument("--ssd-dir", type=Path, default=None, help="kvstore: directory of the SSD tier (kept across "
+                   "restarts; default: no SSD tier)")
+    p.add_argument("--ssd-bytes", type=int, default=None, help="kvstore: SSD tier capacity (default 10 GiB "
+                   "with --ssd-dir)")
+    p.add_argument("--gpu-bytes", type=int, default=0, help="kvstore: GPU tier capacity (needs CUDA)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
                                     drain_grace_s=args.drain_grace)
         asyncio.run(RouterServer(config, RouterConfig(policy=make_policy(args.policy))).run())
         return 0
+    if args.role == "kvstore":
+        return _run_kvstore(args)
     from services.common.worker import Worker
     from services.common.worker_config import WorkerConfig
     from services.engine.config import EngineConfig
@@ -64,4 +76,22 @@ def run(args: argparse.Namespace) -> int:
                           model_name=args.model_name, worker_id=args.id, host=args.host, grpc_port=args.grpc_port,
                           ucx_port=args.ucx_port, engine=engine, drain_grace_s=args.drain_grace)
     asyncio.run(Worker(config).run())
+    return 0
+
+
+def _run_kvstore(args: argparse.Namespace) -> int:
+    from kvstore.server import KVStoreServer, KVStoreServerConfig
+
+    ssd_bytes = args.ssd_bytes
+    if ssd_bytes is None:
+        ssd_bytes = _DEFAULT_SSD_BYTES if args.ssd_dir is not None else 0
+    try:
+        config = KVStoreServerConfig(etcd_url=args.etcd, cluster=args.cluster, host=args.host,
+                                     grpc_port=args.grpc_port, ucx_port=args.ucx_port, store_id=args.id,
+                                     cpu_bytes=args.cpu_bytes, ssd_dir=args.ssd_dir, ssd_bytes=ssd_bytes,
+                                     gpu_bytes=args.gpu_bytes)
+    except ValueError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return _EXIT_BAD_INPUT
+    asyncio.run(KVStoreServer(config).run())
     return 0

@@ -18,7 +18,7 @@ import os
 import socket
 
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
-from services.common.registry import Registration, WorkerInfo
+from services.common.registry import Membership, Registration, WorkerInfo
 from services.common.process import serve_until_signalled
 from services.common.rpc import new_server, set_serving
 from services.common.ucx_transport import KVTransferClient, KVTransferServer, shutdown_ucx
@@ -29,6 +29,7 @@ from services.decode.service import DecodeService
 from services.engine.async_engine import AsyncEngine
 from services.engine.engine import LLMEngine
 from services.prefill.service import PrefillService
+from services.prefill.store_link import FetchReceiver, StoreLink
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,12 @@ class Worker:
             pb_grpc.add_DecodeWorkerServicer_to_server(
                 DecodeService(self.state, self.reservations, self.ucx_address), self.server)
             services.append("tandem.v1.DecodeWorker")
+        self.store_link = self.fetch_server = self.membership = None
         if c.serves_prefill:
-            pb_grpc.add_PrefillWorkerServicer_to_server(PrefillService(self.state, self.transfers), self.server)
+            if c.use_kvstore:
+                await self._link_kvstore()
+            pb_grpc.add_PrefillWorkerServicer_to_server(PrefillService(self.state, self.transfers, self.store_link),
+                                                        self.server)
             services.append("tandem.v1.PrefillWorker")
         await self.server.start()
         await set_serving(self.health, services, True)
@@ -77,6 +82,17 @@ class Worker:
         await self.registration.start()
         self._tasks.append(asyncio.create_task(self._publish_load(), name="publish-load"))
         log.info("%s %s serving: grpc %s ucx %s", c.role, c.worker_id, self.grpc_address, self.ucx_address or "-")
+
+    async def _link_kvstore(self) -> None:
+        """A UCX listener for the store's fetches, and the store's address from etcd."""
+        c = self.config
+        receiver = FetchReceiver()
+        self.fetch_server = KVTransferServer(receiver, host=c.host, port=0)
+        address = await self.fetch_server.start()
+        self.membership = Membership(c.etcd_url, c.cluster)
+        await self.membership.start()
+        self.store_link = StoreLink(self.membership, self.aengine, self.transfers, receiver, address,
+                                    c.kv_chunk_tokens)
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain and return (as SIGTERM does)."""
@@ -98,8 +114,15 @@ class Worker:
             await self.reservations.close()
         if self.ucx_server is not None:
             await self.ucx_server.close()
+        if self.store_link is not None:
+            await self.store_link.close()
+            await self.fetch_server.close()
+            await self.membership.close()
         await self.transfers.close()
-        shutdown_ucx()  # ucxx's notifier thread would otherwise keep the process alive
+        try:
+            shutdown_ucx()  # ucxx's notifier thread would otherwise keep the process alive
+        except Exception:  # e.g. an endpoint to a dead peer still referenced: log, still exit
+            log.exception("ucx shutdown failed")
         await self.aengine.close()
         log.info("%s stopped", c.worker_id)
 

@@ -42,6 +42,10 @@ class WorkerConfig:
     """On SIGTERM: how long in-flight requests may take before the worker exits anyway."""
     max_reservation_ttl_s: float = 60.0
     """Upper bound on a KV reservation's lifetime, whatever the router asks for."""
+    use_kvstore: bool = True
+    """Prefill: reuse prompt chunks from a KV store found in etcd, and write new ones to it."""
+    kv_chunk_tokens: int = 256
+    """Tokens per KV store chunk (a multiple of the engine's block size)."""
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:

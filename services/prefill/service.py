@@ -21,6 +21,7 @@ from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from services.common.rpc import abort_with, sampling_params
 from services.common.ucx_transport import KVTransferClient
 from services.common.worker_state import WorkerState
+from services.prefill.store_link import StoreLink
 from services.engine.engine import LLMEngine
 from services.engine.errors import EngineError
 from services.engine.request import FinishReason
@@ -31,9 +32,10 @@ _TRANSFER_TIMEOUT_S = 60.0
 
 
 class PrefillService(pb_grpc.PrefillWorkerServicer):
-    def __init__(self, state: WorkerState, transfers: KVTransferClient):
+    def __init__(self, state: WorkerState, transfers: KVTransferClient, store: StoreLink | None = None):
         self._state = state
         self._transfers = transfers
+        self._store = store
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         await self._state.refuse_if_draining(context)
@@ -49,12 +51,16 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         params = sampling_params(request.sampling, seed=request.seed)
         one_token = dataclasses.replace(params, max_tokens=len(generated) + 1)
         stream_id = f"{request.request_id}:prefill"
+        if self._store is not None:
+            await self._store.load_cached_prefix(prompt + generated)
         outputs = [out async for out in self._state.aengine.stream(
             stream_id, lambda e: e.add_request(stream_id, prompt, one_token, hold_kv=True, generated=generated))]
         out = outputs[-1]
         finished = out.finish_reason is FinishReason.STOP or (
             params.max_tokens is not None and out.num_output_tokens >= params.max_tokens)
         kv = await self._state.aengine.call(lambda e: _export_and_release(e, stream_id))
+        if self._store is not None:
+            self._store.write_behind(prompt + generated, kv)
         compute_ms = (time.perf_counter() - started) * 1000
         response = pb.PrefillResponse(
             token_id=out.new_token_ids[0], logprob=out.new_logprobs[0] if out.new_logprobs else 0.0,

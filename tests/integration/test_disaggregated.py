@@ -141,6 +141,6 @@ def test_tandem_status_lists_the_live_workers(cluster):
     lines = done.stdout.splitlines()
     assert lines[0].split()[:3] == ["ROLE", "ID", "GRPC"]
     rows = {line.split()[1]: line.split() for line in lines[1:]}
-    assert set(rows) == {"prefill-0", "decode-0", "router"}
+    assert set(rows) == {"prefill-0", "decode-0", "router", "kvstore"}
     assert all(row[-2] == "serving" for row in rows.values())
     assert rows["decode-0"][-1] == str(state.processes["decode-0"])

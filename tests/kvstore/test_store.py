@@ -167,3 +167,17 @@ def test_store_config_builds_the_tiers_it_names(tmp_path):
         StoreConfig(ssd_bytes=1)
     with pytest.raises(ValueError, match="at least one tier"):
         StoreConfig().build_tiers()
+
+
+def test_spill_to_bottom_moves_memory_chunks_to_the_last_tier(tmp_path):
+    chunks = [make_chunk(name) for name in "abc"]
+    store = TieredStore([MemoryTier(10 * TINY.chunk_nbytes), SSDTier(tmp_path / "ssd", 10 * chunk_file_size(tmp_path))])
+    for c in chunks:
+        store.put(c)
+    assert store.placement() == {"cpu": [c.key for c in chunks], "ssd": []}
+    assert store.spill_to_bottom(timeout_s=10) == 3
+    assert store.placement() == {"cpu": [], "ssd": [c.key for c in chunks]}
+    reopened = SSDTier(tmp_path / "ssd", 10 * chunk_file_size(tmp_path))
+    assert sorted(reopened.keys()) == sorted(c.key for c in chunks)
+    assert all(same_bits(reopened.get(c.key).payload, c.payload) for c in chunks)
+    store.close()
