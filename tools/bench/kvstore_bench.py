@@ -7,8 +7,9 @@ For a prompt = shared prefix (``--prefix-tokens``) + a short question, measured 
             loaded into the engine's prefix cache, and only the question is computed
   warm-ssd  the same from an SSD tier (Arrow IPC files, checksums verified on read)
 
-TTFT here is the prefill worker's part of it: store read + load into the cache + compute
-of the rest, on one process (no network). Next to it, the physical limits measured in
+TTFT here is the prefill worker's part of it: store read + copy to the engine's device +
+load into the cache + compute of the rest, on one process (no network). "read GB/s" is
+the prefix's bytes over the read-and-copy time. Next to it, the physical limits measured in
 the same run: pinned host -> device copy bandwidth (GPU) and a sequential read of a large
 file on the SSD tier's disk. Page cache is dropped for the SSD runs where the OS allows
 (root on Linux), so the SSD figures are disk reads, not memory copies.
@@ -114,14 +115,15 @@ def fill_chunks(engine: LLMEngine, prompt: list[int], chunk_tokens: int) -> list
 
 
 def warm_seconds(engine: LLMEngine, store: TieredStore, prompt: list[int], keys: list[bytes]) -> tuple[float, float]:
-    """(TTFT, time spent reading chunks) with the prefix from ``store``."""
+    """(TTFT, time to read the chunks and move them to the engine's device) with the prefix from ``store``."""
     engine.blocks.reset_prefix_cache()
     _sync()
     start = time.perf_counter()
     chunks = [store.get(k) for k in keys]
-    read = time.perf_counter() - start
     assert all(c is not None for c in chunks), "a chunk went missing"
     payload = torch.cat([c.payload.to(engine.runner.kv_cache.device, non_blocking=True) for c in chunks], dim=2)
+    _sync()
+    read = time.perf_counter() - start
     engine.load_prefix(prompt, payload_to_blocks(payload, engine.config.block_size))
     engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
     _sync()
