@@ -80,7 +80,7 @@ def build_http_app(frontend: Frontend, model_dir: Path | None, max_body_bytes: i
                                  status=200 if models else 503)
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=frontend.router.render_metrics(), headers={"Content-Type": _METRICS_CONTENT_TYPE})
+        return web.Response(body=await frontend.router.render_metrics(), headers={"Content-Type": _METRICS_CONTENT_TYPE})
 
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -76,11 +76,27 @@ class Router:
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
 
-    def render_metrics(self) -> bytes:
-        """Prometheus text: the router's own counters plus per-worker load from etcd."""
+    async def render_metrics(self) -> bytes:
+        """Prometheus text: the router's own counters, per-worker load from etcd, and the KV
+        stores' counters (asked for now, with a short timeout; a store that does not answer
+        is left out)."""
         workers = [w for w in self.membership.workers() if w.role in ("prefill", "decode", "mixed")]
         self.metrics.observe_workers(workers, {w.worker_id: self.membership.load(w.worker_id) for w in workers})
-        return self.metrics.render()
+        stores = self.membership.workers("kvstore")
+        store_lines = await asyncio.gather(*(self._kvstore_metrics(w) for w in stores))
+        return self.metrics.render() + "".join(store_lines).encode()
+
+    async def _kvstore_metrics(self, store: WorkerInfo) -> str:
+        from kvstore.client import KVStoreClient, KVStoreUnavailable
+
+        client = KVStoreClient(store.grpc_address)
+        try:
+            counters = await client.stats()
+        except KVStoreUnavailable:
+            return ""
+        finally:
+            await client.close()
+        return "".join(f"{kvstore_metric_name(name, store.worker_id)} {value}\n" for name, value in sorted(counters.items()))
 
     def models(self) -> list[WorkerInfo]:
         """One WorkerInfo per model served (the first worker found for it)."""
@@ -287,6 +303,13 @@ class _Progress:
         self.cached = max(self.cached, chunk.num_cached_tokens)
         self.kv_bytes += chunk.kv_bytes
         self.kv_transfer_ms += chunk.kv_transfer_ms
+
+
+def kvstore_metric_name(name: str, store_id: str) -> str:
+    """``hits{tier="cpu"}`` from a store -> ``tandem_kvstore_hits{store="<id>",tier="cpu"}``."""
+    base, _, labels = name.partition("{")
+    labels = labels.rstrip("}")
+    return f'tandem_kvstore_{base}{{store="{store_id}"{"," + labels if labels else ""}}}'
 
 
 def new_request_id() -> str:

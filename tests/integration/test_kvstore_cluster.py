@@ -102,3 +102,21 @@ def test_requests_are_computed_when_the_store_is_down(tmp_path):
         os.kill(state.processes["kvstore"], signal.SIGKILL)
         result = asyncio.run(main(state))
     assert result.token_ids == want and result.cached_prompt_tokens == 0
+
+
+def test_router_metrics_include_the_store(tmp_path):
+    import urllib.request
+
+    async def main(state):
+        async with AsyncClient(state.grpc_address) as client:
+            await client.generate(SHARED, max_tokens=2, temperature=0)
+        await _wait_for_chunks(state, 2)
+
+    with local_cluster(tmp_path, DEMO_MODEL_DIR) as state:
+        asyncio.run(main(state))
+        text = urllib.request.urlopen(f"{state.http_url}/metrics", timeout=10).read().decode()
+    lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+             if line.startswith("tandem_kvstore_")}
+    assert lines['tandem_kvstore_put_chunks{store="kvstore"}'] >= 2
+    assert 'tandem_kvstore_hits{store="kvstore",tier="cpu"}' in lines
+    assert 'tandem_kvstore_misses{store="kvstore",tier="ssd"}' in lines
