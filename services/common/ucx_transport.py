@@ -33,13 +33,19 @@ the threshold already sits in UCX's own buffers and is freed the same way. So a 
 never touches cache memory, costs no bandwidth whatever its size, the sender's send completes,
 and the endpoint is back at a header: the next transfer reuses it. The reply byte goes out
 only after the payload message is consumed (landed or dropped), so a reply always leaves the
-endpoint in step.
+endpoint in step. (This replaced a protocol with a go/no-go round trip before the payload; the
+two do not interoperate, a mixed pair fails every transfer within its timeouts, so prefill and
+decode workers update together.)
 
 Concurrency: the client serialises transfers per endpoint with an ``asyncio.Lock``: the
 payload tag is the same for every transfer on an endpoint, so a second transfer in flight could
 have its payload matched against the first one's header. Transfers to different addresses, and
 from different clients to one server, run concurrently (the server runs one task per connected
-endpoint). Payloads are large, so one transfer at a time per endpoint loses little.
+endpoint). Payloads are large, so one transfer at a time per endpoint loses little. What a
+transfer costs beyond a bare send + ack is the receiver's wake-up for the header: ucxx hands
+each completion to the event loop through its progress and notifier threads (~0.15-0.2 ms
+on an H100 host, see BENCHMARKS.md), and the payload receive can only be posted after
+``destination()`` ran. Hence callers batch blocks into large payloads.
 
 Failures: any error or timeout on the client drops (aborts) that endpoint, which cancels its
 in-flight sends; the next send reconnects. The payload is on its way as soon as ``send()``
@@ -495,21 +501,37 @@ async def _connect(address: str):
         # ucxx 0.52: when the handshake fails (e.g. nothing listens there), the half-made
         # endpoint's in-flight request keeps the exception alive from C++, and the
         # exception's traceback keeps create_endpoint's frame (the ucxx context, that
-        # endpoint) alive: a leak per failed connect. Drop the frames before re-raising.
-        exc.__traceback__ = None
+        # endpoint) alive: a leak per failed connect. Drop the frames before re-raising,
+        # along the whole chain: when the peer closed during the handshake, create_endpoint
+        # raises the endpoint's error with the request's (truncated) one as its context.
+        _forget_tracebacks(exc)
         raise ConnectionError(f"cannot connect to {address}: {exc!r}") from None
+
+
+def _forget_tracebacks(exc: BaseException) -> None:
+    """Clear the traceback of `exc` and of every exception chained to it."""
+    pending, seen = [exc], set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        pending += [exc.__cause__, exc.__context__]
 
 
 async def _run_dialogue(ep, header: TransferHeader, payload) -> _Reply:
     """Header and payload go out back to back; the receiver's one reply byte ends the transfer."""
     raw_header = header.to_json()
     message = np.frombuffer(_LENGTH_PREFIX.pack(len(raw_header)) + raw_header, dtype=np.uint8)
-    # Each ep.send() posts its UCX request when its task first runs (tasks start in creation
-    # order, within this loop iteration's next turn): nothing waits for the receiver in between.
+    # ep.send() posts its UCX request when its task first runs: both run on the loop's next
+    # turn, header first, and nothing waits for the receiver in between.
     sends = [
         asyncio.ensure_future(ep.send(message)),
         asyncio.ensure_future(ep.send(payload, tag=_PAYLOAD_TAG)),
     ]
+    for task in sends:
+        task.add_done_callback(_retrieve_outcome)
     try:
         reply = await _recv_reply(ep)
         # The receiver replies only after consuming the payload (landed or dropped): both sends end.
@@ -521,8 +543,14 @@ async def _run_dialogue(ep, header: TransferHeader, payload) -> _Reply:
     return reply
 
 
+def _retrieve_outcome(task: asyncio.Task) -> None:
+    """Done callback: a send that failed after its dialogue was given up is expected, not news."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("KV transfer send ended with %r", task.exception())
+
+
 async def _reap(tasks: list[asyncio.Task]) -> None:
-    """Collect the outcome of tasks whose endpoint was just aborted (bounded wait, then cancel)."""
+    """Wait (bounded) for the sends of an aborted endpoint to end; cancel any that do not."""
     _, pending = await asyncio.wait(tasks, timeout=_REAP_TIMEOUT_S)
     for task in pending:
         task.cancel()

@@ -33,7 +33,7 @@ from services.common.ucx_transport import (
 )
 
 _TIMEOUT_S = 3.0  # per-send budget in the failure tests
-_COMMITTED, _REFUSED_DESTINATION, _BAD_HEADER = 1, 2, 4  # reply bytes on the wire
+_COMMITTED, _BAD_HEADER = 1, 4  # reply bytes on the wire
 _SLACK_S = 1.0  # scheduling slack on top of a timeout
 _MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 

@@ -5,16 +5,19 @@ receiver uses cuda:1 when two GPUs exist, else the sender's cuda:0). Per payload
 
   raw      ep.send(one buffer of the size) + ep.recv(1-byte ack), plain ucxx on one endpoint
   handoff  KVTransferClient.send(tensor of the size) into a KVTransferServer whose handler
-           returns a preallocated destination tensor and commits at once (header, go byte,
-           payload, commit byte: the full protocol of services/common/ucx_transport.py)
+           returns a preallocated destination tensor and commits at once (header and payload
+           back to back, commit byte: the full protocol of services/common/ucx_transport.py)
+  refused  the same send of a different tensor (the bitwise complement) for a reservation the
+           handler refuses: the receiver drops the payload without moving it, so this is the
+           protocol's fixed cost, and the payload must never reach the receiver's buffer
 
-Both land in the same preallocated receiver buffer. Each (mode, size) is warmed up once
-(connection set-up, memory registration), then timed --repeats times by the sender's wall
-clock around the whole exchange; tables report medians, GB/s = bytes / 1e9 / seconds. Raw
-and handoff alternate per size so drift hits both alike. Afterwards the receiver returns a
-checksum of each buffer (holding the last handoff payload) and the run fails on a mismatch.
-On CUDA the payloads are made and synchronised before timing; UCX completes a request only
-once its data is in place.
+Raw and handoff land in the same preallocated receiver buffer. Each (mode, size) is warmed
+up once (connection set-up, memory registration), then timed --repeats times by the sender's
+wall clock around the whole exchange; tables report medians, GB/s = bytes / 1e9 / seconds.
+The modes run one after another per size so drift hits them alike. Afterwards the receiver
+returns a checksum of each buffer (which must hold the last accepted handoff payload, not a
+refused one) and the run fails on a mismatch. On CUDA the payloads are made and synchronised
+before timing; UCX completes a request only once its data is in place.
 
 Run (from the repository root):
   python -m tools.bench.handoff_bench --device cpu --sizes 1M,16M,64M,256M
@@ -66,6 +69,7 @@ _RECEIVER_START_TIMEOUT_S = 120.0
 _RECEIVER_EXIT_TIMEOUT_S = 60.0
 _SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _PAYLOAD_DTYPE = torch.bfloat16  # what KV blocks are; bytes are bytes to UCX
+_REFUSED_PREFIX = "refuse"
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class SizeResult:
     size_bytes: int
     raw_seconds: list[float]
     handoff_seconds: list[float]
+    refused_seconds: list[float]
 
     @property
     def raw_gbps(self) -> float:
@@ -89,6 +94,10 @@ class SizeResult:
     @property
     def handoff_gbps(self) -> float:
         return self.size_bytes / 1e9 / statistics.median(self.handoff_seconds)
+
+    @property
+    def refused_ms(self) -> float:
+        return statistics.median(self.refused_seconds) * 1e3
 
 
 def parse_size(text: str) -> int:
@@ -126,14 +135,17 @@ def _log(message: str) -> None:
 
 
 class _PreallocatedHandler(TransferHandler):
-    """Every transfer of n bytes lands in the one preallocated n-byte buffer; always commits."""
+    """Every transfer of n bytes lands in the one preallocated n-byte buffer and commits, except
+    that reservations named "refuse*" get no destination."""
 
     def __init__(self, buffers: dict[int, torch.Tensor]) -> None:
         self._buffers = buffers
 
     async def destination(self, header: TransferHeader) -> torch.Tensor | None:
         buffer = self._buffers.get(header.nbytes)
-        return None if buffer is None else buffer.view(torch_dtype(header.dtype)).view(header.shape)
+        if buffer is None or header.reservation_id.startswith(_REFUSED_PREFIX):
+            return None
+        return buffer.view(torch_dtype(header.dtype)).view(header.shape)
 
     async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
         return True
@@ -199,14 +211,18 @@ async def _raw_exchange(ep, view, ack: np.ndarray) -> None:
     await ep.recv(ack)
 
 
-async def _time_handoff(client: KVTransferClient, address: str, payload: torch.Tensor, count: int) -> list[float]:
+async def _time_handoff(
+    client: KVTransferClient, address: str, payload: torch.Tensor, count: int, prefix: str = "bench"
+) -> list[float]:
+    """`count` sends; reservations named prefix* must commit, _REFUSED_PREFIX* must be refused."""
+    expect_ok = prefix != _REFUSED_PREFIX
     samples = []
     for i in range(count):
         started = time.perf_counter()
-        result = await client.send(address, f"bench-{payload.numel()}-{i}", 1, payload, _SEND_TIMEOUT_S)
+        result = await client.send(address, f"{prefix}-{payload.numel()}-{i}", 1, payload, _SEND_TIMEOUT_S)
         samples.append(time.perf_counter() - started)
-        if not result.ok:
-            raise RuntimeError(f"handoff of {payload.nbytes} bytes failed: {result.reason}")
+        if result.ok != expect_ok or (not expect_ok and "no destination" not in result.reason):
+            raise RuntimeError(f"{prefix} handoff of {payload.nbytes} bytes: ok={result.ok} {result.reason}")
     return samples
 
 
@@ -221,10 +237,17 @@ async def _send_all(config: BenchConfig, raw_port: int, address: str, device: st
             sums[n] = checksum(payload)
             raw = await _time_raw(ep, payload, _WARMUP + config.repeats)
             handoff = await _time_handoff(client, address, payload, _WARMUP + config.repeats)
-            result = SizeResult(n, raw[_WARMUP:], handoff[_WARMUP:])
-            _log(f"{size_label(n)}: raw {result.raw_gbps:.2f} GB/s, handoff {result.handoff_gbps:.2f} GB/s")
+            complement = (~payload.view(torch.uint8)).view(_PAYLOAD_DTYPE)  # must never land
+            if complement.is_cuda:
+                torch.cuda.synchronize()
+            refused = await _time_handoff(client, address, complement, _WARMUP + config.repeats, _REFUSED_PREFIX)
+            result = SizeResult(n, raw[_WARMUP:], handoff[_WARMUP:], refused[_WARMUP:])
+            _log(
+                f"{size_label(n)}: raw {result.raw_gbps:.2f} GB/s, handoff {result.handoff_gbps:.2f} GB/s, "
+                f"refused in {result.refused_ms:.3f} ms"
+            )
             results.append(result)
-            del payload
+            del payload, complement
         transports = sorted(ucxx.get_active_transports())
     finally:
         await client.close()
@@ -293,10 +316,12 @@ def environment(config: BenchConfig, devices: dict) -> dict:
 
 
 def format_table(results: list[SizeResult]) -> str:
-    rows = [("size", "raw GB/s", "handoff GB/s", "handoff/raw")]
+    rows = [("size", "raw GB/s", "handoff GB/s", "handoff/raw", "refused ms")]
     for r in results:
         ratio = r.handoff_gbps / r.raw_gbps
-        rows.append((size_label(r.size_bytes), f"{r.raw_gbps:.3f}", f"{r.handoff_gbps:.3f}", f"{ratio:.2f}"))
+        rows.append(
+            (size_label(r.size_bytes), f"{r.raw_gbps:.3f}", f"{r.handoff_gbps:.3f}", f"{ratio:.2f}", f"{r.refused_ms:.3f}")
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -318,6 +343,7 @@ def write_json(config: BenchConfig, results: list[SizeResult], extra: dict, star
                 "raw_gbps_median": r.raw_gbps,
                 "handoff_gbps_median": r.handoff_gbps,
                 "handoff_over_raw": r.handoff_gbps / r.raw_gbps,
+                "refused_ms_median": r.refused_ms,
             }
             for r in results
         ],
