@@ -104,7 +104,14 @@ def test_requests_are_computed_when_the_store_is_down(tmp_path):
     assert result.token_ids == want and result.cached_prompt_tokens == 0
 
 
-def test_router_metrics_include_the_store(tmp_path):
+def _tandem(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_router_metrics_and_tandem_kv_show_the_store(tmp_path):
     import urllib.request
 
     async def main(state):
@@ -115,6 +122,12 @@ def test_router_metrics_include_the_store(tmp_path):
     with local_cluster(tmp_path, DEMO_MODEL_DIR) as state:
         asyncio.run(main(state))
         text = urllib.request.urlopen(f"{state.http_url}/metrics", timeout=10).read().decode()
+        stats = _tandem("kv", "stats", "--state-dir", str(tmp_path))
+        cleared = _tandem("kv", "clear", "--state-dir", str(tmp_path))
+        after = asyncio.run(_store_counters(state))
+    assert stats.returncode == 0 and "put_chunks" in stats.stdout, stats.stderr
+    assert cleared.returncode == 0 and "cleared" in cleared.stdout, cleared.stderr
+    assert after['chunks{tier="cpu"}'] == 0 and after['chunks{tier="ssd"}'] == 0
     lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
              if line.startswith("tandem_kvstore_")}
     assert lines['tandem_kvstore_put_chunks{store="kvstore"}'] >= 2
