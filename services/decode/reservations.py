@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from services.common.ucx_transport import TransferHandler, TransferHeader
-from services.engine.async_engine import AsyncEngine
+from services.engine.async_engine import AsyncEngine, log_command_failure
 from services.engine.engine import LLMEngine
 from services.engine.errors import KVFenceError
 from services.engine.request import SamplingParams
@@ -51,11 +51,6 @@ class Reservation:
     expires_at: float
     """time.monotonic() deadline."""
     state: ReservationState = ReservationState.RESERVED
-
-
-def _log_failure(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("writing landed KV failed", exc_info=future.exception())
 
 
 class ReservationTable(TransferHandler):
@@ -149,7 +144,7 @@ class ReservationTable(TransferHandler):
             r.state = ReservationState.FILLED
             self.bytes_received += header.nbytes
 
-        self._aengine.post(write).add_done_callback(_log_failure)
+        self._aengine.post(write).add_done_callback(log_command_failure)
         return True
 
     # -- internals (engine thread) ------------------------------------------------------------

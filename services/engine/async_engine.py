@@ -102,7 +102,7 @@ class AsyncEngine:
             # caller was cancelled while ``submit`` was still queued.
             submit_failed = submitted.done() and not submitted.cancelled() and submitted.exception() is not None
             if not finished and not submit_failed and self._failure is None and not self._stopping.is_set():
-                self.post(lambda e: e.abort(request_id)).add_done_callback(_log_failure)
+                self.post(lambda e: e.abort(request_id)).add_done_callback(log_command_failure)
 
     # -- the engine thread --------------------------------------------------------------------
 
@@ -143,7 +143,8 @@ class AsyncEngine:
             q.put_nowait(EngineStopped(f"engine failed: {error!r}"))
 
 
-def _log_failure(future: asyncio.Future) -> None:
+def log_command_failure(future: asyncio.Future) -> None:
+    """Done-callback for a posted command nobody awaits: its failure is logged, not lost."""
     if not future.cancelled() and future.exception() is not None:
         log.error("engine command failed", exc_info=future.exception())
 

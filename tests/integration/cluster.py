@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,8 +37,4 @@ def log_tail(state_dir: Path, name: str, lines: int = 30) -> str:
     return "\n".join(path.read_text().splitlines()[-lines:]) if path.is_file() else ""
 
 
-def run(coro):
-    return asyncio.run(coro)
-
-
-__all__ = ["ClusterState", "free_port", "local_cluster", "worker_stats", "log_tail", "run"]
+__all__ = ["ClusterState", "free_port", "local_cluster", "worker_stats", "log_tail"]
