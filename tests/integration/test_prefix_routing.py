@@ -9,8 +9,20 @@ from router.client import AsyncClient
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.request import SamplingParams
-from tests.integration.cluster import local_cluster
+from services.common.registry import read_cluster
+from tests.integration.cluster import local_cluster, worker_stats
 from tools.demo import DEMO_MODEL_DIR
+
+
+async def _until_busy(state, worker_id: str) -> None:
+    """Wait until the worker is computing a prompt (the router then counts it as in flight there)."""
+    workers = {w.worker_id: w for w in (await read_cluster(state.etcd_url, state.cluster))[0]}
+    for _ in range(2000):
+        stats = await worker_stats(workers[worker_id].grpc_address, "prefill")
+        if stats.running_requests or stats.waiting_requests:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{worker_id} never got the long prompt")
 
 
 def test_shared_prefixes_land_on_one_prefill_worker_and_reuse_its_cache(tmp_path):
@@ -26,7 +38,7 @@ def test_shared_prefixes_land_on_one_prefill_worker_and_reuse_its_cache(tmp_path
             # An unrelated long prompt occupies prefill-0 (idle ties go to the lowest id), so the
             # first shared-prefix prompt is routed to prefill-1 ...
             busy = asyncio.create_task(client.generate(other * 6, max_tokens=1, temperature=0))
-            await asyncio.sleep(0.05)
+            await _until_busy(state, "prefill-0")
             results = [await client.generate(prompts[0], max_tokens=6, temperature=0)]
             await busy
             # ... and the rest follow it there although both workers are idle now (least-loaded
