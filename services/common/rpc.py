@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from proto.tandem.v1 import tandem_pb2 as pb
-from services.engine.errors import CapacityError, EngineError, InvalidRequestError, KVFenceError
+from services.engine.errors import CapacityError, EngineError, KVFenceError
 from services.engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ def sampling_params(options: pb.SamplingOptions, seed: int | None = None) -> Sam
 
 
 def status_for(error: Exception) -> grpc.StatusCode:
-    if isinstance(error, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, KVFenceError):
         return grpc.StatusCode.FAILED_PRECONDITION  # the router retries on another pair
     if isinstance(error, CapacityError):
