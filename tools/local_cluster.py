@@ -45,6 +45,9 @@ class ClusterSpec:
     """Extra ``tandem serve`` arguments for every worker (device, dtype, cache size ...)."""
     role_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Extra arguments per role, after ``worker_args`` (e.g. a GPU per role)."""
+    worker_name_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Extra arguments per worker name (``mixed-1``, ``prefill-0`` ...), after ``role_args``
+    (e.g. a GPU per worker when several of one role share a machine)."""
     policy: str = "least-loaded"
     """The router's routing policy."""
     kvstore: bool = True
@@ -57,6 +60,14 @@ class ClusterSpec:
             raise ValueError("worker counts must be >= 0")
         if self.mixed == 0 and (self.prefill == 0 or self.decode == 0):
             raise ValueError("a cluster needs a mixed worker, or at least one prefill and one decode worker")
+        unknown = sorted(set(self.worker_name_args) - set(self.worker_names()))
+        if unknown:
+            raise ValueError(f"worker_name_args names no worker of this cluster: {', '.join(unknown)}")
+
+    def worker_names(self) -> list[str]:
+        """``<role>-<i>``, as the workers are started and registered (prefill, decode, mixed)."""
+        return [f"{role}-{i}" for role, count in (("prefill", self.prefill), ("decode", self.decode),
+                                                  ("mixed", self.mixed)) for i in range(count)]
 
 
 @dataclass
@@ -93,12 +104,11 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
             state.processes["kvstore"] = _spawn(spec, "kvstore", [
                 "serve", "kvstore", "--id", "kvstore", "--ssd-dir", str(spec.state_dir / "kvstore"),
                 *spec.kvstore_args], state)
-        for role, count in (("prefill", spec.prefill), ("decode", spec.decode), ("mixed", spec.mixed)):
-            for i in range(count):
-                name = f"{role}-{i}"
-                args = ["serve", role, "--id", name, "--model", str(spec.model_dir), *spec.worker_args,
-                        *spec.role_args.get(role, ())]
-                state.processes[name] = _spawn(spec, name, args, state)
+        for name in spec.worker_names():
+            role = name.rsplit("-", 1)[0]
+            args = ["serve", role, "--id", name, "--model", str(spec.model_dir), *spec.worker_args,
+                    *spec.role_args.get(role, ()), *spec.worker_name_args.get(name, ())]
+            state.processes[name] = _spawn(spec, name, args, state)
         state.processes["router"] = _spawn(spec, "router", [
             "serve", "router", "--id", "router", "--model", str(spec.model_dir), "--http-port", str(spec.http_port),
             "--grpc-port", str(spec.grpc_port), "--policy", spec.policy], state)

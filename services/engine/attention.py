@@ -6,10 +6,13 @@ blocks named by its block table:
 
     cache slot of token at position p  =  block_table[p // block_size] * block_size + p % block_size
 
-New keys/values are first scattered into their slots (``slot_mapping``); then every
+New keys/values are first scattered into their slots (``slot_mapping``, done by
+fused_ops.rope_and_cache together with the rotary embedding); then every
 query attends to all cached positions of its request up to and including its own.
-Requests with a single query token (decode) are attended in one batched SDPA call
-over their gathered blocks; multi-token spans (prefill chunks) one call each.
+Requests with a single query token (decode) are attended in one batched call: the
+Triton paged kernel (paged_decode.py) on CUDA, which reads the blocks in place, or SDPA
+over their gathered blocks elsewhere. Multi-token spans (prefill chunks) get one SDPA
+call each.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from services.engine.paged_decode import paged_decode_attention, triton_available
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -41,10 +46,11 @@ class PrefillSpan:
 class DecodeBatch:
     """Requests with exactly one query token this step."""
 
-    token_index: torch.Tensor
-    """[B] positions of the decode tokens in the flattened batch."""
+    token_index: torch.Tensor | None
+    """[B] positions of the decode tokens in the flattened batch; None when the batch is
+    these B tokens alone, in order (a decode-only step)."""
     block_tables: torch.Tensor
-    """[B, max_blocks] int64, padded with 0 (masked out by context_lens)."""
+    """[B, max_blocks] int32/int64, padded with any valid block id (masked out by context_lens)."""
     context_lens: torch.Tensor
     """[B] tokens of each request in the cache after the step."""
 
@@ -57,21 +63,16 @@ class AttentionMetadata:
     decode: DecodeBatch | None
 
 
-def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new keys/values [T, Hkv, D] into a layer's cache [2, N, block_size, Hkv, D]."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    kv_layer[0].view(-1, num_kv_heads, head_dim)[slot_mapping] = k
-    kv_layer[1].view(-1, num_kv_heads, head_dim)[slot_mapping] = v
-
-
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D], attending over the cache (new tokens already written)."""
+    d = meta.decode
+    if d is not None and d.token_index is None:
+        return _decode_attention(q, kv_layer, d)
     out = torch.empty_like(q)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         out[rows] = _prefill_attention(q[rows], kv_layer, span)
-    if meta.decode is not None:
-        d = meta.decode
+    if d is not None:
         out[d.token_index] = _decode_attention(q[d.token_index], kv_layer, d)
     return out
 
@@ -100,6 +101,9 @@ def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpa
 
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
+    if triton_available(q.device):
+        scale = q.shape[-1] ** -0.5
+        return paged_decode_attention(q, kv_layer[0], kv_layer[1], d.block_tables, d.context_lens, scale)
     k, v = _gather(kv_layer, d.block_tables)  # [B, S, Hkv, D]
     q_ = q.unsqueeze(2)  # [B, Hq, 1, D]
     k_pos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from services.engine.scheduler import SchedulerConfig
 
+DECODE_GRAPH_MODES = ("auto", "eager", "off")
+_MAX_GRAPH_BATCH = 256
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -21,6 +24,9 @@ class EngineConfig:
     """Longest prompt + output; None = the model's max_position_embeddings, capped by the cache size."""
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests that share a prefix."""
+    decode_graphs: str = "auto"
+    """Decode-only steps: ``auto`` = replayed from CUDA graphs on CUDA (dense models), eager on
+    CPU; ``eager`` = the same static padded buffers without graphs (any device); ``off``."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -30,5 +36,11 @@ class EngineConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.decode_graphs not in DECODE_GRAPH_MODES:
+            raise ValueError(f"decode_graphs must be one of {', '.join(DECODE_GRAPH_MODES)}, got {self.decode_graphs!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def graph_batch_limit(self) -> int:
+        """The largest decode batch that runs on the static buffers."""
+        return min(self.scheduler.max_num_seqs, _MAX_GRAPH_BATCH)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -51,6 +52,9 @@ class LLMEngine:
         self.max_model_len = _max_model_len(config, model.config.max_position_embeddings, num_blocks)
         model.init_rotary(self.max_model_len)
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, device)
+        if config.decode_graphs == "eager" or (config.decode_graphs == "auto" and device.type == "cuda"):
+            self.runner.enable_decode_graphs(self.max_model_len, config.graph_batch_limit(),
+                                             capture=config.decode_graphs == "auto")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, fingerprint.encode())
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self._requests: dict[str, Request] = {}
@@ -108,15 +112,18 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch; returns what each scheduled request produced."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
         tables = {c.request.request_id: self.blocks.block_table(c.request.request_id) for c in plan.chunks}
         logits = self.runner.execute(plan, tables)
+        launched = time.perf_counter()
+        self.runner.synchronize()  # on GPU: the host now waits for the step (sampling needs its logits)
+        computed = time.perf_counter()
         completing = [c for c in plan.chunks if c.completes]
         inputs = [self._sample_input(c.request) for c in completing]
         tokens, logprobs = sample(logits, inputs)
-        self.stats.record(plan)
         outputs = []
         for chunk in plan.chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
@@ -124,6 +131,8 @@ class LLMEngine:
                                           chunk.request.num_computed_tokens)
         for chunk, token, logprob in zip(completing, tokens, logprobs):
             outputs.append(self._append_token(chunk.request, token, logprob))
+        self.stats.record(plan, host_s=(launched - start) + (time.perf_counter() - computed),
+                          step_s=time.perf_counter() - start)
         return outputs
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
@@ -333,17 +342,27 @@ class LLMEngine:
 
 
 class EngineStats:
-    """Counters since start: what was computed, what came from the prefix cache."""
+    """Counters since start: steps, computed tokens, preemptions, and where step time went.
+
+    ``host_s``: time the host spent on a step while not waiting for the device (scheduling,
+    building inputs, launching, sampling, stop checks); on GPU the device idles meanwhile,
+    as steps are not overlapped. ``step_s``: whole steps. On CPU the model runs on the
+    host, so there host_s includes it.
+    """
 
     def __init__(self) -> None:
         self.steps = 0
         self.computed_tokens = 0
         self.preemptions = 0
+        self.host_s = 0.0
+        self.step_s = 0.0
 
-    def record(self, plan: SchedulerOutput) -> None:
+    def record(self, plan: SchedulerOutput, host_s: float, step_s: float) -> None:
         self.steps += 1
         self.computed_tokens += plan.num_tokens
         self.preemptions += len(plan.preempted)
+        self.host_s += host_s
+        self.step_s += step_s
 
 
 def _kv_cache_bytes(config: EngineConfig, device: torch.device) -> int:

@@ -5,6 +5,9 @@ Reads ``config.json``, then ``model.safetensors`` or the shards listed in
 except MoE experts: per-expert tensors (Mixtral ``block_sparse_moe.experts.<e>.w1|w3|w2``,
 Qwen ``mlp.experts.<e>.gate_proj|up_proj|down_proj``) are stacked into the fused
 ``mlp.experts.gate_up_proj`` / ``down_proj``; already-fused checkpoints load directly.
+Likewise q/k/v and gate/up projections are copied into their rows of the model's fused
+``qkv_proj`` / ``gate_up_proj`` (layers.FusedLinear), and missing ones are reported under
+their checkpoint names.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from services.engine.errors import ModelLoadError
+from services.engine.layers import FusedLinear
 from services.engine.model import CausalLM
 from services.engine.model_config import ModelConfig, load_model_config
 
@@ -103,18 +107,39 @@ def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     params = dict(model.named_parameters())
+    fused = _fused_rows(model)
     loaded: set[str] = set()
     expert_parts: dict[str, int] = {}  # fused param name -> per-expert slices filled
     for name, tensor in tensors:
-        _load_one(name, tensor, params, loaded, expert_parts)
+        if name in fused:
+            target, rows = fused[name]
+            _copy(name, params[target].data[rows], tensor)
+            loaded.add(name)
+        else:
+            _load_one(name, tensor, params, loaded, expert_parts)
     _check_experts(model.config, params, expert_parts, loaded)
     if "lm_head.weight" not in loaded and model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    missing = sorted(set(params) - loaded)
+    fused_targets = {target for target, _ in fused.values()}
+    parts_needed = {name for name, (target, _) in fused.items() if target not in loaded}  # not stored fused
+    missing = sorted((set(params) - fused_targets | parts_needed) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"checkpoint lacks weights: {shown}")
+
+
+def _fused_rows(model: CausalLM) -> dict[str, tuple[str, slice]]:
+    """Checkpoint name of each projection stacked in a FusedLinear -> (its parameter, rows)."""
+    rows = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            parent = prefix.rpartition(".")[0]
+            kinds = ("weight", "bias") if module.bias is not None else ("weight",)
+            for part, part_rows in module.part_rows().items():
+                for kind in kinds:
+                    rows[f"{parent}.{part}.{kind}"] = (f"{prefix}.{kind}", part_rows)
+    return rows
 
 
 def _load_one(name: str, tensor: torch.Tensor, params, loaded: set[str], expert_parts: dict[str, int]) -> None:

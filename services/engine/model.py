@@ -1,7 +1,9 @@
 """Decoder-only transformer for the Llama / Qwen2 / Qwen3 / Mixtral / Qwen-MoE families.
 
-Parameters are named as in the Hugging Face checkpoints (``model.layers.0.self_attn.q_proj``
-...), so loading is a name lookup. The model knows nothing of scheduling: it takes a
+Parameters are named as in the Hugging Face checkpoints (``model.layers.0.self_attn.o_proj``
+...), so loading is a name lookup, except that q/k/v and gate/up projections are fused
+(``self_attn.qkv_proj``, ``mlp.gate_up_proj``; see layers.FusedLinear) and the loader
+stacks the checkpoint's separate tensors into them. The model knows nothing of scheduling: it takes a
 flattened batch of tokens, their positions and an :class:`AttentionMetadata`, and the
 KV cache tensor it reads and writes.
 
@@ -15,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from services.engine.attention import AttentionMetadata, paged_attention, write_kv
-from services.engine.layers import MLP, RMSNorm
+from services.engine.attention import AttentionMetadata, paged_attention
+from services.engine.fused_ops import rope_and_cache
+from services.engine.layers import MLP, FusedLinear, RMSNorm
 from services.engine.model_config import ModelConfig
 from services.engine.moe import SparseMoeBlock
 from services.engine.rope import RotaryEmbedding
@@ -29,9 +32,9 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.qkv_proj = FusedLinear(hidden, [("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)],
+                                    bias=config.qkv_bias)
+        self.q_dim, self.kv_dim = q_dim, kv_dim
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -48,13 +51,13 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, positions)
-        write_kv(kv_layer, k, v, meta.slot_mapping)
+        q, _ = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kv_layer, meta.slot_mapping)
         out = paged_attention(q, kv_layer, meta)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -70,9 +73,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, kv_layer, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, kv_layer, meta):
+        """x: the previous layer's MLP output, not yet added to ``residual`` (None before the
+        first layer); returns this layer's (MLP output, residual). Each residual add is fused
+        with the norm that follows it."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        attn = self.self_attn(h, positions, rotary, kv_layer, meta)
+        h, residual = self.post_attention_layernorm.add_forward(attn, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -106,10 +117,12 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         assert self.rotary is not None, "init_rotary() must run before forward()"
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, self.rotary, kv_cache[i], meta)
-        return self.model.norm(x)  # [T, hidden]
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
+        if residual is None:  # no layers
+            return self.model.norm(x)
+        return self.model.norm.add_forward(x, residual)[0]  # [T, hidden]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, vocab]

@@ -1,7 +1,11 @@
 """Turns a :class:`SchedulerOutput` into model inputs, runs the model, returns logits.
 
-Owns the KV cache tensor. The flattened batch puts the scheduled chunks one after
-another; only chunks that reach their request's last token produce logits.
+Owns the KV cache tensor: ``num_blocks`` blocks for the block manager plus one sink
+block at index ``num_blocks`` that padded decode rows write into (decode_graphs.py).
+The flattened batch puts the scheduled chunks one after another; only chunks that
+reach their request's last token produce logits. A step made only of one-token chunks
+(decoding requests), no larger than the biggest captured batch, runs on the static
+decode buffers (CUDA graphs on GPU); any other step runs eagerly.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan
+from services.engine.decode_graphs import DecodeGraphs, graph_safe
 from services.engine.model import CausalLM
 from services.engine.scheduler import SchedulerOutput
 
@@ -19,10 +24,23 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        # [L, 2, num_blocks, block_size, Hkv, D]; see model.py for the layout
+        self.num_blocks = num_blocks
+        # [L, 2, num_blocks + 1 (sink), block_size, Hkv, D]; see model.py for the layout
         self.kv_cache = torch.zeros(
-            c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=dtype, device=device
+            c.num_layers, 2, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim, dtype=dtype, device=device
         )
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
+        """Run decode-only steps of up to ``max_batch`` requests on static buffers, captured as
+        CUDA graphs when ``capture`` (only on CUDA, and not for MoE models)."""
+        capture = capture and self.device.type == "cuda" and graph_safe(self.model)
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.num_blocks, self.block_size,
+                                          max_model_len, max_batch, capture)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @staticmethod
     def bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -32,9 +50,31 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
         """Run one step; returns logits [num completing chunks, vocab] in chunk order."""
+        graphs = self.decode_graphs
+        if graphs is not None and len(out.chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in out.chunks):
+            return self._execute_decode(graphs, out, block_tables)
         input_ids, positions, meta, sample_rows = self._prepare(out, block_tables)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         return self.model.logits(hidden[sample_rows])
+
+    def _execute_decode(self, graphs: DecodeGraphs, out: SchedulerOutput,
+                        block_tables: dict[str, list[int]]) -> torch.Tensor:
+        bs = self.block_size
+        ids, pos, slots, lens, tables, completing = [], [], [], [], [], []
+        for row, chunk in enumerate(out.chunks):
+            p = chunk.start
+            table = block_tables[chunk.request.request_id]
+            ids.append(chunk.request.token_ids[p])
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(table)
+            if chunk.completes:
+                completing.append(row)
+        logits = graphs.run(ids, pos, slots, lens, tables)
+        if len(completing) == len(out.chunks):
+            return logits
+        return logits[self._tensor(completing)]
 
     def _prepare(self, out: SchedulerOutput, block_tables: dict[str, list[int]]):
         bs = self.block_size

@@ -39,7 +39,8 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Applies rotary embeddings to query/key tensors laid out as [T, heads, head_dim]."""
+    """The cos/sin tables [max_positions, head_dim] (float32) of the rotate-half convention;
+    fused_ops.rope_and_cache applies them to queries and keys."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device):
         inv_freq = inverse_frequencies(rope, head_dim).to(device)
@@ -48,13 +49,3 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
         self.cos = emb.cos()
         self.sin = emb.sin()
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,12 +14,18 @@ from tools.local_cluster import ClusterSpec, ClusterState, free_port, start_clus
 
 _START_TIMEOUT_S = 240.0
 
+TEST_DEVICE = os.environ.get("TANDEM_TEST_DEVICE", "cpu")
+"""Where workers and in-process references run: ``cpu`` (CI), or ``cuda`` to run the same
+equality checks on a GPU (in float32 there too, so both sides compute alike)."""
+DEVICE_ARGS = ("--device", TEST_DEVICE, "--dtype", "float32")
+
 
 @contextmanager
 def local_cluster(state_dir: Path, model_dir: Path, *, prefill: int = 1, decode: int = 1, mixed: int = 0,
                   worker_args: tuple[str, ...] = ("--kv-cache-bytes", str(64 << 20)), policy: str = "least-loaded"):
     spec = ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=prefill, decode=decode, mixed=mixed,
-                       http_port=free_port(), grpc_port=free_port(), worker_args=worker_args, policy=policy)
+                       http_port=free_port(), grpc_port=free_port(), worker_args=(*DEVICE_ARGS, *worker_args),
+                       policy=policy)
     state = start_cluster(spec, _START_TIMEOUT_S, progress=lambda *_: None)
     try:
         yield state
@@ -37,4 +44,4 @@ def log_tail(state_dir: Path, name: str, lines: int = 30) -> str:
     return "\n".join(path.read_text().splitlines()[-lines:]) if path.is_file() else ""
 
 
-__all__ = ["ClusterState", "free_port", "local_cluster", "worker_stats", "log_tail"]
+__all__ = ["DEVICE_ARGS", "TEST_DEVICE", "ClusterState", "free_port", "local_cluster", "worker_stats", "log_tail"]

@@ -15,7 +15,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.request import SamplingParams
 from services.common.registry import read_cluster
-from tests.integration.cluster import local_cluster, worker_stats
+from tests.integration.cluster import TEST_DEVICE, local_cluster, worker_stats
 from tools.demo import DEMO_MODEL_DIR, DEMO_MOE_MODEL_DIR
 
 MODELS = {"dense": DEMO_MODEL_DIR, "moe": DEMO_MOE_MODEL_DIR}
@@ -29,7 +29,8 @@ def _prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def _reference(model_dir, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    engine = LLMEngine.from_pretrained(model_dir, EngineConfig(kv_cache_bytes=64 << 20))
+    engine = LLMEngine.from_pretrained(model_dir, EngineConfig(device=TEST_DEVICE, dtype="float32",
+                                                               kv_cache_bytes=64 << 20))
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     return [c.token_ids for c in engine.generate(prompts, params)]
 

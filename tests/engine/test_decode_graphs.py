@@ -1,0 +1,78 @@
+"""Decode steps on the static padded buffers (what CUDA graphs replay) give the same tokens
+as the eager path. On CPU the buffers run without capture (``decode_graphs="eager"``):
+the padding rows, the sink block and the block-table layout are exercised all the same."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.engine.decode_graphs import graph_batch_sizes
+from services.engine.request import SamplingParams
+from tests.engine.conftest import small_engine
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, min_tokens=10)
+
+
+def _prompts(n: int, seed: int = 1) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(96) for _ in range(rng.randrange(2, 70))] for _ in range(n)]
+
+
+def _tokens(engine, prompts, params=GREEDY) -> list[list[int]]:
+    return [c.token_ids for c in engine.generate(prompts, params)]
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(6) == [1, 2, 4, 6]
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral"])
+def test_static_decode_equals_eager(checkpoints, family):
+    model = checkpoints(family, 2)
+    prompts = _prompts(7)
+    expected = _tokens(small_engine(model, decode_graphs="off"), prompts)
+    engine = small_engine(model, decode_graphs="eager", max_num_seqs=6)  # sizes 1, 2, 4, 6: padded rows
+    assert _tokens(engine, prompts) == expected
+    assert engine.runner.decode_graphs.steps > 0
+
+
+def test_static_decode_with_chunked_prefill_and_preemption(checkpoints):
+    model = checkpoints("qwen3", 5)
+    prompts = _prompts(8, seed=2)
+    expected = _tokens(small_engine(model, decode_graphs="off", prefix_caching=False), prompts)
+    # budget 1: prompts advance one token per step, so one-token chunks that produce no logits
+    # share the static buffers with decoding requests
+    engine = small_engine(model, decode_graphs="eager", max_num_batched_tokens=1, prefix_caching=False)
+    assert _tokens(engine, prompts) == expected
+    probe = small_engine(model)
+    block_bytes = probe.runner.kv_cache[:, :, 0].numel() * probe.runner.kv_cache.element_size()
+    tight = small_engine(model, decode_graphs="eager", kv_cache_bytes=10 * block_bytes, max_num_batched_tokens=48,
+                         prefix_caching=False)
+    assert _tokens(tight, prompts) == expected
+    assert tight.stats.preemptions > 0
+
+
+def test_sink_block_is_never_handed_out(checkpoints):
+    engine = small_engine(checkpoints("llama", 2), decode_graphs="eager")
+    assert engine.runner.kv_cache.shape[2] == engine.blocks.num_blocks + 1
+    assert engine.runner.decode_graphs.sink_block == engine.blocks.num_blocks
+
+
+def test_seeded_sampling_same_on_static_buffers(checkpoints):
+    model = checkpoints("llama", 2)
+    params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=11)
+    prompts = _prompts(5, seed=3)
+    assert _tokens(small_engine(model, decode_graphs="eager"), prompts, params) == \
+        _tokens(small_engine(model, decode_graphs="off"), prompts, params)
+
+
+def test_bad_mode_is_refused():
+    from services.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="decode_graphs"):
+        EngineConfig(decode_graphs="always")

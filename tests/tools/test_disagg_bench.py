@@ -1,0 +1,179 @@
+"""``tandem bench disagg``: layouts and arguments exactly, then one real cut-down run of both layouts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from tools.bench import disagg_bench
+from tools.bench.disagg_bench import LAYOUTS, PRESETS, cluster_spec, compare, plan_layout, resolve_preset
+from tools.bench.slo import SLO
+
+MIB = 1 << 20
+
+
+# -- layouts ---------------------------------------------------------------------------------
+
+
+def test_two_gpus_give_each_worker_its_own_gpu_and_the_whole_budget():
+    co = plan_layout("colocated", "cuda", 2, 1024 * MIB)
+    dis = plan_layout("disaggregated", "cuda", 8, 1024 * MIB)
+    assert co.devices == {"mixed-0": "cuda:0", "mixed-1": "cuda:1"}
+    assert dis.devices == {"prefill-0": "cuda:0", "decode-0": "cuda:1"}
+    assert co.kv_cache_bytes == {"mixed-0": 1024 * MIB, "mixed-1": 1024 * MIB}
+    assert dis.kv_cache_bytes == {"prefill-0": 1024 * MIB, "decode-0": 1024 * MIB}
+    assert co.to_json()["shared_device"] is False and dis.to_json()["gpus_visible"] == 8
+
+
+def test_one_gpu_or_cpu_is_shared_with_half_the_budget_each():
+    co = plan_layout("colocated", "cuda", 1, 1001)
+    assert co.devices == {"mixed-0": "cuda:0", "mixed-1": "cuda:0"}
+    assert co.kv_cache_bytes == {"mixed-0": 500, "mixed-1": 500}
+    dis = plan_layout("disaggregated", "cpu", 0, 256 * MIB)
+    assert dis.devices == {"prefill-0": "cpu", "decode-0": "cpu"}
+    assert dis.kv_cache_bytes == {"prefill-0": 128 * MIB, "decode-0": 128 * MIB}
+    assert dis.to_json() == {"name": "disaggregated", "gpus_visible": 0, "shared_device": True, "workers": {
+        "prefill-0": {"role": "prefill", "device": "cpu", "kv_cache_bytes": 128 * MIB},
+        "decode-0": {"role": "decode", "device": "cpu", "kv_cache_bytes": 128 * MIB}}}
+
+
+def test_cuda_without_a_gpu_is_an_error():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        plan_layout("colocated", "cuda", 0, 1024)
+
+
+def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
+    workers = PRESETS["gpu-llama3-8b"].workers
+    spec = cluster_spec(plan_layout("colocated", "cuda", 2, workers.kv_cache_bytes_per_device), workers,
+                        tmp_path / "model", tmp_path / "state")
+    assert (spec.prefill, spec.decode, spec.mixed, spec.kvstore) == (0, 0, 2, False)
+    assert spec.worker_args == ("--dtype", "bfloat16", "--max-batched-tokens", "2048", "--max-num-seqs", "128",
+                                "--max-model-len", "8192")
+    assert spec.worker_name_args == {"mixed-0": ("--device", "cuda:0", "--kv-cache-bytes", str(24 << 30)),
+                                     "mixed-1": ("--device", "cuda:1", "--kv-cache-bytes", str(24 << 30))}
+    cpu = PRESETS["cpu-demo"].workers
+    spec = cluster_spec(plan_layout("disaggregated", "cpu", 0, cpu.kv_cache_bytes_per_device), cpu,
+                        tmp_path / "model", tmp_path / "state")
+    assert (spec.prefill, spec.decode, spec.mixed) == (1, 1, 0)
+    assert spec.worker_args[-2:] == ("--torch-threads", "1")
+    assert spec.worker_name_args["decode-0"] == ("--device", "cpu", "--kv-cache-bytes", str(128 * MIB))
+
+
+def test_cluster_spec_rejects_args_for_a_worker_it_does_not_have(tmp_path):
+    from tools.local_cluster import ClusterSpec
+
+    with pytest.raises(ValueError, match="mixed-1"):
+        ClusterSpec(tmp_path, tmp_path, prefill=1, decode=1, worker_name_args={"mixed-1": ("--device", "cuda:1")})
+
+
+def test_a_random_checkpoint_is_written_once(tmp_path, monkeypatch):
+    from tools.bench.engine_bench import TINY_LLAMA
+
+    monkeypatch.setitem(disagg_bench.RANDOM_SHAPES, "llama3-1b", TINY_LLAMA)  # the same path, at toy size
+    preset = replace(PRESETS["gpu-llama3-1b"], workers=replace(PRESETS["gpu-llama3-1b"].workers, dtype="float32"))
+    model_dir = disagg_bench.prepare_model(preset, tmp_path)
+    assert model_dir == tmp_path / "llama3-1b"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (128, 2, 2048)
+    written = {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}
+    assert disagg_bench.prepare_model(preset, tmp_path) == model_dir
+    assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == written
+    assert disagg_bench.prepare_model(PRESETS["cpu-demo"], tmp_path) == PRESETS["cpu-demo"].model_dir
+
+
+def test_flags_override_the_preset():
+    args = disagg_bench.build_parser().parse_args([
+        "--preset", "gpu-llama3-8b", "--workloads", "summarization", "--rates", "0.5,1", "--duration", "7",
+        "--tpot-slo-ms", "80", "--kv-cache-bytes", "1000", "--max-num-seqs", "16", "--random-shape", "llama3-1b"])
+    preset = resolve_preset(args)
+    assert preset.workloads == ("summarization",) and preset.random_shape == "llama3-1b"
+    assert preset.plans["summarization"].rates == (0.5, 1.0)
+    assert preset.plans["summarization"].slo == SLO(ttft_ms=3000, tpot_ms=80)
+    assert (preset.duration_s, preset.workers.kv_cache_bytes_per_device, preset.workers.max_num_seqs) == (7, 1000, 16)
+    assert preset.workers.max_batched_tokens == 2048  # not given: the preset's
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workloads", "chat"], "unknown workload(s) chat"),
+    (["--layouts", "colocated,split"], "unknown layout 'split'"),
+    (["--rates", "1,x"], "--rates must be comma-separated numbers"),
+    (["--duration", "0"], "must be > 0"),
+])
+def test_bad_flags_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        disagg_bench.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tandem_bench_disagg_runs_this_benchmark():
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "bench", "disagg", "--layouts", "split"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "tandem bench disagg: error: unknown layout 'split'" in done.stderr
+
+
+def test_the_estimate_counts_every_cluster_and_rate():
+    preset = PRESETS["gpu-llama3-8b"]  # 2 workloads x 5 rates; 2 layouts
+    typical, worst = disagg_bench.estimate_s(preset, 2)
+    assert typical == 4 * (90 + 5) + 20 * (20 + 3)
+    assert worst == 4 * (90 + 5) + 20 * (20 + 30)
+
+
+def _entry(rates_attained: list[tuple[float, float]], good: float | None, seed: int = 0) -> dict:
+    return {"settings": {"seed": seed}, "goodput_rate": good,
+            "runs": [{"rate": r, "summary": {"slo_attainment": a}} for r, a in rates_attained]}
+
+
+def test_compare_gives_a_ratio_only_for_the_same_settings():
+    co, dis = _entry([(1, 1.0), (2, 0.95), (4, 0.5)], 2), _entry([(1, 1.0), (2, 1.0), (4, 0.92)], 4)
+    assert compare({"colocated": co}) is None
+    both = compare({"colocated": co, "disaggregated": dis})
+    assert (both["ratio"], both["same_settings"]) == (2.0, True)
+    assert both["notes"] == ["disaggregated met the SLO at its highest rate: its goodput is at least 4/s"]
+    other = compare({"colocated": co, "disaggregated": _entry([(1, 1.0)], 1, seed=1)})
+    assert other["ratio"] is None and "different settings" in other["notes"][0]
+    none = compare({"colocated": _entry([(1, 0.2)], None), "disaggregated": dis})
+    assert none["ratio"] is None and none["notes"][0] == "colocated met the SLO at no swept rate (sweep lower rates)"
+
+
+# -- a real run: both layouts, real clusters -------------------------------------------------
+
+
+def test_cpu_run_of_both_layouts(tmp_path, capsys):
+    results = tmp_path / "results"
+    argv = ["--preset", "cpu-demo", "--workloads", "chatbot", "--scale", "0.05", "--rates", "2,4", "--duration",
+            "4", "--drain-timeout", "20", "--state-dir", str(tmp_path / "state"), "--results-dir", str(results)]
+    assert disagg_bench.main(argv) == 0
+    [path] = results.glob("disagg_cpu-demo_*.json")
+    report = json.loads(path.read_text())
+    slot = report["workloads"]["chatbot"]
+    assert set(slot["layouts"]) == set(LAYOUTS)
+    for name, entry in slot["layouts"].items():
+        assert entry["layout"]["name"] == name and entry["layout"]["shared_device"]
+        roles = sorted(w["role"] for w in entry["layout"]["workers"].values())
+        assert roles == (["mixed", "mixed"] if name == "colocated" else ["decode", "prefill"])
+        assert [run["rate"] for run in entry["runs"]] == [2, 4]
+        for run in entry["runs"]:
+            s = run["summary"]
+            assert s["ok"] == s["requests"] > 0 and s["failed"] == 0
+            assert 0 <= s["slo_attainment"] <= 1
+            assert all(r["cached_prompt_tokens"] == 0 for r in run["requests"])  # a fresh cluster per layout
+        assert "goodput_rate" in entry
+    co, dis = slot["layouts"]["colocated"], slot["layouts"]["disaggregated"]
+    assert co["settings"] == dis["settings"]
+    assert [[r["input_len"] for r in run["requests"]] for run in co["runs"]] == \
+        [[r["input_len"] for r in run["requests"]] for run in dis["runs"]]  # the same requests
+    comparison = slot["comparison"]
+    assert (comparison["colocated_goodput"], comparison["disaggregated_goodput"]) == (co["goodput_rate"],
+                                                                                      dis["goodput_rate"])
+    if co["goodput_rate"] and dis["goodput_rate"] is not None:
+        assert comparison["ratio"] == pytest.approx(dis["goodput_rate"] / co["goodput_rate"])
+    else:
+        assert comparison["ratio"] is None
+    assert path.with_name(f"{path.stem}_chatbot_attainment.png").is_file()
+    assert not list((tmp_path / "state").iterdir())  # a cluster's state dir goes once its run succeeded
+    out = capsys.readouterr().out
+    assert "colocated" in out and "disaggregated / colocated goodput:" in out
