@@ -203,15 +203,15 @@ if triton is not None:
         offs_c = tl.arange(0, CHUNK)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         d_mask = offs_d < HEAD_DIM
-        lse_ptr = split_lse_ptr + row * stride_lb + head * stride_lh
-        out_ptr_row = split_out_ptr + row * stride_ob + head * stride_oh
+        lse_row = split_lse_ptr + row * stride_lb + head * stride_lh
+        split_out_row = split_out_ptr + row * stride_ob + head * stride_oh
 
         # Pass 1: the largest live lse. Pass 2: sum the splits weighted by exp2(lse - max).
         # Dead splits (past context_len) are masked: never read, weight 0.
         max_lse = tl.full([CHUNK], float("-inf"), tl.float32)
         for start in range(0, num_live, CHUNK):
             splits = start + offs_c
-            lse = tl.load(lse_ptr + splits, mask=splits < num_live, other=float("-inf"))
+            lse = tl.load(lse_row + splits, mask=splits < num_live, other=float("-inf"))
             max_lse = tl.maximum(max_lse, lse)
         max_lse_all = tl.max(max_lse, axis=0)
         weight_sum = tl.zeros([CHUNK], tl.float32)
@@ -219,8 +219,8 @@ if triton is not None:
         for start in range(0, num_live, CHUNK):
             splits = start + offs_c
             live = splits < num_live
-            weight = tl.exp2(tl.load(lse_ptr + splits, mask=live, other=float("-inf")) - max_lse_all)
-            split_out = tl.load(out_ptr_row + splits[:, None] * stride_os + offs_d[None, :],
+            weight = tl.exp2(tl.load(lse_row + splits, mask=live, other=float("-inf")) - max_lse_all)
+            split_out = tl.load(split_out_row + splits[:, None] * stride_os + offs_d[None, :],
                                 mask=live[:, None] & d_mask[None, :], other=0.0)  # [CHUNK, HEAD_DIM_PAD]
             acc += tl.sum(split_out * weight[:, None], axis=0)
             weight_sum += weight
