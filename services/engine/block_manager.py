@@ -58,6 +58,10 @@ class BlockManager:
     def block_table(self, request_id: str) -> list[int]:
         return list(self._tables.get(request_id, ()))
 
+    def covers(self, request_id: str, num_tokens: int) -> bool:
+        """Whether the request's table already has room for ``num_tokens`` (no allocation needed)."""
+        return len(self._tables.get(request_id, ())) * self.block_size >= num_tokens
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

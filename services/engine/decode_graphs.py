@@ -71,6 +71,8 @@ class DecodeGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.steps = 0
         """Steps run on the static buffers (replayed or eager)."""
+        self.launched_at = 0.0
+        """perf_counter() when the last step's inputs were ready and its device work began."""
         if capture:
             self._capture_all()
 
@@ -92,6 +94,7 @@ class DecodeGraphs:
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table
         self._pad(b, size)
+        self.launched_at = time.perf_counter()
         self._ints.copy_(self._host_ints, non_blocking=True)
         self._tables.copy_(self._host_tables, non_blocking=True)
         if self._graphs:

@@ -118,7 +118,7 @@ class LLMEngine:
             return []
         tables = {c.request.request_id: self.blocks.block_table(c.request.request_id) for c in plan.chunks}
         logits = self.runner.execute(plan, tables)
-        launched = time.perf_counter()
+        launched = self.runner.launched_at
         self.runner.synchronize()  # on GPU: the host now waits for the step (sampling needs its logits)
         computed = time.perf_counter()
         completing = [c for c in plan.chunks if c.completes]
@@ -344,10 +344,12 @@ class LLMEngine:
 class EngineStats:
     """Counters since start: steps, computed tokens, preemptions, and where step time went.
 
-    ``host_s``: time the host spent on a step while not waiting for the device (scheduling,
-    building inputs, launching, sampling, stop checks); on GPU the device idles meanwhile,
-    as steps are not overlapped. ``step_s``: whole steps. On CPU the model runs on the
-    host, so there host_s includes it.
+    ``host_s``: time the host spent on a step before the model's device work began
+    (scheduling, building inputs) and after it ended (sampling, stop checks, outputs); on
+    GPU the device idles meanwhile, as steps are not overlapped. Launching kernels or
+    replaying a graph is not counted: the device works while the host launches.
+    ``step_s``: whole steps. On CPU the model runs on the host: the model's time is
+    outside host_s there too.
     """
 
     def __init__(self) -> None:

@@ -10,6 +10,8 @@ decode buffers (CUDA graphs on GPU); any other step runs eagerly.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan
@@ -30,6 +32,8 @@ class ModelRunner:
             c.num_layers, 2, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim, dtype=dtype, device=device
         )
         self.decode_graphs: DecodeGraphs | None = None
+        self.launched_at = 0.0
+        """perf_counter() when the last step's inputs were built and its model work began."""
 
     def enable_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
         """Run decode-only steps of up to ``max_batch`` requests on static buffers, captured as
@@ -54,6 +58,7 @@ class ModelRunner:
         if graphs is not None and len(out.chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in out.chunks):
             return self._execute_decode(graphs, out, block_tables)
         input_ids, positions, meta, sample_rows = self._prepare(out, block_tables)
+        self.launched_at = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         return self.model.logits(hidden[sample_rows])
 
@@ -72,6 +77,7 @@ class ModelRunner:
             if chunk.completes:
                 completing.append(row)
         logits = graphs.run(ids, pos, slots, lens, tables)
+        self.launched_at = graphs.launched_at
         if len(completing) == len(out.chunks):
             return logits
         return logits[self._tensor(completing)]

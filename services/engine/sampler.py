@@ -28,27 +28,38 @@ class SampleInput:
 
 
 def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[int], list[float | None]]:
-    """logits: [B, V] float32 -> chosen ids and, where asked for, their log-probabilities."""
+    """logits: [B, V] float32 -> chosen ids and, where asked for, their log-probabilities.
+
+    One argmax over the batch serves every greedy row whose pick is not banned (masking
+    other ids cannot move the first maximum), so a plain greedy batch costs one kernel
+    and one transfer; only sampled rows and greedy rows that picked a banned id are
+    redone one by one, their results gathered in a second transfer.
+    """
     assert logits.shape[0] == len(inputs)
-    raw = logits
-    if any(item.banned_token_ids for item in inputs):
-        logits = logits.clone()
-        for row, item in enumerate(inputs):
-            if item.banned_token_ids:
-                logits[row, list(item.banned_token_ids)] = float("-inf")
-    tokens = logits.argmax(dim=-1)
+    tokens = logits.argmax(dim=-1).tolist()
+    redo_rows, redone = [], []
     for row, item in enumerate(inputs):
-        if not item.params.greedy:
-            tokens[row] = _sample_row(logits[row], item)
-    token_list = tokens.tolist()
+        banned = item.banned_token_ids
+        if item.params.greedy and tokens[row] not in banned:
+            continue
+        row_logits = logits[row]
+        if banned:
+            row_logits = row_logits.clone()
+            row_logits[list(banned)] = float("-inf")
+        redo_rows.append(row)
+        redone.append(row_logits.argmax() if item.params.greedy else _sample_row(row_logits, item))
+    if redone:
+        for row, token in zip(redo_rows, torch.stack(redone).tolist()):
+            tokens[row] = token
     logprobs: list[float | None] = [None] * len(inputs)
     wanted = [row for row, item in enumerate(inputs) if item.params.logprobs]
     if wanted:
         rows = torch.tensor(wanted, device=logits.device)
-        lp = torch.log_softmax(raw[rows], dim=-1).gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
+        chosen = torch.tensor([tokens[row] for row in wanted], device=logits.device)
+        lp = torch.log_softmax(logits[rows], dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
         for row, value in zip(wanted, lp):
             logprobs[row] = value
-    return token_list, logprobs
+    return tokens, logprobs
 
 
 def _sample_row(logits: torch.Tensor, item: SampleInput) -> torch.Tensor:

@@ -91,13 +91,14 @@ class Scheduler:
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             assert n > 0, "a running request always has a token to compute"
             target = request.num_computed_tokens + n
-            while not self.blocks.can_allocate(request.request_id, target):
-                victim = self.running[-1]
-                self._preempt(victim)
-                out.preempted.append(victim.request_id)
-                if victim is request:
-                    return budget
-            self.blocks.allocate(request.request_id, target)
+            if not self.blocks.covers(request.request_id, target):  # most decode steps stay in their block
+                while not self.blocks.can_allocate(request.request_id, target):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    out.preempted.append(victim.request_id)
+                    if victim is request:
+                        return budget
+                self.blocks.allocate(request.request_id, target)
             out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
             budget -= n
             i += 1
