@@ -10,6 +10,7 @@ decode buffers (CUDA graphs on GPU); any other step runs eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -39,8 +40,14 @@ class ModelRunner:
         """Run decode-only steps of up to ``max_batch`` requests on static buffers, captured as
         CUDA graphs when ``capture`` (only on CUDA, and not for MoE models)."""
         capture = capture and self.device.type == "cuda" and graph_safe(self.model)
-        self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.num_blocks, self.block_size,
-                                          max_model_len, max_batch, capture)
+        with self._on_device():
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.num_blocks, self.block_size,
+                                              max_model_len, max_batch, capture)
+
+    def _on_device(self):
+        """Make the runner's GPU the current one (per thread) while it runs: Triton launches
+        on the current device, whatever device the tensors are on (cuda:1 ...)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -54,6 +61,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
         """Run one step; returns logits [num completing chunks, vocab] in chunk order."""
+        with self._on_device():
+            return self._execute(out, block_tables)
+
+    def _execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
         graphs = self.decode_graphs
         if graphs is not None and len(out.chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in out.chunks):
             return self._execute_decode(graphs, out, block_tables)
