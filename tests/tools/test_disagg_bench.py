@@ -116,10 +116,10 @@ def test_tandem_bench_disagg_runs_this_benchmark():
 
 
 def test_the_estimate_counts_every_cluster_and_rate():
-    preset = PRESETS["gpu-llama3-8b"]  # 2 workloads x 5 rates; 2 layouts
+    preset = PRESETS["gpu-llama3-8b"]  # 2 workloads x 4 rates; 2 layouts; 60 s starts, 12 s rates, 20 s drains
     typical, worst = disagg_bench.estimate_s(preset, 2)
-    assert typical == 4 * (90 + 5) + 20 * (20 + 3)
-    assert worst == 4 * (90 + 5) + 20 * (20 + 30)
+    assert typical == 4 * (60 + 5) + 16 * (12 + 3)
+    assert worst == 4 * (60 + 5) + 16 * (12 + 20)
 
 
 def _entry(rates_attained: list[tuple[float, float]], good: float | None, seed: int = 0) -> dict:

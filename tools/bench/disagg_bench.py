@@ -16,6 +16,8 @@ worker prefills and decodes in one continuous batch (chunked prefill up to
 ``--max-batched-tokens``), so a long prompt stretches the decode steps of everything it
 shares the batch with; the disaggregated layout removes that interference and pays a KV
 handoff and one fewer worker per phase instead. The result says which matters more.
+Each phase keeps its own token budget: prefill workers of the GPU presets prefill up to
+8192 tokens per step (a whole summarisation prompt), mixed and decode workers 2048.
 
 Reported per workload and layout: SLO attainment per rate (the share of *all* requests
 meeting both the TTFT and the TPOT limit; failures count as misses) and goodput, the
@@ -114,6 +116,10 @@ class WorkerSettings:
     max_batched_tokens: int
     max_num_seqs: int
     torch_threads: int | None = None
+    prefill_max_batched_tokens: int | None = None
+    """Token budget of prefill-only workers (None: ``max_batched_tokens``). A prefill worker
+    runs no decodes, so chunking a prompt only costs it speed; each phase gets its own
+    setting, which is what disaggregation allows."""
     """Torch threads per worker process (CPU: 1, so two workers fit two cores)."""
 
 
@@ -151,7 +157,7 @@ _CPU_WORKERS = WorkerSettings("cpu", "float32", kv_cache_bytes_per_device=256 <<
                               max_batched_tokens=512, max_num_seqs=64, torch_threads=1)
 # One H100 holding both 8B processes: 2 x 16 GB of weights + 24 GiB of KV (~98K tokens per process).
 _GPU_WORKERS = WorkerSettings("cuda", "bfloat16", kv_cache_bytes_per_device=24 * GIB, max_model_len=8192,
-                              max_batched_tokens=2048, max_num_seqs=128)
+                              max_batched_tokens=2048, max_num_seqs=128, prefill_max_batched_tokens=8192)
 PRESETS = {p.name: p for p in (
     Preset("cpu-demo", DEMO_MODEL_DIR, None, _CPU_WORKERS,
            {"chatbot": WorkloadPlan("chatbot", (16, 32, 64), _CPU_SLO),
@@ -219,6 +225,10 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
         common += ["--torch-threads", str(workers.torch_threads)]
     per_worker = {name: ("--device", device, "--kv-cache-bytes", str(layout.kv_cache_bytes[name]))
                   for name, device in layout.devices.items()}
+    if workers.prefill_max_batched_tokens is not None:
+        for name in per_worker:
+            if name.startswith("prefill-"):
+                per_worker[name] += ("--max-batched-tokens", str(workers.prefill_max_batched_tokens))
     return ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=layout.count("prefill"),
                        decode=layout.count("decode"), mixed=layout.count("mixed"), http_port=free_port(),
                        grpc_port=free_port(), worker_args=tuple(common), worker_name_args=per_worker, kvstore=False)
@@ -503,7 +513,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     if args.model is not None and not (args.model / "config.json").is_file():
         raise ValueError(f"--model {args.model}: no config.json there")
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "kv_cache_bytes_per_device", "max_model_len",
-                                               "max_batched_tokens", "max_num_seqs", "torch_threads")
+                                               "max_batched_tokens", "max_num_seqs", "torch_threads",
+                                               "prefill_max_batched_tokens")
                  if getattr(args, k) is not None}
     workloads = tuple(args.workloads.split(",")) if args.workloads else p.workloads
     unknown = [w for w in workloads if w not in p.plans]
@@ -564,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV budget per device (split between the worker processes sharing it)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-batched-tokens", type=int, default=None)
+    parser.add_argument("--prefill-max-batched-tokens", type=int, default=None,
+                        help="token budget of prefill workers (default: the preset's, else --max-batched-tokens)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker process")
     parser.add_argument("--state-dir", type=Path, default=Path(tempfile.gettempdir()) / "tandem-disagg",
