@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--decode-graphs", choices=("auto", "eager", "off"), default=None,
+                   help="decode steps from CUDA graphs: auto (default; off for prefill workers, which do not "
+                        "decode), eager, off")
     p.add_argument("--policy", default="least-loaded", choices=POLICIES,
                    help="router: how to pick a (prefill, decode) pair")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -68,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     from services.engine.config import EngineConfig
     from services.engine.scheduler import SchedulerConfig
 
+    graphs = args.decode_graphs or ("off" if args.role == "prefill" else "auto")
     engine = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes,
-                          max_model_len=args.max_model_len,
+                          max_model_len=args.max_model_len, decode_graphs=graphs,
                           scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                                     max_num_batched_tokens=args.max_batched_tokens))
     config = WorkerConfig(role=args.role, model_dir=args.model, etcd_url=args.etcd, cluster=args.cluster,

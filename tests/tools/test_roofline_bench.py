@@ -45,3 +45,7 @@ def test_tiny_run_writes_every_workload(tmp_path, capsys):
     assert 0 < a["tandem/decode-b64"]["host_share"] <= 1
     assert a["tandem/prefill-4k"]["matmul_share"] > 0
     assert "tandem" in capsys.readouterr().out
+    assert out.with_suffix(".png").stat().st_size > 0
+    out.with_suffix(".png").unlink()
+    assert rb.main(["--plot-only", str(out)]) == 0 and out.with_suffix(".png").is_file()
+    assert rb.main(["--plot-only", str(tmp_path / "missing.json")]) == 2

@@ -29,7 +29,9 @@ throughput; prefill-4k >= 50% of matmul FLOP/s; host share <= 10%.
     python -m tools.bench.roofline_bench --tiny --device cpu  # the whole path on a toy model
 
 Output: a table on stdout, progress on stderr, JSON in
-tools/bench/results/roofline_<shape>_<device>.json (or --out).
+tools/bench/results/roofline_<shape>_<device>.json (or --out), and a PNG next to it
+(each system's share of the hardware floor per workload, with the targets);
+``--plot-only FILE`` redraws the PNG of a saved result.
 """
 
 from __future__ import annotations
@@ -327,6 +329,44 @@ def _fmt(value, scale, pattern):
     return "-" if value is None else pattern.format(value * scale)
 
 
+def plot(report: dict, path: Path) -> Path | None:
+    """Bars: each system's share of the floor (decode: floor throughput; prefill: matmul FLOP/s)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed; no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [w for w in ("decode-b1", "decode-b64", "prefill-4k")
+             if any(r["workload"] == w for r in report["results"])]
+    targets = {"decode-b1": 1 / TARGETS["decode_b1_floor_ratio_max"], "decode-b64": TARGETS["decode_b64_floor_share_min"],
+               "prefill-4k": TARGETS["prefill_matmul_share_min"]}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for offset, system in ((-0.2, "transformers"), (0.2, "tandem")):
+        shares = []
+        for name in names:
+            a = report["analysis"].get(f"{system}/{name}", {})
+            shares.append(a.get("floor_share", a.get("matmul_share", 0.0)))
+        bars = ax.bar([i + offset for i in range(len(names))], shares, width=0.4, label=system)
+        ax.bar_label(bars, labels=[f"{v:.0%}" for v in shares], fontsize=8)
+    for i, name in enumerate(names):
+        ax.hlines(targets[name], i - 0.45, i + 0.45, colors="black", linestyles="dashed",
+                  label="target" if i == 0 else None)
+    ax.set_xticks(range(len(names)), [f"{n}\n({'of matmul FLOP/s' if n.startswith('prefill') else 'of floor tok/s'})"
+                                      for n in names])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of the hardware floor")
+    env = report.get("environment", {})
+    ax.set_title(f"tandem bench roofline: {env.get('device_name', '')}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem bench roofline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,11 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-hf", action="store_true", help="measure only the engine")
     p.add_argument("--tiny", action="store_true", help="a toy model and short workloads (checks the path on CPU)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--plot-only", type=Path, default=None, metavar="FILE", help="redraw the PNG of a saved result")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plot_only is not None:
+        try:
+            report = json.loads(args.plot_only.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"error: cannot read {args.plot_only}: {e}", file=sys.stderr)
+            return 2
+        log(f"wrote {plot(report, args.plot_only.with_suffix('.png'))}")
+        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: CUDA is not available (use --device cpu --tiny to check the path)", file=sys.stderr)
         return 2
@@ -358,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out or RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {path}")
+    log(f"wrote {path}, {plot(report, path.with_suffix('.png'))}")
     return 0
 
 
