@@ -66,13 +66,15 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import re
 import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -80,7 +82,7 @@ import torch
 from tools.bench import serve_bench
 from tools.bench.engine_bench import LLAMA3_8B, LlamaShape, device_name, environment, random_hf_model, slug
 from tools.bench.serve_clients import LoadClient
-from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, goodput
+from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, goodput
 from tools.bench.workloads import WORKLOADS
 from tools.demo import DEMO_MODEL_DIR
 from tools.local_cluster import ClusterSpec, free_port, start_cluster, stop_cluster
@@ -94,6 +96,7 @@ _CLUSTER_START_TIMEOUT_S = 600.0
 _WARMUP_REQUESTS_PER_WORKER = 2
 _STOP_ESTIMATE_S = 5.0
 _EXIT_RUN_FAILED = 1
+_EXIT_BAD_INPUT = 2
 
 
 def log(message: str) -> None:
@@ -116,11 +119,11 @@ class WorkerSettings:
     max_batched_tokens: int
     max_num_seqs: int
     torch_threads: int | None = None
+    """Torch threads per worker process (CPU: 1, so two workers fit two cores)."""
     prefill_max_batched_tokens: int | None = None
     """Token budget of prefill-only workers (None: ``max_batched_tokens``). A prefill worker
     runs no decodes, so chunking a prompt only costs it speed; each phase gets its own
     setting, which is what disaggregation allows."""
-    """Torch threads per worker process (CPU: 1, so two workers fit two cores)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,20 @@ class WorkloadPlan:
     workload: str
     rates: tuple[float, ...]
     slo: SLO
+
+
+@dataclass(frozen=True)
+class OtherLimits:
+    """SLO limits besides each workload's own, for which goodput is recomputed from the
+    stored request records; each one replaces one limit of the workload's SLO."""
+
+    tpot_ms: tuple[float, ...] = ()
+    """TPOT limits, each with the workload's TTFT limit."""
+    ttft_ms: tuple[float, ...] = ()
+    """TTFT limits, each with the workload's TPOT limit."""
+
+    def slos(self, primary: SLO) -> list[SLO]:
+        return [SLO(primary.ttft_ms, t) for t in self.tpot_ms] + [SLO(t, primary.tpot_ms) for t in self.ttft_ms]
 
 
 @dataclass(frozen=True)
@@ -150,8 +167,13 @@ class Preset:
     cluster_start_estimate_s: float
     """For the time estimate only."""
     seed: int = 0
+    other_limits: OtherLimits = OtherLimits()
+    """The SLO sensitivity report's limits (``--also-tpot-ms`` / ``--also-ttft-ms``)."""
 
 
+# Decode steps of a mixed worker slow down as its batch fills (TPOT ~6 ms -> ~20 ms at 24
+# chatbot req/s on an H200) while a decode worker's stay flat, so the verdict turns on the TPOT limit.
+_GPU_OTHER_LIMITS = OtherLimits(tpot_ms=(25, 15))
 _CPU_SLO, _GPU_SLO = SLO(ttft_ms=1000, tpot_ms=100), SLO(ttft_ms=500, tpot_ms=50)
 _CPU_WORKERS = WorkerSettings("cpu", "float32", kv_cache_bytes_per_device=256 << 20, max_model_len=None,
                               max_batched_tokens=512, max_num_seqs=64, torch_threads=1)
@@ -169,12 +191,14 @@ PRESETS = {p.name: p for p in (
            {"chatbot": WorkloadPlan("chatbot", (4, 8, 16, 24), _GPU_SLO),
             "code": WorkloadPlan("code", (4, 8, 16, 24), _GPU_SLO),
             "summarization": WorkloadPlan("summarization", (2, 4, 6, 8), SLO(ttft_ms=3000, tpot_ms=50))},
-           ("chatbot", "summarization"), duration_s=12, drain_timeout_s=20, scale=1.0, cluster_start_estimate_s=60),
+           ("chatbot", "summarization"), duration_s=12, drain_timeout_s=20, scale=1.0, cluster_start_estimate_s=60,
+           other_limits=_GPU_OTHER_LIMITS),
     Preset("gpu-llama3-1b", None, "llama3-1b", _GPU_WORKERS,
            {"chatbot": WorkloadPlan("chatbot", (2, 4, 8, 12, 16), _GPU_SLO),
             "code": WorkloadPlan("code", (2, 4, 8, 12, 16), _GPU_SLO),
             "summarization": WorkloadPlan("summarization", (1, 2, 4, 6, 8), SLO(ttft_ms=3000, tpot_ms=50))},
-           ("chatbot", "summarization"), duration_s=20, drain_timeout_s=30, scale=1.0, cluster_start_estimate_s=45),
+           ("chatbot", "summarization"), duration_s=20, drain_timeout_s=30, scale=1.0, cluster_start_estimate_s=45,
+           other_limits=_GPU_OTHER_LIMITS),
 )}
 
 
@@ -318,12 +342,15 @@ def prepare_model(preset: Preset, scratch: Path) -> Path:
 # -- results -------------------------------------------------------------------------------
 
 
-def merge_entry(report: dict, workload: str, layout: str, entry: dict) -> dict:
+def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: OtherLimits = OtherLimits()) -> dict:
     """Put one (workload, layout) result into the report, replacing an older one, and
-    recompute that workload's comparison."""
+    recompute that workload's comparison and SLO sensitivity (for ``other``'s limits)."""
     slot = report["workloads"].setdefault(workload, {"layouts": {}, "comparison": None})
     slot["layouts"][layout] = entry
     slot["comparison"] = compare(slot["layouts"])
+    slot.pop("slo_sensitivity", None)  # computed from the layouts replaced just now
+    if block := slo_sensitivity(slot["layouts"], sensitivity_slos(slot, other)):
+        slot["slo_sensitivity"] = block
     report["updated_at"] = _now()
     return report
 
@@ -335,7 +362,7 @@ def compare(layouts: dict[str, dict]) -> dict | None:
     co, dis = layouts["colocated"], layouts["disaggregated"]
     same = co["settings"] == dis["settings"]
     good_co, good_dis = co["goodput_rate"], dis["goodput_rate"]
-    ratio = good_dis / good_co if same and good_co and good_dis is not None else None
+    ratio = _goodput_ratio(good_co, good_dis, same)
     notes = [] if same else ["the layouts ran with different settings: run one again to compare"]
     for name, entry in (("colocated", co), ("disaggregated", dis)):
         top = max(run["rate"] for run in entry["runs"])
@@ -345,6 +372,64 @@ def compare(layouts: dict[str, dict]) -> dict | None:
             notes.append(f"{name} met the SLO at its highest rate: its goodput is at least {top:g}/s")
     return {"colocated_goodput": good_co, "disaggregated_goodput": good_dis, "ratio": ratio,
             "same_settings": same, "notes": notes}
+
+
+def _goodput_ratio(good_co: float | None, good_dis: float | None, same_settings: bool) -> float | None:
+    return good_dis / good_co if same_settings and good_co and good_dis is not None else None
+
+
+def primary_slo(slot: dict) -> SLO:
+    """The SLO a workload's layouts ran with (the first layout's, should they differ)."""
+    entry = next(slot["layouts"][name] for name in LAYOUTS if name in slot["layouts"])
+    return SLO(**entry["settings"]["slo"])
+
+
+def slo_sensitivity(layouts: dict[str, dict], slos: Sequence[SLO]) -> list[dict]:
+    """Attainment per rate, goodput per layout and their ratio for each of ``slos``, recomputed
+    from the stored request records: the same requests as the headline, on its rate grid. A
+    layout whose runs lack their records is listed under ``no_records`` with goodput None."""
+    names = [name for name in LAYOUTS if name in layouts]
+    same = all(name in layouts for name in LAYOUTS) and \
+        layouts["colocated"]["settings"] == layouts["disaggregated"]["settings"]
+    block = []
+    for slo in slos:
+        points = {name: _attainment_points(layouts[name], slo) for name in names}
+        good = {name: None if pts is None else goodput(pts) for name, pts in points.items()}
+        item = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "goodput": good,
+                "ratio": _goodput_ratio(good.get("colocated"), good.get("disaggregated"), same), "attainment": points}
+        if missing := [name for name, pts in points.items() if pts is None]:
+            item["no_records"] = missing
+        block.append(item)
+    return block
+
+
+def _attainment_points(entry: dict, slo: SLO) -> list[list[float | None]] | None:
+    """[[rate, attainment], ...] of one layout's runs; None unless every run kept all its records."""
+    points = []
+    for run in entry["runs"]:
+        records = run.get("requests")
+        if records is None or len(records) != run["summary"]["requests"]:
+            return None
+        points.append([run["rate"], attainment([_request_record(r) for r in records], slo)])
+    return points
+
+
+def _request_record(stored: dict) -> RequestRecord:
+    return RequestRecord(**{f.name: stored[f.name] for f in fields(RequestRecord) if f.name in stored})
+
+
+def sensitivity_slos(slot: dict, other: OtherLimits) -> list[SLO]:
+    """``other``'s limits and those already in the slot's block, loosest first, without the
+    workload's own SLO."""
+    primary = primary_slo(slot)
+    stored = [SLO(item["ttft_ms"], item["tpot_ms"]) for item in slot.get("slo_sensitivity", [])]
+    wanted = {slo for slo in other.slos(primary) + stored if slo != primary}
+
+    def looseness(slo: SLO) -> tuple[float, float]:
+        return (-(slo.ttft_ms if slo.ttft_ms is not None else math.inf),
+                -(slo.tpot_ms if slo.tpot_ms is not None else math.inf))
+
+    return sorted(wanted, key=looseness)
 
 
 def results_path(results_dir: Path, preset: Preset) -> Path:
@@ -364,16 +449,23 @@ def write_report(path: Path, report: dict) -> None:
     """Indented JSON with one line per request record (a sweep holds thousands of them)."""
     compact: list[str] = []
 
-    def placeholder(record: dict) -> str:
-        compact.append(json.dumps(record, separators=(",", ":")))
+    def placeholder(value: object) -> str:
+        compact.append(json.dumps(value, separators=(",", ":")))
         return f"@record{len(compact) - 1}@"
 
-    def compact_entry(entry: dict) -> dict:
-        return {**entry, "runs": [{**run, "requests": [placeholder(r) for r in run["requests"]]}
-                                  for run in entry["runs"]]}
+    def compact_run(run: dict) -> dict:
+        return {**run, "requests": [placeholder(r) for r in run["requests"]]} if "requests" in run else run
 
-    workloads = {w: {**slot, "layouts": {name: compact_entry(e) for name, e in slot["layouts"].items()}}
-                 for w, slot in report["workloads"].items()}
+    def compact_slot(slot: dict) -> dict:
+        compacted = {**slot, "layouts": {name: {**e, "runs": [compact_run(run) for run in e["runs"]]}
+                                         for name, e in slot["layouts"].items()}}
+        if "slo_sensitivity" in slot:
+            compacted["slo_sensitivity"] = [
+                {**item, "attainment": {name: placeholder(pts) for name, pts in item["attainment"].items()}}
+                for item in slot["slo_sensitivity"]]
+        return compacted
+
+    workloads = {w: compact_slot(slot) for w, slot in report["workloads"].items()}
     text = json.dumps({**report, "workloads": workloads}, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(re.sub(r'"@record(\d+)@"', lambda m: compact[int(m.group(1))], text) + "\n")
@@ -392,6 +484,7 @@ def format_table(report: dict, workloads: list[str]) -> str:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines += _comparison_lines(slot["comparison"])
+        lines += _sensitivity_lines(slot)
         lines.append("")
     lines.append(f"goodput: the highest swept rate with >= {GOODPUT_ATTAINMENT:.0%} of requests meeting both SLOs "
                  "(failures count as misses)")
@@ -412,6 +505,38 @@ def _comparison_lines(comparison: dict | None) -> list[str]:
     ratio = comparison["ratio"]
     lines = ["  disaggregated / colocated goodput: " + ("-" if ratio is None else f"{ratio:.2f}")]
     return lines + [f"  note: {note}" for note in comparison["notes"]]
+
+
+def _sensitivity_lines(slot: dict) -> list[str]:
+    """One line per other SLO: both layouts' goodput (>= where a layout met it at its top rate)."""
+    block = slot.get("slo_sensitivity")
+    if not block:
+        return []
+    primary = primary_slo(slot)
+    tops = {name: max(run["rate"] for run in e["runs"]) for name, e in slot["layouts"].items()}
+    lines = ["  other SLO limits, recomputed from the same requests and rates (the SLO above stays the headline):"]
+    for item in block:
+        limits = [f"{name} <= {value:g} ms" for name, value, own in (("TTFT", item["ttft_ms"], primary.ttft_ms),
+                                                                      ("TPOT", item["tpot_ms"], primary.tpot_ms))
+                  if value != own]
+        goods = [f"{name} no per-request records" if name in item.get("no_records", ())
+                 else f"{name} {_goodput_text(good, tops[name])}" for name, good in item["goodput"].items()]
+        lines.append(f"    {', '.join(limits)}: {', '.join(goods)} req/s ({_ratio_text(item, tops)})")
+    return lines
+
+
+def _goodput_text(good: float | None, top: float) -> str:
+    return "none" if good is None else f">={good:g}" if good == top else f"{good:g}"
+
+
+def _ratio_text(item: dict, tops: dict[str, float]) -> str:
+    """The ratio, marked as a bound where one layout met the SLO at its highest rate."""
+    if item["ratio"] is None:
+        return "-"
+    co_top, dis_top = (item["goodput"][name] == tops[name] for name in LAYOUTS)
+    if co_top and dis_top:
+        return "- (both met it at their highest rate)"
+    return f"{'>=' if dis_top else '<=' if co_top else ''}{item['ratio']:.2f}x"
 
 
 def _pct(value: float | None) -> str:
@@ -468,20 +593,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         preset = resolve_preset(args)
-        gpus = torch.cuda.device_count() if preset.workers.device == "cuda" else 0
-        layouts = [plan_layout(name, preset.workers.device, gpus, preset.workers.kv_cache_bytes_per_device)
-                   for name in args.layouts.split(",")]
+        layouts = [] if args.report_only else plan_layouts(preset, args.layouts.split(","))
     except ValueError as e:
         parser.error(str(e))
+    if args.report_only:
+        return report_only(args, preset)
     log(estimate_text(preset, len(layouts), args.scratch))
     model_dir = prepare_model(preset, args.scratch)
-    path = results_path(args.results_dir, preset)
+    path = args.results_file or results_path(args.results_dir, preset)
     args.state_dir.mkdir(parents=True, exist_ok=True)
     try:
         for workload in preset.workloads:
             for layout in layouts:
                 entry = run_layout(layout, preset.plans[workload], preset, model_dir, args.state_dir)
-                report = merge_entry(load_report(path, preset), workload, layout.name, entry)
+                report = merge_entry(load_report(path, preset), workload, layout.name, entry, preset.other_limits)
                 write_report(path, report)  # after every layout: a cut-off run keeps what it finished
     except (OSError, RuntimeError, TimeoutError) as e:  # a cluster that did not start, a router gone
         print(f"tandem bench disagg: error: {e}", file=sys.stderr)
@@ -493,6 +618,92 @@ def main(argv: list[str] | None = None) -> int:
             write_plot(report, workload, path.with_name(f"{path.stem}_{workload}_attainment.png"))
     log(f"results in {path}")
     return 0
+
+
+def plan_layouts(preset: Preset, names: list[str]) -> list[Layout]:
+    gpus = torch.cuda.device_count() if preset.workers.device == "cuda" else 0
+    return [plan_layout(name, preset.workers.device, gpus, preset.workers.kv_cache_bytes_per_device) for name in names]
+
+
+def report_only(args: argparse.Namespace, preset: Preset) -> int:
+    """Print (and plot) a stored result again, with the SLO sensitivity for the ``--also-*``
+    limits (default: those of the result's preset); starts no cluster. The JSON is rewritten
+    only to add a sensitivity block that was missing or lacked some of those limits."""
+    try:
+        path = args.results_file or existing_results_path(args.results_dir, preset)
+        report = read_report(path)
+        workloads = reported_workloads(report, args.workloads, path)
+    except ValueError as e:
+        print(f"tandem bench disagg: error: {e}", file=sys.stderr)
+        return _EXIT_BAD_INPUT
+    known = PRESETS.get(report.get("preset"))
+    shown, changed = recompute(report, workloads, _other_limits(args, known.other_limits if known else OtherLimits()))
+    print(format_table(shown, workloads))
+    if changed:
+        for workload in changed:  # nothing else of the stored report changes
+            report["workloads"][workload]["slo_sensitivity"] = shown["workloads"][workload]["slo_sensitivity"]
+        write_report(path, report)
+        log(f"added the SLO sensitivity of {', '.join(changed)} to {path}")
+    if not args.no_plots:
+        for workload in workloads:
+            write_plot(shown, workload, path.with_name(f"{path.stem}_{workload}_attainment.png"))
+    return 0
+
+
+def recompute(report: dict, workloads: list[str], other: OtherLimits) -> tuple[dict, list[str]]:
+    """(a copy of the report whose ``workloads`` have their comparison and SLO sensitivity
+    recomputed, the workloads whose sensitivity differs from the stored one); ``report`` is
+    left as it is."""
+    shown = {**report, "workloads": dict(report["workloads"])}
+    changed = []
+    for workload in workloads:
+        slot = report["workloads"][workload]
+        block = slo_sensitivity(slot["layouts"], sensitivity_slos(slot, other))
+        shown["workloads"][workload] = {**slot, "comparison": compare(slot["layouts"]), "slo_sensitivity": block}
+        if block != slot.get("slo_sensitivity", []):
+            changed.append(workload)
+    return shown, changed
+
+
+def existing_results_path(results_dir: Path, preset: Preset) -> Path:
+    """The file a run on this machine would write, else the preset's only file in ``results_dir``."""
+    try:
+        path = results_path(results_dir, preset)
+    except (AssertionError, RuntimeError):  # a GPU preset on a machine without CUDA
+        path = None
+    if path is not None and path.is_file():
+        return path
+    found = sorted(results_dir.glob(f"disagg_{preset.name}_*.json"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"no {preset.name} results in {results_dir} (name a file with --results-file)")
+    raise ValueError(f"{len(found)} {preset.name} results in {results_dir}: "
+                     f"{', '.join(f.name for f in found)}; name one with --results-file")
+
+
+def read_report(path: Path) -> dict:
+    """A stored result; ValueError (one line) for a missing or malformed file."""
+    if not path.is_file():
+        raise ValueError(f"no results file {path}")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(report, dict) or report.get("benchmark") != "disagg" or \
+            not isinstance(report.get("workloads"), dict):
+        raise ValueError(f"{path}: not a tandem bench disagg result")
+    return report
+
+
+def reported_workloads(report: dict, selected: str | None, path: Path) -> list[str]:
+    """``--workloads`` (default: all of the file's, in its order), each of which must be there."""
+    workloads = selected.split(",") if selected else list(report["workloads"])
+    if missing := [w for w in workloads if w not in report["workloads"]]:
+        raise ValueError(f"{path} has no results for {', '.join(missing)}")
+    if not workloads:
+        raise ValueError(f"{path} holds no results")
+    return workloads
 
 
 def estimate_text(preset: Preset, layouts: int, scratch: Path) -> str:
@@ -522,6 +733,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         raise ValueError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(p.plans)}")
     plans = {w: _override_plan(p.plans[w], args) for w in workloads}
     p = replace(p, workers=replace(p.workers, **overrides), plans=plans, workloads=workloads,
+                other_limits=_other_limits(args, p.other_limits),
                 **{k: getattr(args, k) for k in ("duration_s", "drain_timeout_s", "scale", "seed")
                    if getattr(args, k) is not None})
     for name in args.layouts.split(","):
@@ -544,6 +756,25 @@ def _override_plan(plan: WorkloadPlan, args: argparse.Namespace) -> WorkloadPlan
     slo = SLO(args.ttft_slo_ms if args.ttft_slo_ms is not None else plan.slo.ttft_ms,
               args.tpot_slo_ms if args.tpot_slo_ms is not None else plan.slo.tpot_ms)
     return WorkloadPlan(plan.workload, rates, slo)
+
+
+def _other_limits(args: argparse.Namespace, default: OtherLimits) -> OtherLimits:
+    """``--also-tpot-ms`` / ``--also-ttft-ms`` where given, else ``default``'s."""
+    tpot, ttft = args.also_tpot_ms, args.also_ttft_ms
+    return OtherLimits(default.tpot_ms if tpot is None else _parse_limits(tpot, "--also-tpot-ms"),
+                       default.ttft_ms if ttft is None else _parse_limits(ttft, "--also-ttft-ms"))
+
+
+def _parse_limits(text: str, flag: str) -> tuple[float, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated milliseconds, got {text!r}") from None
+    if not all(0 < v < math.inf for v in values):
+        raise ValueError(f"{flag} must be > 0")
+    return tuple(int(v) if v.is_integer() else v for v in values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -569,6 +800,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--ttft-slo-ms", type=float, default=None)
     parser.add_argument("--tpot-slo-ms", type=float, default=None)
+    parser.add_argument("--also-tpot-ms", metavar="MS,...", default=None,
+                        help="other TPOT limits to recompute goodput for from the same requests (default: the "
+                             "preset's: GPU 25,15, cpu-demo none; 'none': none)")
+    parser.add_argument("--also-ttft-ms", metavar="MS,...", default=None,
+                        help="other TTFT limits, likewise, each with the workload's TPOT limit (default: none)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--kv-cache-bytes", dest="kv_cache_bytes_per_device", metavar="BYTES", type=int, default=None,
@@ -582,6 +818,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", type=Path, default=Path(tempfile.gettempdir()) / "tandem-disagg",
                         help="a fresh cluster state directory per (workload, layout) is made in here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--results-file", type=Path, default=None,
+                        help="the results JSON (default: <results-dir>/disagg_<preset>_<device>.json)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: print (and plot) the results file again, with the SLO sensitivity; "
+                             "the file changes only if that block was missing or lacked a limit")
     parser.add_argument("--no-plots", action="store_true")
     return parser
 
