@@ -122,7 +122,12 @@ class ReservationTable(TransferHandler):
             log.warning("refusing KV write for %s: shape %s %s != %s %s", r.reservation_id, header.shape,
                         header.dtype, expected, cache.dtype)
             return None
-        return torch.empty(expected, dtype=cache.dtype, device=cache.device)
+        buffer = torch.empty(expected, dtype=cache.dtype, device=cache.device)
+        if buffer.is_cuda:
+            # The caching allocator may hand out memory that kernels still queued on the stream
+            # use (its reuse is stream-ordered); UCX writes outside that order, so wait for them.
+            await asyncio.to_thread(torch.cuda.synchronize, buffer.device)
+        return buffer
 
     async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
         """Acknowledge the landed payload and queue its copy into the cache. The copy runs on

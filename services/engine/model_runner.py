@@ -137,8 +137,11 @@ class ModelRunner:
     # -- KV export / import -------------------------------------------------------------
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """[L, 2, len(block_ids), block_size, Hkv, D] copy of the given blocks."""
-        return self.kv_cache[:, :, self._tensor(block_ids)].clone()
+        """[L, 2, len(block_ids), block_size, Hkv, D] copy of the given blocks, complete on return:
+        it is handed to UCX, which reads device memory outside torch's stream order."""
+        copy = self.kv_cache[:, :, self._tensor(block_ids)].clone()
+        self.synchronize()
+        return copy
 
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
         self.kv_cache[:, :, self._tensor(block_ids)] = kv.to(device=self.device, dtype=self.kv_cache.dtype)
