@@ -1,4 +1,5 @@
-"""``tandem bench disagg``: layouts and arguments exactly, then one real cut-down run of both layouts."""
+"""``tandem bench disagg``: layouts, arguments and the SLO sensitivity exactly, then one real
+cut-down run of both layouts."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from dataclasses import replace
 import pytest
 
 from tools.bench import disagg_bench
-from tools.bench.disagg_bench import LAYOUTS, PRESETS, cluster_spec, compare, plan_layout, resolve_preset
-from tools.bench.slo import SLO
+from tools.bench.disagg_bench import (LAYOUTS, PRESETS, OtherLimits, cluster_spec, compare, format_table,
+                                      plan_layout, resolve_preset, sensitivity_slos, slo_sensitivity, write_report)
+from tools.bench.slo import SLO, RequestRecord, goodput, summarize
 
 MIB = 1 << 20
+GPU_RESULT = disagg_bench.RESULTS_DIR / "disagg_gpu-llama3-8b_nvidia-h200.json"
 
 
 # -- layouts ---------------------------------------------------------------------------------
@@ -95,6 +98,17 @@ def test_flags_override_the_preset():
     assert preset.plans["summarization"].slo == SLO(ttft_ms=3000, tpot_ms=80)
     assert (preset.duration_s, preset.workers.kv_cache_bytes_per_device, preset.workers.max_num_seqs) == (7, 1000, 16)
     assert preset.workers.max_batched_tokens == 2048  # not given: the preset's
+    assert preset.other_limits == OtherLimits(tpot_ms=(25, 15))  # the GPU presets'
+
+
+@pytest.mark.parametrize("argv,other", [
+    (["--preset", "cpu-demo"], OtherLimits()),
+    (["--preset", "gpu-llama3-1b", "--also-ttft-ms", "250"], OtherLimits(tpot_ms=(25, 15), ttft_ms=(250,))),
+    (["--preset", "gpu-llama3-8b", "--also-tpot-ms", "20,12.5"], OtherLimits(tpot_ms=(20, 12.5))),
+    (["--preset", "gpu-llama3-8b", "--also-tpot-ms", "none"], OtherLimits()),
+])
+def test_other_limits_default_to_the_presets(argv, other):
+    assert resolve_preset(disagg_bench.build_parser().parse_args(argv)).other_limits == other
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -102,6 +116,8 @@ def test_flags_override_the_preset():
     (["--layouts", "colocated,split"], "unknown layout 'split'"),
     (["--rates", "1,x"], "--rates must be comma-separated numbers"),
     (["--duration", "0"], "must be > 0"),
+    (["--also-tpot-ms", "20,x"], "--also-tpot-ms must be comma-separated milliseconds, got '20,x'"),
+    (["--also-ttft-ms", "0"], "--also-ttft-ms must be > 0"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -139,13 +155,136 @@ def test_compare_gives_a_ratio_only_for_the_same_settings():
     assert none["ratio"] is None and none["notes"][0] == "colocated met the SLO at no swept rate (sweep lower rates)"
 
 
+# -- SLO sensitivity: recomputed from the stored records ---------------------------------------
+
+_SLO = SLO(ttft_ms=500, tpot_ms=50)
+_RATES = (4, 8, 16)
+
+
+def _records(rate: float, ttft_ms: float, tpot_ms: float, n: int = 10) -> list[dict]:
+    """n requests with the same latencies, but the first has a one-token output (no TPOT)."""
+    return [{"index": i, "scheduled_s": i / rate, "sent_s": i / rate, "input_len": 100, "output_len_requested": 20,
+             "output_len": 1 if i == 0 else 20, "ttft_ms": ttft_ms, "tpot_ms": None if i == 0 else tpot_ms,
+             "e2e_ms": ttft_ms + 19 * tpot_ms, "ok": True, "error": None} for i in range(n)]
+
+
+def _layout_entry(name: str, latencies: list[tuple[float, float]]) -> dict:
+    """A layout's entry as run_layout stores it; latencies: (TTFT, TPOT) per rate of _RATES."""
+    runs = []
+    for rate, (ttft, tpot) in zip(_RATES, latencies):
+        records = _records(rate, ttft, tpot)
+        runs.append({"rate": rate, "seed": 0, "requests": records,
+                     "summary": summarize([RequestRecord(**r) for r in records], _SLO)})
+    settings = {"slo": {"ttft_ms": _SLO.ttft_ms, "tpot_ms": _SLO.tpot_ms}, "rates": list(_RATES), "seed": 0,
+                "duration_s": 10, "device": "cpu", "dtype": "float32"}
+    return {"layout": plan_layout(name, "cpu", 0, MIB).to_json(), "settings": settings, "runs": runs,
+            "goodput_rate": goodput([(run["rate"], run["summary"]["slo_attainment"]) for run in runs])}
+
+
+def _layouts() -> dict[str, dict]:
+    """Colocated: TTFT fine, TPOT 3 ms x rate (12, 24, 48 ms). Disaggregated: TPOT a flat 6 ms,
+    TTFT over the 500 ms limit at 16 req/s. Goodput at TPOT <= 50 ms: 16 vs 8."""
+    return {"colocated": _layout_entry("colocated", [(100, 12), (100, 24), (100, 48)]),
+            "disaggregated": _layout_entry("disaggregated", [(150, 6), (300, 6), (900, 6)])}
+
+
+def test_a_tight_tpot_limit_flips_the_ratio():
+    layouts = _layouts()
+    assert compare(layouts)["ratio"] == 0.5  # the headline: TPOT <= 50 ms
+    loose, tight = slo_sensitivity(layouts, [SLO(500, 30), SLO(500, 20)])
+    assert loose == {"ttft_ms": 500, "tpot_ms": 30, "goodput": {"colocated": 8, "disaggregated": 8}, "ratio": 1.0,
+                     "attainment": {"colocated": [[4, 1.0], [8, 1.0], [16, 0.1]],
+                                    "disaggregated": [[4, 1.0], [8, 1.0], [16, 0.0]]}}
+    # at 8 req/s only the one-token request (no TPOT) meets TPOT <= 20 ms
+    assert tight == {"ttft_ms": 500, "tpot_ms": 20, "goodput": {"colocated": 4, "disaggregated": 8}, "ratio": 2.0,
+                     "attainment": {"colocated": [[4, 1.0], [8, 0.1], [16, 0.1]],
+                                    "disaggregated": [[4, 1.0], [8, 1.0], [16, 0.0]]}}
+
+
+def test_the_own_slo_recomputed_gives_the_headline_of_the_committed_gpu_run():
+    report = json.loads(GPU_RESULT.read_text())
+    for slot in report["workloads"].values():
+        [item] = slo_sensitivity(slot["layouts"], [disagg_bench.primary_slo(slot)])
+        for name, entry in slot["layouts"].items():
+            assert item["goodput"][name] == entry["goodput_rate"]
+            assert item["attainment"][name] == [[run["rate"], run["summary"]["slo_attainment"]] for run in entry["runs"]]
+        assert item["ratio"] == slot["comparison"]["ratio"]
+
+
+def test_the_limits_are_the_asked_and_the_stored_ones_loosest_first_without_the_own():
+    slot = {"layouts": _layouts(), "slo_sensitivity": [{"ttft_ms": 500, "tpot_ms": 20}]}
+    assert sensitivity_slos(slot, OtherLimits(tpot_ms=(15, 50, 25.0), ttft_ms=(250,))) == [
+        SLO(500, 25), SLO(500, 20), SLO(500, 15), SLO(250, 50)]
+
+
+def test_runs_without_records_are_reported_not_a_crash(tmp_path):
+    layouts = _layouts()
+    for run in layouts["colocated"]["runs"]:
+        del run["requests"]
+    [item] = slo_sensitivity(layouts, [SLO(500, 20)])
+    assert (item["goodput"], item["ratio"], item["no_records"]) == ({"colocated": None, "disaggregated": 8}, None,
+                                                                    ["colocated"])
+    slot = {"layouts": layouts, "comparison": compare(layouts), "slo_sensitivity": [item]}
+    assert "    TPOT <= 20 ms: colocated no per-request records, disaggregated 8 req/s (-)" in \
+        format_table({"workloads": {"chatbot": slot}}, ["chatbot"]).splitlines()
+    write_report(tmp_path / "r.json", {"workloads": {"chatbot": slot}})  # runs without records are written as they are
+    assert "requests" not in json.loads((tmp_path / "r.json").read_text())["workloads"]["chatbot"]["layouts"][
+        "colocated"]["runs"][0]
+
+
+def _no_cluster(*args, **kwargs):
+    raise AssertionError("--report-only started something")
+
+
+def test_report_only_prints_the_sensitivity_and_adds_it_once(tmp_path, monkeypatch, capsys):
+    for name in ("start_cluster", "run_layout", "prepare_model"):
+        monkeypatch.setattr(disagg_bench, name, _no_cluster)
+    path = tmp_path / "disagg_cpu-demo_x.json"
+    layouts = _layouts()
+    stored = {"benchmark": "disagg", "preset": "cpu-demo", "attainment_threshold": 0.9, "machine": {},
+              "workloads": {"chatbot": {"layouts": layouts, "comparison": compare(layouts)}}}
+    write_report(path, stored)
+    argv = ["--report-only", "--results-file", str(path), "--also-tpot-ms", "30,20"]
+    assert disagg_bench.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    block = out.index("  other SLO limits, recomputed from the same requests and rates (the SLO above stays the headline):")
+    assert out[block - 2] == "  disaggregated / colocated goodput: 0.50"
+    assert out[block + 1:block + 3] == ["    TPOT <= 30 ms: colocated 8, disaggregated 8 req/s (1.00x)",
+                                        "    TPOT <= 20 ms: colocated 4, disaggregated 8 req/s (2.00x)"]
+    report = json.loads(path.read_text())
+    slot = report["workloads"]["chatbot"]
+    assert [(i["tpot_ms"], i["ratio"]) for i in slot.pop("slo_sensitivity")] == [(30, 1.0), (20, 2.0)]
+    assert report == json.loads(json.dumps(stored))  # nothing else changed
+    assert path.with_name(f"{path.stem}_chatbot_attainment.png").is_file()
+    written = path.read_bytes()
+    assert disagg_bench.main(argv + ["--no-plots"]) == 0  # the block is there now: nothing to write
+    assert path.read_bytes() == written
+    assert "TPOT <= 20 ms: colocated 4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no results file {path}"),
+    ("{", "{path}: not a JSON file (Expecting property name"),
+    ('{"benchmark": "serve"}', "{path}: not a tandem bench disagg result"),
+])
+def test_report_only_of_a_bad_file_exits_2_with_one_line(tmp_path, monkeypatch, capsys, content, message):
+    monkeypatch.setattr(disagg_bench, "start_cluster", _no_cluster)
+    path = tmp_path / "r.json"
+    if content is not None:
+        path.write_text(content)
+    assert disagg_bench.main(["--report-only", "--results-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tandem bench disagg: error: " + message.format(path=path)) and err.count("\n") == 1
+
+
 # -- a real run: both layouts, real clusters -------------------------------------------------
 
 
 def test_cpu_run_of_both_layouts(tmp_path, capsys):
     results = tmp_path / "results"
     argv = ["--preset", "cpu-demo", "--workloads", "chatbot", "--scale", "0.05", "--rates", "2,4", "--duration",
-            "4", "--drain-timeout", "20", "--state-dir", str(tmp_path / "state"), "--results-dir", str(results)]
+            "4", "--drain-timeout", "20", "--state-dir", str(tmp_path / "state"), "--results-dir", str(results),
+            "--also-tpot-ms", "1000"]
     assert disagg_bench.main(argv) == 0
     [path] = results.glob("disagg_cpu-demo_*.json")
     report = json.loads(path.read_text())
@@ -173,7 +312,14 @@ def test_cpu_run_of_both_layouts(tmp_path, capsys):
         assert comparison["ratio"] == pytest.approx(dis["goodput_rate"] / co["goodput_rate"])
     else:
         assert comparison["ratio"] is None
+    [looser] = slot["slo_sensitivity"]  # TPOT <= 1000 ms: no request misses that the 100 ms limit let pass
+    assert (looser["ttft_ms"], looser["tpot_ms"]) == (1000, 1000)
+    for name, entry in slot["layouts"].items():
+        assert [rate for rate, _ in looser["attainment"][name]] == [2, 4]
+        assert all(att >= run["summary"]["slo_attainment"] for (_, att), run in zip(looser["attainment"][name],
+                                                                                     entry["runs"]))
     assert path.with_name(f"{path.stem}_chatbot_attainment.png").is_file()
     assert not list((tmp_path / "state").iterdir())  # a cluster's state dir goes once its run succeeded
     out = capsys.readouterr().out
     assert "colocated" in out and "disaggregated / colocated goodput:" in out
+    assert "    TPOT <= 1000 ms: colocated " in out

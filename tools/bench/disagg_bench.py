@@ -24,6 +24,19 @@ meeting both the TTFT and the TPOT limit; failures count as misses) and goodput,
 highest swept rate with >= 90 % attainment (tools/bench/slo.py); then the ratio
 disaggregated goodput / colocated goodput. Goodput is only as fine as the rate grid.
 
+SLO sensitivity: the verdict can turn on the TPOT limit. A mixed worker's decode steps
+slow down as its batch fills with prefill chunks and more sequences, while a decode
+worker's stay flat (on one H200 pair, chatbot: colocated TPOT ~6 ms at 4 req/s and
+~19 ms at 24, disaggregated ~6-9 ms throughout), so a loose TPOT limit favours colocation
+and a tight one disaggregation. Every request's record is stored, so goodput and the ratio
+are recomputed for other limits from the same requests and rates, without a re-run: for
+each of ``--also-tpot-ms`` (GPU presets: 25,15 ms; cpu-demo: none) the workload's TTFT
+limit with that TPOT limit, and for each of ``--also-ttft-ms`` the reverse. They are
+printed under each workload's table and stored as its ``slo_sensitivity`` (per limit:
+goodput per layout, ratio, attainment per rate); the workload's own SLO stays the
+headline. ``--report-only`` prints a stored result again (and re-draws its plots) without
+starting anything, adding the block to the JSON where it was missing or lacked a limit.
+
 SLOs, after DistServe (OSDI'24), which used TTFT 0.25 s / TPOT 0.1 s for a chatbot on a
 13B model and TTFT 15 s / TPOT 0.15 s for summarization on a 66B model:
   gpu-llama3-8b  chatbot (and code): TTFT 500 ms, TPOT 50 ms. Prompts are short (median
@@ -48,6 +61,7 @@ Run (from the repository root; ``tandem bench disagg`` takes the same arguments)
   python -m tools.bench.disagg_bench --preset gpu-llama3-8b --workloads chatbot
   python -m tools.bench.disagg_bench --preset gpu-llama3-8b --workloads summarization --layouts colocated
   python -m tools.bench.disagg_bench --preset gpu-llama3-8b --workloads summarization --layouts disaggregated
+  python -m tools.bench.disagg_bench --preset gpu-llama3-8b --report-only --also-tpot-ms 25,20,15
 The GPU presets write a random-weight checkpoint of the named shape to ``--scratch``
 once (``--random-shape``, or ``--model DIR`` for real weights). A full GPU sweep does
 not fit one 10-minute call: the time estimate printed first says how long the selection
@@ -532,7 +546,9 @@ def _goodput_text(good: float | None, top: float) -> str:
 def _ratio_text(item: dict, tops: dict[str, float]) -> str:
     """The ratio, marked as a bound where one layout met the SLO at its highest rate."""
     if item["ratio"] is None:
-        return "-"
+        none = [name for name in LAYOUTS if name in item["goodput"] and item["goodput"][name] is None
+                and name not in item.get("no_records", ())]
+        return f"{' and '.join(none)} met it at no swept rate" if none else "-"
     co_top, dis_top = (item["goodput"][name] == tops[name] for name in LAYOUTS)
     if co_top and dis_top:
         return "- (both met it at their highest rate)"
