@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from tools.bench import disagg_bench
+from tools.bench import disagg_bench, disagg_report
 from tools.bench.disagg_bench import (LAYOUTS, PRESETS, OtherLimits, cluster_spec, compare, format_table,
                                       plan_layout, resolve_preset, sensitivity_slos, slo_sensitivity, write_report)
 from tools.bench.slo import SLO, RequestRecord, goodput, summarize
@@ -204,10 +204,11 @@ def test_a_tight_tpot_limit_flips_the_ratio():
 def test_the_own_slo_recomputed_gives_the_headline_of_the_committed_gpu_run():
     report = json.loads(GPU_RESULT.read_text())
     for slot in report["workloads"].values():
-        [item] = slo_sensitivity(slot["layouts"], [disagg_bench.primary_slo(slot)])
+        [item] = slo_sensitivity(slot["layouts"], [disagg_report.primary_slo(slot)])
         for name, entry in slot["layouts"].items():
             assert item["goodput"][name] == entry["goodput_rate"]
-            assert item["attainment"][name] == [[run["rate"], run["summary"]["slo_attainment"]] for run in entry["runs"]]
+            headline = [[run["rate"], run["summary"]["slo_attainment"]] for run in entry["runs"]]
+            assert item["attainment"][name] == headline
         assert item["ratio"] == slot["comparison"]["ratio"]
 
 
@@ -247,7 +248,8 @@ def test_report_only_prints_the_sensitivity_and_adds_it_once(tmp_path, monkeypat
     argv = ["--report-only", "--results-file", str(path), "--also-tpot-ms", "30,20"]
     assert disagg_bench.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
-    block = out.index("  other SLO limits, recomputed from the same requests and rates (the SLO above stays the headline):")
+    block = out.index("  other SLO limits, recomputed from the same requests and rates "
+                      "(the SLO above stays the headline):")
     assert out[block - 2] == "  disaggregated / colocated goodput: 0.50"
     assert out[block + 1:block + 3] == ["    TPOT <= 30 ms: colocated 8, disaggregated 8 req/s (1.00x)",
                                         "    TPOT <= 20 ms: colocated 4, disaggregated 8 req/s (2.00x)"]

@@ -81,28 +81,28 @@ import asyncio
 import datetime
 import json
 import math
-import re
 import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from tools.bench import serve_bench
-from tools.bench.engine_bench import LLAMA3_8B, LlamaShape, device_name, environment, random_hf_model, slug
+from tools.bench.disagg_report import (LAYOUTS, OtherLimits, compare, format_table, load_report, log, merge_entry,
+                                       results_path, sensitivity_slos, slo_sensitivity, write_plot,
+                                       write_report)
+from tools.bench.engine_bench import LLAMA3_8B, LlamaShape, random_hf_model
 from tools.bench.serve_clients import LoadClient
-from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, goodput
+from tools.bench.slo import SLO, goodput
 from tools.bench.workloads import WORKLOADS
 from tools.demo import DEMO_MODEL_DIR
 from tools.local_cluster import ClusterSpec, free_port, start_cluster, stop_cluster
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-LAYOUTS = ("colocated", "disaggregated")
 LLAMA32_1B = LlamaShape(2048, 8192, 16, 32, 8, 128256, 500000.0)
 RANDOM_SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-1b": LLAMA32_1B}
 GIB = 1 << 30
@@ -111,10 +111,6 @@ _WARMUP_REQUESTS_PER_WORKER = 2
 _STOP_ESTIMATE_S = 5.0
 _EXIT_RUN_FAILED = 1
 _EXIT_BAD_INPUT = 2
-
-
-def log(message: str) -> None:
-    print(f"[disagg_bench] {message}", file=sys.stderr, flush=True)
 
 
 # -- what to run ---------------------------------------------------------------------------
@@ -145,20 +141,6 @@ class WorkloadPlan:
     workload: str
     rates: tuple[float, ...]
     slo: SLO
-
-
-@dataclass(frozen=True)
-class OtherLimits:
-    """SLO limits besides each workload's own, for which goodput is recomputed from the
-    stored request records; each one replaces one limit of the workload's SLO."""
-
-    tpot_ms: tuple[float, ...] = ()
-    """TPOT limits, each with the workload's TTFT limit."""
-    ttft_ms: tuple[float, ...] = ()
-    """TTFT limits, each with the workload's TPOT limit."""
-
-    def slos(self, primary: SLO) -> list[SLO]:
-        return [SLO(primary.ttft_ms, t) for t in self.tpot_ms] + [SLO(t, primary.tpot_ms) for t in self.ttft_ms]
 
 
 @dataclass(frozen=True)
@@ -351,254 +333,6 @@ def prepare_model(preset: Preset, scratch: Path) -> Path:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return directory
-
-
-# -- results -------------------------------------------------------------------------------
-
-
-def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: OtherLimits = OtherLimits()) -> dict:
-    """Put one (workload, layout) result into the report, replacing an older one, and
-    recompute that workload's comparison and SLO sensitivity (for ``other``'s limits)."""
-    slot = report["workloads"].setdefault(workload, {"layouts": {}, "comparison": None})
-    slot["layouts"][layout] = entry
-    slot["comparison"] = compare(slot["layouts"])
-    slot.pop("slo_sensitivity", None)  # computed from the layouts replaced just now
-    if block := slo_sensitivity(slot["layouts"], sensitivity_slos(slot, other)):
-        slot["slo_sensitivity"] = block
-    report["updated_at"] = _now()
-    return report
-
-
-def compare(layouts: dict[str, dict]) -> dict | None:
-    """Disaggregated goodput / colocated goodput, when both ran with the same settings."""
-    if not all(name in layouts for name in LAYOUTS):
-        return None
-    co, dis = layouts["colocated"], layouts["disaggregated"]
-    same = co["settings"] == dis["settings"]
-    good_co, good_dis = co["goodput_rate"], dis["goodput_rate"]
-    ratio = _goodput_ratio(good_co, good_dis, same)
-    notes = [] if same else ["the layouts ran with different settings: run one again to compare"]
-    for name, entry in (("colocated", co), ("disaggregated", dis)):
-        top = max(run["rate"] for run in entry["runs"])
-        if entry["goodput_rate"] is None:
-            notes.append(f"{name} met the SLO at no swept rate (sweep lower rates)")
-        elif entry["goodput_rate"] == top:
-            notes.append(f"{name} met the SLO at its highest rate: its goodput is at least {top:g}/s")
-    return {"colocated_goodput": good_co, "disaggregated_goodput": good_dis, "ratio": ratio,
-            "same_settings": same, "notes": notes}
-
-
-def _goodput_ratio(good_co: float | None, good_dis: float | None, same_settings: bool) -> float | None:
-    return good_dis / good_co if same_settings and good_co and good_dis is not None else None
-
-
-def primary_slo(slot: dict) -> SLO:
-    """The SLO a workload's layouts ran with (the first layout's, should they differ)."""
-    entry = next(slot["layouts"][name] for name in LAYOUTS if name in slot["layouts"])
-    return SLO(**entry["settings"]["slo"])
-
-
-def slo_sensitivity(layouts: dict[str, dict], slos: Sequence[SLO]) -> list[dict]:
-    """Attainment per rate, goodput per layout and their ratio for each of ``slos``, recomputed
-    from the stored request records: the same requests as the headline, on its rate grid. A
-    layout whose runs lack their records is listed under ``no_records`` with goodput None."""
-    names = [name for name in LAYOUTS if name in layouts]
-    same = all(name in layouts for name in LAYOUTS) and \
-        layouts["colocated"]["settings"] == layouts["disaggregated"]["settings"]
-    block = []
-    for slo in slos:
-        points = {name: _attainment_points(layouts[name], slo) for name in names}
-        good = {name: None if pts is None else goodput(pts) for name, pts in points.items()}
-        item = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "goodput": good,
-                "ratio": _goodput_ratio(good.get("colocated"), good.get("disaggregated"), same), "attainment": points}
-        if missing := [name for name, pts in points.items() if pts is None]:
-            item["no_records"] = missing
-        block.append(item)
-    return block
-
-
-def _attainment_points(entry: dict, slo: SLO) -> list[list[float | None]] | None:
-    """[[rate, attainment], ...] of one layout's runs; None unless every run kept all its records."""
-    points = []
-    for run in entry["runs"]:
-        records = run.get("requests")
-        if records is None or len(records) != run["summary"]["requests"]:
-            return None
-        points.append([run["rate"], attainment([_request_record(r) for r in records], slo)])
-    return points
-
-
-def _request_record(stored: dict) -> RequestRecord:
-    return RequestRecord(**{f.name: stored[f.name] for f in fields(RequestRecord) if f.name in stored})
-
-
-def sensitivity_slos(slot: dict, other: OtherLimits) -> list[SLO]:
-    """``other``'s limits and those already in the slot's block, loosest first, without the
-    workload's own SLO."""
-    primary = primary_slo(slot)
-    stored = [SLO(item["ttft_ms"], item["tpot_ms"]) for item in slot.get("slo_sensitivity", [])]
-    wanted = {slo for slo in other.slos(primary) + stored if slo != primary}
-
-    def looseness(slo: SLO) -> tuple[float, float]:
-        return (-(slo.ttft_ms if slo.ttft_ms is not None else math.inf),
-                -(slo.tpot_ms if slo.tpot_ms is not None else math.inf))
-
-    return sorted(wanted, key=looseness)
-
-
-def results_path(results_dir: Path, preset: Preset) -> Path:
-    device = torch.device("cuda" if preset.workers.device == "cuda" else "cpu")
-    return results_dir / f"disagg_{preset.name}_{slug(device_name(device))}.json"
-
-
-def load_report(path: Path, preset: Preset) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"benchmark": "disagg", "preset": preset.name, "attainment_threshold": GOODPUT_ATTAINMENT,
-            "machine": environment(torch.device("cuda" if preset.workers.device == "cuda" else "cpu")),
-            "workloads": {}}
-
-
-def write_report(path: Path, report: dict) -> None:
-    """Indented JSON with one line per request record (a sweep holds thousands of them)."""
-    compact: list[str] = []
-
-    def placeholder(value: object) -> str:
-        compact.append(json.dumps(value, separators=(",", ":")))
-        return f"@record{len(compact) - 1}@"
-
-    def compact_run(run: dict) -> dict:
-        return {**run, "requests": [placeholder(r) for r in run["requests"]]} if "requests" in run else run
-
-    def compact_slot(slot: dict) -> dict:
-        compacted = {**slot, "layouts": {name: {**e, "runs": [compact_run(run) for run in e["runs"]]}
-                                         for name, e in slot["layouts"].items()}}
-        if "slo_sensitivity" in slot:
-            compacted["slo_sensitivity"] = [
-                {**item, "attainment": {name: placeholder(pts) for name, pts in item["attainment"].items()}}
-                for item in slot["slo_sensitivity"]]
-        return compacted
-
-    workloads = {w: compact_slot(slot) for w, slot in report["workloads"].items()}
-    text = json.dumps({**report, "workloads": workloads}, indent=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(re.sub(r'"@record(\d+)@"', lambda m: compact[int(m.group(1))], text) + "\n")
-
-
-def format_table(report: dict, workloads: list[str]) -> str:
-    lines = []
-    for workload in workloads:
-        slot = report["workloads"][workload]
-        entries = [slot["layouts"][name] for name in LAYOUTS if name in slot["layouts"]]
-        s = entries[0]["settings"]
-        lines.append(f"{workload}: TTFT <= {s['slo']['ttft_ms']:g} ms, TPOT <= {s['slo']['tpot_ms']:g} ms; "
-                     f"{s['duration_s']:g} s per rate, seed {s['seed']}, {s['device']} {s['dtype']}")
-        rows = [("layout", "workers", "goodput req/s", "ok/sent", "attainment at rate (req/s)")]
-        rows += [_table_row(e) for e in entries]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines += _comparison_lines(slot["comparison"])
-        lines += _sensitivity_lines(slot)
-        lines.append("")
-    lines.append(f"goodput: the highest swept rate with >= {GOODPUT_ATTAINMENT:.0%} of requests meeting both SLOs "
-                 "(failures count as misses)")
-    return "\n".join(lines)
-
-
-def _table_row(entry: dict) -> tuple[str, ...]:
-    runs = entry["runs"]
-    workers = ", ".join(f"{name} {w['device']}" for name, w in entry["layout"]["workers"].items())
-    return (entry["layout"]["name"], workers, "none" if entry["goodput_rate"] is None else f"{entry['goodput_rate']:g}",
-            f"{sum(r['summary']['ok'] for r in runs)}/{sum(r['summary']['requests'] for r in runs)}",
-            "  ".join(f"{r['rate']:g}: {_pct(r['summary']['slo_attainment'])}" for r in runs))
-
-
-def _comparison_lines(comparison: dict | None) -> list[str]:
-    if comparison is None:
-        return ["  disaggregated / colocated goodput: - (run both layouts)"]
-    ratio = comparison["ratio"]
-    lines = ["  disaggregated / colocated goodput: " + ("-" if ratio is None else f"{ratio:.2f}")]
-    return lines + [f"  note: {note}" for note in comparison["notes"]]
-
-
-def _sensitivity_lines(slot: dict) -> list[str]:
-    """One line per other SLO: both layouts' goodput (>= where a layout met it at its top rate)."""
-    block = slot.get("slo_sensitivity")
-    if not block:
-        return []
-    primary = primary_slo(slot)
-    tops = {name: max(run["rate"] for run in e["runs"]) for name, e in slot["layouts"].items()}
-    lines = ["  other SLO limits, recomputed from the same requests and rates (the SLO above stays the headline):"]
-    for item in block:
-        limits = [f"{name} <= {value:g} ms" for name, value, own in (("TTFT", item["ttft_ms"], primary.ttft_ms),
-                                                                      ("TPOT", item["tpot_ms"], primary.tpot_ms))
-                  if value != own]
-        goods = [f"{name} no per-request records" if name in item.get("no_records", ())
-                 else f"{name} {_goodput_text(good, tops[name])}" for name, good in item["goodput"].items()]
-        lines.append(f"    {', '.join(limits)}: {', '.join(goods)} req/s ({_ratio_text(item, tops)})")
-    return lines
-
-
-def _goodput_text(good: float | None, top: float) -> str:
-    return "none" if good is None else f">={good:g}" if good == top else f"{good:g}"
-
-
-def _ratio_text(item: dict, tops: dict[str, float]) -> str:
-    """The ratio, marked as a bound where one layout met the SLO at its highest rate."""
-    if item["ratio"] is None:
-        none = [name for name in LAYOUTS if name in item["goodput"] and item["goodput"][name] is None
-                and name not in item.get("no_records", ())]
-        return f"{' and '.join(none)} met it at no swept rate" if none else "-"
-    co_top, dis_top = (item["goodput"][name] == tops[name] for name in LAYOUTS)
-    if co_top and dis_top:
-        return "- (both met it at their highest rate)"
-    return f"{'>=' if dis_top else '<=' if co_top else ''}{item['ratio']:.2f}x"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
-def write_plot(report: dict, workload: str, path: Path) -> Path | None:
-    """Attainment (both SLOs; TTFT and TPOT alone, thin) vs. rate, one colour per layout."""
-    try:
-        import matplotlib
-    except ImportError:
-        log("matplotlib is not installed; no plots (pip install matplotlib)")
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.4))
-    slot = report["workloads"][workload]
-    rates: set[float] = set()
-    for name, color in zip(LAYOUTS, ("tab:blue", "tab:orange")):
-        entry = slot["layouts"].get(name)
-        if entry is None:
-            continue
-        x = [run["rate"] for run in entry["runs"]]
-        rates.update(x)
-        for key, style, width, label in (("slo_attainment", "o-", 2, "both SLOs"), ("ttft_attainment", "s:", 1,
-                                         "TTFT only"), ("tpot_attainment", "^--", 1, "TPOT only")):
-            y = [run["summary"][key] if run["summary"][key] is not None else float("nan") for run in entry["runs"]]
-            ax.plot(x, y, style, color=color, linewidth=width, markersize=2 + 2 * width, label=f"{name}: {label}",
-                    zorder=3 - width)  # the thin lines on top: where they hide, they equal "both"
-        if entry["goodput_rate"] is not None:
-            ax.axvline(entry["goodput_rate"], color=color, linestyle="-.", linewidth=1)
-    ax.axhline(GOODPUT_ATTAINMENT, color="grey", linestyle=":", linewidth=1)
-    if max(rates) >= 4 * min(rates):  # doubling sweeps: evenly spaced
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(rates), [f"{r:g}" for r in sorted(rates)])
-    ax.set_xlabel("offered rate (requests/s); dash-dot: goodput")
-    ax.set_ylabel("SLO attainment")
-    ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small")
-    ax.set_title(f"tandem bench disagg: {workload} ({report['preset']})", fontsize="medium")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # -- the command ---------------------------------------------------------------------------
