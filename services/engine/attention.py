@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from services.engine.paged_decode import paged_decode_attention, triton_available
 
@@ -89,15 +90,28 @@ def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpa
     q_ = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
     k_ = k[: span.context_len].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
     v_ = v[: span.context_len].transpose(0, 1).unsqueeze(0)
-    cached = span.context_len - span.num_tokens
-    if cached == 0:
+    if span.context_len == span.num_tokens:
         out = _sdpa(q_, k_, v_, is_causal=True)
     else:
-        # Query i sits at absolute position cached + i and sees keys 0..cached + i.
-        q_pos = torch.arange(span.num_tokens, device=q.device).unsqueeze(1) + cached
-        k_pos = torch.arange(span.context_len, device=q.device).unsqueeze(0)
-        out = _sdpa(q_, k_, v_, attn_mask=k_pos <= q_pos)
+        out = _prefix_causal_attention(q_, k_, v_, expand_heads=q.is_cuda)
     return out.squeeze(0).transpose(0, 1)
+
+
+def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, expand_heads: bool) -> torch.Tensor:
+    """A chunk after a cached prefix: q [1, Hq, T, D] at positions S-T .. S-1, k/v [1, Hkv, S, D].
+
+    Query i sees keys 0 .. S-T+i: causal, aligned to the bottom right. torch's lower-right
+    causal bias hands this to the flash or memory-efficient kernel on CUDA, where an explicit
+    [T, S] mask together with grouped heads would fall back to the math kernel, which
+    materialises every score. Those kernels do not take grouped heads, so on CUDA the
+    key/value heads are repeated (``expand_heads``); elsewhere the bias is materialised.
+    """
+    bias = causal_lower_right(q.shape[-2], k.shape[-2])
+    groups = q.shape[-3] // k.shape[-3]
+    if expand_heads and groups > 1:
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    return _sdpa(q, k, v, attn_mask=bias)
 
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Grouped-query SDPA gives the same result with torch's native GQA and with repeated K/V."""
+"""Grouped-query SDPA gives the same result with torch's native GQA and with repeated K/V; a
+chunk after a cached prefix attends causally, aligned to the bottom right."""
+
+import pytest
 
 import torch
 
@@ -15,3 +18,20 @@ def test_gqa_paths_agree(monkeypatch):
     monkeypatch.setattr(attention, "_SDPA_HAS_GQA", False)
     repeated = attention._sdpa(q, k, v, attn_mask=mask)
     torch.testing.assert_close(native, repeated)
+
+
+@pytest.mark.parametrize("expand_heads", [False, True])
+@pytest.mark.parametrize("heads, kv_heads, tokens, context", [(6, 2, 5, 12), (4, 4, 1, 9), (8, 2, 16, 16 + 33)])
+def test_chunk_after_a_prefix_sees_the_prefix_and_its_own_past(expand_heads, heads, kv_heads, tokens, context):
+    torch.manual_seed(1)
+    q = torch.randn(1, heads, tokens, 8)
+    k, v = torch.randn(1, kv_heads, context, 8), torch.randn(1, kv_heads, context, 8)
+    out = attention._prefix_causal_attention(q, k, v, expand_heads=expand_heads)
+    groups = heads // kv_heads
+    k_all, v_all = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    cached = context - tokens
+    for i in range(tokens):  # query i is at position cached + i: keys 0 .. cached + i
+        seen = slice(0, cached + i + 1)
+        scores = (q[0, :, i : i + 1] @ k_all[0, :, seen].transpose(-1, -2)) / 8 ** 0.5  # [H, 1, seen]
+        want = (torch.softmax(scores, dim=-1) @ v_all[0, :, seen]).squeeze(1)
+        torch.testing.assert_close(out[0, :, i], want, rtol=1e-5, atol=1e-5)
