@@ -153,6 +153,11 @@ class Timed:
     decode_tokens: int
     outputs: list[list[int]]
     steps: int | None = None
+    decode_steps: int | None = None
+    """Steps after every request had its first token (tandem)."""
+    decode_host_s: float = 0.0
+    decode_step_s: float = 0.0
+    """The engine's EngineStats.host_s / step_s over those steps (tandem)."""
 
 
 @dataclass
@@ -323,9 +328,12 @@ def time_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int, ta
         elif all(tokens.values()):
             _sync(device)
             first = time.perf_counter()
+            marks = (engine.stats.steps, engine.stats.host_s, engine.stats.step_s)
     _sync(device)
     end = time.perf_counter()
-    return Timed(first - start, end - first, decode_tokens, [tokens[i] for i in ids], steps)
+    stats = engine.stats
+    return Timed(first - start, end - first, decode_tokens, [tokens[i] for i in ids], steps,
+                 stats.steps - marks[0], stats.host_s - marks[1], stats.step_s - marks[2])
 
 
 def time_hf(model, prompts: list[list[int]], output_len: int, device: torch.device) -> Timed:

@@ -52,10 +52,9 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.loader import build_model
 from services.engine.model_config import ModelConfig, parse_model_config
-from services.engine.request import SamplingParams
 from services.engine.scheduler import SchedulerConfig
 from tools.bench.engine_bench import (LLAMA3_8B, TINY_LLAMA, _default_dtype, _free_memory, _sync, environment,
-                                      make_prompts, random_hf_model, slug, time_hf)
+                                      make_prompts, random_hf_model, slug, time_engine, time_hf)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GIB = 1 << 30
@@ -138,46 +137,6 @@ def prefill_flops(mc: ModelConfig, tokens: int) -> float:
 # -- runs ------------------------------------------------------------------------------------
 
 
-@dataclass
-class EngineRun:
-    prefill_s: float
-    decode_s: float
-    decode_tokens: int
-    decode_steps: int
-    host_s: float
-    step_s: float
-    outputs: list[list[int]]
-
-
-def run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: str,
-               device: torch.device) -> EngineRun:
-    """Like engine_bench.time_engine, also keeping the engine's host/step time of the decode phase."""
-    params = SamplingParams(max_tokens=output_len, min_tokens=output_len, temperature=0.0)
-    ids = [f"{tag}-{i}" for i in range(len(prompts))]
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
-    _sync(device)
-    start = time.perf_counter()
-    for request_id, prompt in zip(ids, prompts):
-        engine.add_request(request_id, prompt, params)
-    first = None
-    decode_tokens = 0
-    stats = engine.stats
-    while engine.has_unfinished():
-        outputs = engine.step()
-        for out in outputs:
-            tokens[out.request_id].extend(out.new_token_ids)
-        if first is not None:
-            decode_tokens += sum(len(o.new_token_ids) for o in outputs)
-        elif all(tokens.values()):
-            _sync(device)
-            first = time.perf_counter()
-            marks = (stats.steps, stats.host_s, stats.step_s)
-    _sync(device)
-    end = time.perf_counter()
-    return EngineRun(first - start, end - first, decode_tokens, stats.steps - marks[0], stats.host_s - marks[1],
-                     stats.step_s - marks[2], [tokens[i] for i in ids])
-
-
 def measure_workload(w: Workload, engine: LLMEngine | None, hf_model, vocab: int, repeats: int,
                      device: torch.device) -> dict:
     """Medians over ``repeats`` runs of one system (engine if given, else transformers)."""
@@ -185,18 +144,18 @@ def measure_workload(w: Workload, engine: LLMEngine | None, hf_model, vocab: int
     system = "tandem" if engine is not None else "transformers"
     log(f"{system}: {w.name}: warm-up")
     if engine is not None:
-        run_engine(engine, warm, min(2, w.output_len), f"warm-{w.name}", device)
+        time_engine(engine, warm, min(2, w.output_len), f"warm-{w.name}", device)
     else:
         time_hf(hf_model, warm, min(2, w.output_len), device)
     runs = []
     for r in range(repeats):
         prompts = make_prompts(0, w.batch, w.prompt_len, vocab, r + 1)
         if engine is not None:
-            runs.append(run_engine(engine, prompts, w.output_len, f"{w.name}-{r}", device))
+            runs.append(time_engine(engine, prompts, w.output_len, f"{w.name}-{r}", device))
         else:
             t = time_hf(hf_model, prompts, w.output_len, device) if w.output_len > 1 else \
                 _hf_prefill_only(hf_model, prompts, device)
-            runs.append(EngineRun(t.prefill_s, t.decode_s, t.decode_tokens, w.output_len - 1, 0.0, 0.0, t.outputs))
+            runs.append(dataclasses.replace(t, decode_steps=w.output_len - 1))
         log(f"{system}: {w.name}: run {r + 1}/{repeats}: prefill {runs[-1].prefill_s * 1e3:.1f} ms, "
             f"decode {runs[-1].decode_s * 1e3:.1f} ms")
     decode_s = statistics.median(r.decode_s for r in runs)
@@ -211,8 +170,9 @@ def measure_workload(w: Workload, engine: LLMEngine | None, hf_model, vocab: int
         "outputs": runs[0].outputs,
     }
     if engine is not None and w.output_len > 1:
-        result["host_share"] = statistics.median(r.host_s / r.step_s for r in runs if r.step_s > 0)
-        result["host_ms_per_step"] = statistics.median(r.host_s / max(r.decode_steps, 1) * 1e3 for r in runs)
+        result["host_share"] = statistics.median(r.decode_host_s / r.decode_step_s for r in runs
+                                                 if r.decode_step_s > 0)
+        result["host_ms_per_step"] = statistics.median(r.decode_host_s / max(r.decode_steps, 1) * 1e3 for r in runs)
     return result
 
 
