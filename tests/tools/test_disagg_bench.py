@@ -44,6 +44,19 @@ def test_one_gpu_or_cpu_is_shared_with_half_the_budget_each():
         "decode-0": {"role": "decode", "device": "cpu", "kv_cache_bytes": 128 * MIB}}}
 
 
+def test_more_workers_pick_their_prefill_share_and_wrap_around_the_gpus():
+    dis = plan_layout("disaggregated", "cuda", 4, 1000, workers=4, prefill_workers=3)
+    assert dis.devices == {"prefill-0": "cuda:0", "prefill-1": "cuda:1", "prefill-2": "cuda:2", "decode-0": "cuda:3"}
+    assert dis.count("prefill") == 3 and dis.count("decode") == 1
+    co = plan_layout("colocated", "cuda", 2, 1000, workers=4)
+    assert co.devices == {"mixed-0": "cuda:0", "mixed-1": "cuda:1", "mixed-2": "cuda:0", "mixed-3": "cuda:1"}
+    assert set(co.kv_cache_bytes.values()) == {500}
+    assert plan_layout("disaggregated", "cpu", 0, 900, workers=3).count("prefill") == 1  # default: half, rounded down
+    for workers, prefill in ((1, None), (2, 2), (3, 0)):
+        with pytest.raises(ValueError, match="prefill workers"):
+            plan_layout("disaggregated", "cpu", 0, 10, workers=workers, prefill_workers=prefill)
+
+
 def test_cuda_without_a_gpu_is_an_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         plan_layout("colocated", "cuda", 0, 1024)

@@ -10,8 +10,11 @@ without a KV store (its prefix hits would differ between layouts):
   disaggregated   prefill-0, decode-0      cuda:0, cuda:1    both on cuda:0       both on cpu
                   (KV handed over UCX)
 
-Same number of worker processes on the same devices in both layouts. ``--kv-cache-bytes``
-is a budget per device: processes sharing a device get an equal share each. A mixed
+Same number of worker processes on the same devices in both layouts. ``--workers N``
+(default 2) and ``--prefill-workers P`` (default N // 2) set other sizes and prefill :
+decode ratios: worker i runs on cuda:(i mod visible GPUs), e.g. 3 prefill + 1 decode
+against 4 mixed on four GPUs. ``--kv-cache-bytes`` is a budget per device: processes
+sharing a device get an equal share each. A mixed
 worker prefills and decodes in one continuous batch (chunked prefill up to
 ``--max-batched-tokens``), so a long prompt stretches the decode steps of everything it
 shares the batch with; the disaggregated layout removes that interference and pays a KV
@@ -220,17 +223,26 @@ class Layout:
                 "shared_device": len(set(self.devices.values())) < len(self.devices)}
 
 
-def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int) -> Layout:
-    """Two worker processes: two mixed (colocated) or prefill + decode (disaggregated); one
-    per GPU when two are visible, else both on one device with half the KV budget each."""
+def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int, workers: int = 2,
+                prefill_workers: int | None = None) -> Layout:
+    """``workers`` processes: all mixed (colocated), or ``prefill_workers`` prefill (default
+    half) and the rest decode (disaggregated). Worker i runs on cuda:(i mod visible GPUs), so
+    with as many GPUs as workers each has its own; processes sharing a device split its KV
+    budget evenly."""
     assert name in LAYOUTS, name
-    names = ("mixed-0", "mixed-1") if name == "colocated" else ("prefill-0", "decode-0")
+    prefill = workers // 2 if prefill_workers is None else prefill_workers
+    if workers < 2 or not 1 <= prefill < workers:
+        raise ValueError(f"need >= 2 workers and 1 .. workers-1 prefill workers, got {workers} and {prefill}")
+    if name == "colocated":
+        names = [f"mixed-{i}" for i in range(workers)]
+    else:
+        names = [f"prefill-{i}" for i in range(prefill)] + [f"decode-{i}" for i in range(workers - prefill)]
     if device == "cpu":
-        devices = ("cpu", "cpu")
+        devices = ["cpu"] * workers
     elif gpu_count < 1:
         raise ValueError("--device cuda, but no CUDA device is visible")
     else:
-        devices = ("cuda:0", "cuda:1") if gpu_count >= 2 else ("cuda:0", "cuda:0")
+        devices = [f"cuda:{i % gpu_count}" for i in range(workers)]
     sharing = Counter(devices)
     return Layout(name, dict(zip(names, devices)),
                   {n: kv_cache_bytes // sharing[d] for n, d in zip(names, devices)}, gpu_count)
@@ -272,7 +284,7 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
         stop_cluster(state_dir, progress=log)
     shutil.rmtree(state_dir, ignore_errors=True)  # etcd's data is tens of MB; the logs matter only on failure
     good = goodput([(run["rate"], run["summary"]["slo_attainment"]) for run in result["runs"]])
-    return {"layout": layout.to_json(), "settings": settings(preset, plan, model_dir), "goodput_rate": good,
+    return {"layout": layout.to_json(), "settings": settings(preset, plan, model_dir, len(layout.devices)), "goodput_rate": good,
             "cluster_start_s": round(start_s, 1), "started_at": started_at, "finished_at": _now(),
             "environment": serve_bench.environment(), "server": result["server"], "runs": result["runs"]}
 
@@ -301,9 +313,9 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int) -
     return await serve_bench.run_benchmark(args, slo)
 
 
-def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path) -> dict:
+def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) -> dict:
     """Everything that must match for two layouts' goodputs to be compared."""
-    return {"model": str(model_dir), "random_shape": preset.random_shape, **asdict(preset.workers),
+    return {"model": str(model_dir), "random_shape": preset.random_shape, **asdict(preset.workers), "workers": workers,
             "workload": plan.workload, "rates": list(plan.rates), "slo": asdict(plan.slo),
             "duration_s": preset.duration_s, "drain_timeout_s": preset.drain_timeout_s, "scale": preset.scale,
             "seed": preset.seed, "transport": "grpc"}
@@ -343,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         preset = resolve_preset(args)
-        layouts = [] if args.report_only else plan_layouts(preset, args.layouts.split(","))
+        layouts = [] if args.report_only else plan_layouts(preset, args.layouts.split(","), args.workers,
+                                                             args.prefill_workers)
     except ValueError as e:
         parser.error(str(e))
     if args.report_only:
@@ -370,9 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plan_layouts(preset: Preset, names: list[str]) -> list[Layout]:
+def plan_layouts(preset: Preset, names: list[str], workers: int = 2, prefill_workers: int | None = None) -> list[Layout]:
     gpus = torch.cuda.device_count() if preset.workers.device == "cuda" else 0
-    return [plan_layout(name, preset.workers.device, gpus, preset.workers.kv_cache_bytes_per_device) for name in names]
+    return [plan_layout(name, preset.workers.device, gpus, preset.workers.kv_cache_bytes_per_device, workers,
+                        prefill_workers) for name in names]
 
 
 def report_only(args: argparse.Namespace, preset: Preset) -> int:
@@ -560,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-bytes", dest="kv_cache_bytes_per_device", metavar="BYTES", type=int, default=None,
                         help="KV budget per device (split between the worker processes sharing it)")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes per layout (default 2), one per GPU while GPUs last")
+    parser.add_argument("--prefill-workers", type=int, default=None,
+                        help="of those, prefill workers in the disaggregated layout (default half)")
     parser.add_argument("--max-batched-tokens", type=int, default=None)
     parser.add_argument("--prefill-max-batched-tokens", type=int, default=None,
                         help="token budget of prefill workers (default: the preset's, else --max-batched-tokens)")
