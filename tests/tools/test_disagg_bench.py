@@ -87,7 +87,7 @@ def test_cluster_spec_rejects_args_for_a_worker_it_does_not_have(tmp_path):
 
 
 def test_a_random_checkpoint_is_written_once(tmp_path, monkeypatch):
-    from tools.bench.engine_bench import TINY_LLAMA
+    from tools.bench.random_models import TINY_LLAMA
 
     monkeypatch.setitem(disagg_bench.RANDOM_SHAPES, "llama3-1b", TINY_LLAMA)  # the same path, at toy size
     preset = replace(PRESETS["gpu-llama3-1b"], workers=replace(PRESETS["gpu-llama3-1b"].workers, dtype="float32"))

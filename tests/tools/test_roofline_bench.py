@@ -8,7 +8,7 @@ import torch
 
 from services.engine.model_config import parse_model_config
 from tools.bench import roofline_bench as rb
-from tools.bench.engine_bench import LLAMA3_8B, random_hf_model
+from tools.bench.random_models import LLAMA3_8B, random_hf_model
 
 
 def test_llama3_8b_floors_match_the_published_sizes():

@@ -98,7 +98,7 @@ from tools.bench import serve_bench
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, compare, format_table, load_report, log, merge_entry,
                                        results_path, sensitivity_slos, slo_sensitivity, write_plot,
                                        write_report)
-from tools.bench.engine_bench import LLAMA3_8B, LlamaShape, random_hf_model
+from tools.bench.random_models import LLAMA3_8B, LlamaShape, random_hf_model
 from tools.bench.serve_clients import LoadClient
 from tools.bench.slo import SLO, goodput
 from tools.bench.workloads import WORKLOADS

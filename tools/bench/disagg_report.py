@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tools.bench.engine_bench import device_name, environment, slug
+from tools.bench.machine import device_name, environment, slug
 from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, goodput
 
 if TYPE_CHECKING:

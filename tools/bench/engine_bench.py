@@ -54,19 +54,13 @@ tools/bench/results/engine_<name>_<device>.json, <name> being the preset (suffix
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import gc
 import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +72,8 @@ from services.engine.loader import build_model, resolve_dtype
 from services.engine.model_config import ModelConfig, load_model_config, parse_model_config
 from services.engine.request import SamplingParams
 from services.engine.scheduler import SchedulerConfig
+from tools.bench.machine import environment, slug
+from tools.bench.random_models import LLAMA3_8B, TINY_LLAMA, LlamaShape, default_dtype, load_hf_model, random_hf_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -88,24 +84,6 @@ GIB = 1 << 30
 
 
 # -- what to run ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """A Llama-architecture model to create with random weights."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    vocab_size: int
-    rope_theta: float
-    max_position_embeddings: int = 8192
-
-
-LLAMA3_8B = LlamaShape(4096, 14336, 32, 32, 8, 128256, 500000.0)
-TINY_LLAMA = LlamaShape(128, 384, 2, 4, 2, 2048, 500000.0)  # --tiny: the random-model path at toy size
 
 
 @dataclass(frozen=True)
@@ -225,17 +203,6 @@ def _gpu_gib(device: torch.device) -> str:
            f"peak {torch.cuda.max_memory_allocated(device) / GIB:.1f} GiB)"
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Create parameters directly in ``dtype`` (no float32 copy on the way)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def make_prompts(seed: int, batch: int, prompt_len: int, vocab_size: int, stream: int) -> list[list[int]]:
     """B random prompts of equal length; ``stream`` 0 = warm-up, r+1 = repeat r (no prefix is shared)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1_009 + stream)
@@ -243,38 +210,6 @@ def make_prompts(seed: int, batch: int, prompt_len: int, vocab_size: int, stream
 
 
 # -- models --------------------------------------------------------------------------------
-
-
-def random_hf_model(shape: LlamaShape, device: torch.device, dtype: torch.dtype, seed: int):
-    """A transformers LlamaForCausalLM with random weights, created on ``device`` in ``dtype``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        rope_theta=shape.rope_theta,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=shape.vocab_size - 2,
-        eos_token_id=shape.vocab_size - 1,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config)
-    return model.eval().requires_grad_(False)
-
-
-def load_hf_model(model_dir: str, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def engine_config(spec: BenchSpec, mc: ModelConfig, dtype: torch.dtype) -> EngineConfig:
@@ -416,7 +351,7 @@ def run_benchmark(spec: BenchSpec) -> tuple[list[RunResult], dict]:
     engine_model = None
     if spec.shape is not None:  # random weights: the engine copies transformers' state_dict
         log("building the engine's model from the transformers state_dict")
-        with _default_dtype(dtype):
+        with default_dtype(dtype):
             engine_model = build_model(mc, hf_model.state_dict().items(), _dtype_name(dtype), spec.device)
     hf_results, hf_outputs, attn = [], {}, None
     if hf_model is not None:
@@ -480,50 +415,6 @@ def _run_info(spec: BenchSpec, mc: ModelConfig, dtype: torch.dtype, config: Engi
     if device.type == "cuda":
         info["gpu_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2)
     return info
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def slug(text: str) -> str:
-    text = re.sub(r"\((r|tm)\)|\bcpu @.*$", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        import transformers
-        hf_version = transformers.__version__
-    except ImportError:
-        hf_version = None
-    return {
-        "device": str(device),
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": hf_version,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m_5m_15m": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "git_commit": git_commit(),
-    }
 
 
 def ratios(results: list[RunResult]) -> dict[int, tuple[float | None, float | None]]:

@@ -42,7 +42,8 @@ from services.engine.engine import LLMEngine
 from services.engine.request import SamplingParams
 from services.engine.scheduler import SchedulerConfig
 from services.prefill.store_link import engine_layout
-from tools.bench.engine_bench import LLAMA3_8B, environment, random_hf_model, slug
+from tools.bench.machine import environment, slug
+from tools.bench.random_models import LLAMA3_8B, random_hf_model
 from tools.demo import DEMO_MODEL_DIR
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

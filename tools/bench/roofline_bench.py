@@ -53,8 +53,9 @@ from services.engine.engine import LLMEngine
 from services.engine.loader import build_model
 from services.engine.model_config import ModelConfig, parse_model_config
 from services.engine.scheduler import SchedulerConfig
-from tools.bench.engine_bench import (LLAMA3_8B, TINY_LLAMA, _default_dtype, _free_memory, _sync, environment,
-                                      make_prompts, random_hf_model, slug, time_engine, time_hf)
+from tools.bench.engine_bench import _free_memory, _sync, make_prompts, time_engine, time_hf
+from tools.bench.machine import environment, slug
+from tools.bench.random_models import LLAMA3_8B, TINY_LLAMA, default_dtype, random_hf_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GIB = 1 << 30
@@ -99,7 +100,6 @@ def measure_bandwidth(device: torch.device, nbytes: int) -> float:
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     seconds = _best_time(lambda: dst.copy_(src), device)
-    del src, dst
     return 2 * nbytes / seconds
 
 
@@ -107,7 +107,6 @@ def measure_matmul(device: torch.device, n: int, dtype: torch.dtype) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = _best_time(lambda: a @ b, device)
-    del a, b
     return 2 * n**3 / seconds
 
 
@@ -199,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     log(f"creating a random {'tiny' if args.tiny else 'Llama-3-8B-shaped'} model in {args.dtype}")
     hf_model = random_hf_model(shape, device, dtype, seed=0)
     mc = parse_model_config(hf_model.config.to_dict())
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         engine_model = build_model(mc, hf_model.state_dict().items(), args.dtype, args.device)
     results = []
     if not args.skip_hf:
