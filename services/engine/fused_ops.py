@@ -39,6 +39,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from services.engine.paged_decode import triton_available
+
 try:
     import triton
     import triton.language as tl
@@ -57,7 +59,7 @@ _MAX_NORM_BLOCK = 65536
 def use_triton(impl: Impl | None, device: torch.device) -> bool:
     """Whether an op runs its Triton kernel: forced by ``impl``, else Triton imports and device is CUDA."""
     if impl is None:
-        return triton is not None and device.type == "cuda"
+        return triton_available(device)
     assert impl in ("triton", "torch"), f"impl must be 'triton', 'torch' or None, got {impl!r}"
     if impl == "triton":
         assert triton is not None, "impl='triton' but triton is not installed"
