@@ -21,12 +21,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from services.engine.paged_decode import paged_decode_attention, triton_available
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+# On CUDA, SDPA may choose cuDNN's kernel, which builds an execution plan for every new
+# sequence length: tens of milliseconds for each prompt length a server has not seen yet.
+# Flash (or memory-efficient) attention takes any length at no set-up cost.
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -93,25 +98,21 @@ def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpa
     if span.context_len == span.num_tokens:
         out = _sdpa(q_, k_, v_, is_causal=True)
     else:
-        out = _prefix_causal_attention(q_, k_, v_, expand_heads=q.is_cuda)
+        out = _prefix_causal_attention(q_, k_, v_)
     return out.squeeze(0).transpose(0, 1)
 
 
-def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, expand_heads: bool) -> torch.Tensor:
+def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             repeat_heads: bool | None = None) -> torch.Tensor:
     """A chunk after a cached prefix: q [1, Hq, T, D] at positions S-T .. S-1, k/v [1, Hkv, S, D].
 
     Query i sees keys 0 .. S-T+i: causal, aligned to the bottom right. torch's lower-right
     causal bias hands this to the flash or memory-efficient kernel on CUDA, where an explicit
     [T, S] mask together with grouped heads would fall back to the math kernel, which
-    materialises every score. Those kernels do not take grouped heads, so on CUDA the
-    key/value heads are repeated (``expand_heads``); elsewhere the bias is materialised.
+    materialises every score (measured on an H100: 4 prompts of 6,000 tokens prefilled in
+    chunks of up to 8,192 tokens at 16K tokens/s with the mask, 32K with the bias).
     """
-    bias = causal_lower_right(q.shape[-2], k.shape[-2])
-    groups = q.shape[-3] // k.shape[-3]
-    if expand_heads and groups > 1:
-        k = k.repeat_interleave(groups, dim=-3)
-        v = v.repeat_interleave(groups, dim=-3)
-    return _sdpa(q, k, v, attn_mask=bias)
+    return _sdpa(q, k, v, repeat_heads=repeat_heads, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
 
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
@@ -126,14 +127,24 @@ def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch) -
     return out.squeeze(2)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """SDPA with grouped-query attention: q [..., Hq, T, D], k/v [..., Hkv, S, D]. Uses SDPA's own
-    GQA support where torch has it (2.5+) instead of materialising repeated keys/values."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeat_heads: bool | None = None,
+          **kwargs) -> torch.Tensor:
+    """SDPA with grouped-query attention: q [..., Hq, T, D], k/v [..., Hkv, S, D].
+
+    On CUDA only the flash and memory-efficient kernels (then math) may run, see
+    ``_CUDA_SDPA_BACKENDS``; they take no grouped heads, so K/V heads are repeated there
+    (``repeat_heads`` defaults to ``q.is_cuda``). Elsewhere SDPA's own GQA support (torch
+    2.5+) avoids materialising the repeated keys/values.
+    """
     groups = q.shape[-3] // k.shape[-3]
-    if groups == 1:
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    if _SDPA_HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-    k = k.repeat_interleave(groups, dim=-3)
-    v = v.repeat_interleave(groups, dim=-3)
+    if repeat_heads is None:
+        repeat_heads = q.is_cuda
+    if groups > 1 and (repeat_heads or not _SDPA_HAS_GQA):
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    elif groups > 1:
+        kwargs["enable_gqa"] = True
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -15,18 +15,20 @@ def test_gqa_paths_agree(monkeypatch):
     mask[..., 0] = True
     monkeypatch.setattr(attention, "_SDPA_HAS_GQA", True)
     native = attention._sdpa(q, k, v, attn_mask=mask)
+    repeated = attention._sdpa(q, k, v, repeat_heads=True, attn_mask=mask)
     monkeypatch.setattr(attention, "_SDPA_HAS_GQA", False)
-    repeated = attention._sdpa(q, k, v, attn_mask=mask)
+    old_torch = attention._sdpa(q, k, v, attn_mask=mask)
     torch.testing.assert_close(native, repeated)
+    torch.testing.assert_close(native, old_torch)
 
 
-@pytest.mark.parametrize("expand_heads", [False, True])
+@pytest.mark.parametrize("repeat_heads", [False, True])
 @pytest.mark.parametrize("heads, kv_heads, tokens, context", [(6, 2, 5, 12), (4, 4, 1, 9), (8, 2, 16, 16 + 33)])
-def test_chunk_after_a_prefix_sees_the_prefix_and_its_own_past(expand_heads, heads, kv_heads, tokens, context):
+def test_chunk_after_a_prefix_sees_the_prefix_and_its_own_past(repeat_heads, heads, kv_heads, tokens, context):
     torch.manual_seed(1)
     q = torch.randn(1, heads, tokens, 8)
     k, v = torch.randn(1, kv_heads, context, 8), torch.randn(1, kv_heads, context, 8)
-    out = attention._prefix_causal_attention(q, k, v, expand_heads=expand_heads)
+    out = attention._prefix_causal_attention(q, k, v, repeat_heads=repeat_heads)
     groups = heads // kv_heads
     k_all, v_all = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     cached = context - tokens
