@@ -49,16 +49,21 @@ class LeastLoadedPolicy(RoutingPolicy):
     room for the prompt's KV. A mixed worker chosen for both roles serves the request alone."""
 
     def pick(self, prefills: list[Candidate], decodes: list[Candidate], tokens: list[int]) -> Pair | None:
-        decodes = [d for d in decodes if _has_room(d, len(tokens))] or decodes
-        if not prefills or not decodes:
+        decode = self.pick_decode(decodes, tokens)
+        if not prefills or decode is None:
             return None
-        decode = min(decodes, key=_decode_score)
         if decode.info.role == "mixed" and any(p.info.worker_id == decode.info.worker_id for p in prefills):
             dedicated = [p for p in prefills if p.info.role == "prefill"]
             if not dedicated:
                 return Pair(decode.info, decode.info)
         prefill = min(prefills, key=lambda c: self.prefill_cost(c, tokens))
         return Pair(prefill.info, decode.info)
+
+    def pick_decode(self, decodes: list[Candidate], tokens: list[int]) -> Candidate | None:
+        """Fewest running requests among the workers with room for the KV of ``tokens`` (among all of
+        them when none has room); None when there is no decode worker."""
+        fitting = [d for d in decodes if _has_room(d, len(tokens))] or decodes
+        return min(fitting, key=_decode_score, default=None)
 
     def prefill_cost(self, c: Candidate, tokens: list[int]) -> tuple:
         """Smaller is better: queued prompt tokens, then requests in flight, then id (stable ties)."""
@@ -81,14 +86,21 @@ def _has_room(c: Candidate, num_tokens: int) -> bool:
     return c.load.free_kv_blocks * c.info.block_size >= num_tokens
 
 
-POLICIES = ("least-loaded", "prefix-aware")
+POLICIES = ("least-loaded", "prefix-aware", "slo-aware")
 
 
-def make_policy(name: str) -> RoutingPolicy:
+def make_policy(name: str, ttft_slo_ms: float | None = None) -> RoutingPolicy:
+    """The policy called ``name``; ``ttft_slo_ms`` is slo-aware's TTFT target (the others ignore it)."""
     if name == "least-loaded":
         return LeastLoadedPolicy()
     if name == "prefix-aware":
         from router.prefix_policy import PrefixAwarePolicy
 
         return PrefixAwarePolicy()
+    if name == "slo-aware":
+        from router.slo_policy import SloAwarePolicy
+
+        if ttft_slo_ms is None or not ttft_slo_ms > 0:
+            raise ValueError(f"the slo-aware policy needs a TTFT target > 0 ms (--ttft-slo-ms), got {ttft_slo_ms}")
+        return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000)
     raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")

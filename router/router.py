@@ -3,7 +3,8 @@
     generate(request)
       loop until finished or attempts run out:
         pick a pair (policy; workers that failed this request are excluded)
-        colocated (one mixed worker): Decode(prompt, generated) and stream
+        colocated (a mixed worker, or a decode worker computing the prompt itself):
+          Decode(prompt, generated) and stream
         disaggregated:
           Reserve on decode (blocks for prompt + generated; lease; expiry)
           Prefill on prefill (KV written over UCX into the reservation) -> next token
@@ -15,6 +16,10 @@
 Tokens reach the caller as they arrive. Leaving the iteration (client gone) cancels
 the in-flight RPCs, which abort the request on every worker; an outstanding
 reservation is released (or expires).
+
+For the policies, the router counts what it has in flight on each worker (published load
+lags): requests, and prompt tokens not yet computed, from the pick until the prefill
+returns (disaggregated) or the first token arrives (colocated).
 """
 
 from __future__ import annotations
@@ -154,15 +159,19 @@ class Router:
                    attempt_id: str) -> AsyncIterator[TokenChunk]:
         decode_req = pb.DecodeRequest(request_id=attempt_id, prompt_token_ids=req.prompt_ids,
                                       output_token_ids=generated, sampling=req.sampling, seed=seed)
+        num_tokens = len(req.prompt_ids) + len(generated)
         if pair.colocated:
-            async for chunk in self._decode(pair.decode, decode_req):
-                yield chunk
+            async with contextlib.aclosing(self._colocated(pair.decode, decode_req, num_tokens)) as stream:
+                async for chunk in stream:
+                    yield chunk
             return
         decode_stub = pb_grpc.DecodeWorkerStub(self._channel(pair.decode))
-        reservation = await self._reserve(pair, decode_stub, len(req.prompt_ids) + len(generated), attempt_id)
-        finished = False
+        reservation, finished = None, False
         try:
-            first = await self._prefill(pair, req, generated, seed, attempt_id, reservation)
+            # queued on the prefill worker from the pick on: picks made while this one reserves must see it
+            with self._queued_prompt(pair.prefill, num_tokens):
+                reservation = await self._reserve(pair, decode_stub, num_tokens, attempt_id)
+                first = await self._prefill(pair, req, generated, seed, attempt_id, reservation)
             finished = bool(first.finish_reason)
             yield first
             if finished:
@@ -175,7 +184,7 @@ class Router:
         finally:
             # Whatever stopped the attempt (failure, client gone, first token final), the blocks must
             # not wait for their expiry. Releasing a reservation Decode already committed is a no-op.
-            if not finished or first.finish_reason:
+            if reservation is not None and (not finished or first.finish_reason):
                 self._spawn(self._release(decode_stub, reservation))
 
     async def _reserve(self, pair: Pair, stub: pb_grpc.DecodeWorkerStub, num_tokens: int,
@@ -189,23 +198,36 @@ class Router:
     async def _prefill(self, pair: Pair, req: GenerationRequest, generated: list[int], seed: int, attempt_id: str,
                        r: pb.ReserveResponse) -> TokenChunk:
         """Prefill into the reservation; returns the next token (KV already in the decode worker)."""
-        num_tokens = len(req.prompt_ids) + len(generated)
         target = pb.KVTarget(worker_id=pair.decode.worker_id, ucx_address=r.ucx_address,
                              reservation_id=r.reservation_id, lease=r.lease)
         stub = pb_grpc.PrefillWorkerStub(self._channel(pair.prefill))
-        self._track(pair.prefill, num_tokens, +1)
         try:
             p = await stub.Prefill(pb.PrefillRequest(
                 request_id=attempt_id, prompt_token_ids=req.prompt_ids, output_token_ids=generated,
                 sampling=req.sampling, seed=seed, target=target))
         except grpc.aio.AioRpcError as e:
             raise self._failure(pair.prefill, "prefill", e) from None
-        finally:
-            self._track(pair.prefill, num_tokens, -1)
         self.metrics.kv_bytes.inc(p.kv_bytes)
         self.metrics.kv_transfer.observe(p.transfer_ms / 1000)
         return TokenChunk([p.token_id], p.text, [p.logprob] if req.params.logprobs else [],
                           p.finish_reason, p.num_cached_tokens, p.kv_bytes, p.transfer_ms)
+
+    async def _colocated(self, worker: WorkerInfo, decode_req: pb.DecodeRequest,
+                         num_tokens: int) -> AsyncIterator[TokenChunk]:
+        """Decode without a reservation: the worker computes the prompt itself, so it counts as queued
+        prompt work there until the first token arrives (or the stream fails or ends before)."""
+        self._in_flight_prefill_tokens[worker.worker_id] += num_tokens
+        prefilling = True
+        try:
+            async with contextlib.aclosing(self._decode(worker, decode_req)) as stream:
+                async for chunk in stream:
+                    if prefilling and chunk.token_ids:
+                        prefilling = False
+                        self._in_flight_prefill_tokens[worker.worker_id] -= num_tokens
+                    yield chunk
+        finally:
+            if prefilling:
+                self._in_flight_prefill_tokens[worker.worker_id] -= num_tokens
 
     async def _decode(self, worker: WorkerInfo, decode_req: pb.DecodeRequest) -> AsyncIterator[TokenChunk]:
         stub = pb_grpc.DecodeWorkerStub(self._channel(worker))
@@ -242,9 +264,16 @@ class Router:
         return Candidate(w, self.membership.load(w.worker_id), self._in_flight[w.worker_id],
                          self._in_flight_prefill_tokens[w.worker_id])
 
-    def _track(self, worker: WorkerInfo, num_tokens: int, sign: int) -> None:
-        self._in_flight[worker.worker_id] += sign
-        self._in_flight_prefill_tokens[worker.worker_id] += sign * num_tokens
+    @contextlib.contextmanager
+    def _queued_prompt(self, worker: WorkerInfo, num_tokens: int):
+        """Count a request and its prompt on a prefill worker while inside."""
+        self._in_flight[worker.worker_id] += 1
+        self._in_flight_prefill_tokens[worker.worker_id] += num_tokens
+        try:
+            yield
+        finally:
+            self._in_flight[worker.worker_id] -= 1
+            self._in_flight_prefill_tokens[worker.worker_id] -= num_tokens
 
     def _channel(self, worker: WorkerInfo) -> grpc.aio.Channel:
         ch = self._channels.get(worker.grpc_address)

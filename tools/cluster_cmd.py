@@ -16,6 +16,7 @@ from router.policy import POLICIES
 from tools.demo import DEMO_MODEL_DIR
 
 _UP_TIMEOUT_S = 180.0
+_EXIT_BAD_INPUT = 2
 
 
 def default_state_dir() -> Path:
@@ -41,6 +42,9 @@ def add_parsers(sub) -> None:
                     help="the store's SSD tier, kept in <state dir>/kvstore across down / up")
     up.add_argument("--policy", default="least-loaded", choices=POLICIES,
                     help="the router's routing policy")
+    up.add_argument("--ttft-slo-ms", type=float, default=None,
+                    help="slo-aware policy: the TTFT target a dedicated prefill worker must meet before a prompt "
+                         "is computed on its decode worker instead")
     up.add_argument("--timeout", type=float, default=_UP_TIMEOUT_S, help="seconds to wait for readiness")
     for name, help_text in (("down", "stop the local cluster"), ("status", "show the cluster's workers")):
         p = sub.add_parser(name, help=help_text)
@@ -65,15 +69,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace, state_dir: Path) -> int:
+    from router.policy import make_policy
     from tools.local_cluster import ClusterSpec, start_cluster
 
+    try:  # the router would refuse these arguments; say so before starting anything
+        make_policy(args.policy, args.ttft_slo_ms)
+    except ValueError as e:
+        _say(f"error: {e}")
+        return _EXIT_BAD_INPUT
     worker_args = ["--device", args.device, "--dtype", args.dtype]
     if args.kv_cache_bytes:
         worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    router_args = ["--ttft-slo-ms", str(args.ttft_slo_ms)] if args.ttft_slo_ms is not None else []
     spec = ClusterSpec(model_dir=args.model.resolve(), state_dir=state_dir, prefill=args.prefill,
                        decode=args.decode, mixed=args.mixed, http_port=args.http_port, grpc_port=args.grpc_port,
                        etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args),
-                       policy=args.policy, kvstore=not args.no_kvstore,
+                       policy=args.policy, router_args=tuple(router_args), kvstore=not args.no_kvstore,
                        kvstore_args=("--cpu-bytes", str(args.kvstore_cpu_bytes), "--ssd-bytes",
                                      str(args.kvstore_ssd_bytes)))
     state = start_cluster(spec, args.timeout, progress=_say)

@@ -50,6 +50,8 @@ class ClusterSpec:
     (e.g. a GPU per worker when several of one role share a machine)."""
     policy: str = "least-loaded"
     """The router's routing policy."""
+    router_args: tuple[str, ...] = ()
+    """Extra ``tandem serve router`` arguments (e.g. the slo-aware policy's ``--ttft-slo-ms``)."""
     kvstore: bool = True
     """Start a KV store (its SSD tier in ``<state_dir>/kvstore``, kept across down / up)."""
     kvstore_args: tuple[str, ...] = ("--cpu-bytes", str(1 << 30), "--ssd-bytes", str(8 << 30))
@@ -111,7 +113,7 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
             state.processes[name] = _spawn(spec, name, args, state)
         state.processes["router"] = _spawn(spec, "router", [
             "serve", "router", "--id", "router", "--model", str(spec.model_dir), "--http-port", str(spec.http_port),
-            "--grpc-port", str(spec.grpc_port), "--policy", spec.policy], state)
+            "--grpc-port", str(spec.grpc_port), "--policy", spec.policy, *spec.router_args], state)
         state.save(spec.state_dir)
         _wait_ready(spec, state, timeout_s, progress)
     except BaseException:

@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
                         "decode), eager, off")
     p.add_argument("--policy", default="least-loaded", choices=POLICIES,
                    help="router: how to pick a (prefill, decode) pair")
+    p.add_argument("--ttft-slo-ms", type=float, default=None,
+                   help="router, slo-aware policy: the TTFT target a dedicated prefill worker must meet before a "
+                        "prompt is computed on its decode worker instead")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for torch in this process (default: torch's choice)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
@@ -59,10 +62,15 @@ def run(args: argparse.Namespace) -> int:
         from router.router import RouterConfig
         from router.server import RouterServer, RouterServerConfig
 
+        try:
+            policy = make_policy(args.policy, args.ttft_slo_ms)
+        except ValueError as e:
+            print(f"tandem: error: {e}", file=sys.stderr)
+            return _EXIT_BAD_INPUT
         config = RouterServerConfig(etcd_url=args.etcd, model_dir=args.model, cluster=args.cluster, host=args.host,
                                     grpc_port=args.grpc_port, http_port=args.http_port, router_id=args.id,
                                     drain_grace_s=args.drain_grace)
-        asyncio.run(RouterServer(config, RouterConfig(policy=make_policy(args.policy))).run())
+        asyncio.run(RouterServer(config, RouterConfig(policy=policy)).run())
         return 0
     if args.role == "kvstore":
         return _run_kvstore(args)

@@ -128,6 +128,9 @@ class WorkerLoad(_JsonRecord):
     """KV blocks in total."""
     reservations: int = 0
     """Outstanding decode-side block reservations."""
+    prefill_tokens_per_s: float = 0.0
+    """Measured prompt tokens per second of the steps that computed prompts (decayed average);
+    0 = not measured yet."""
     updated_unix_s: float = 0.0
     """Wall clock of the measurement (publisher's clock)."""
 

@@ -24,6 +24,8 @@ class EngineLoad:
     waiting_requests: int
     free_kv_blocks: int
     total_kv_blocks: int
+    prefill_tokens_per_s: float
+    """The engine's measured prompt speed (EngineStats.prefill_tokens_per_s); 0.0 = not measured yet."""
 
 
 def engine_load(engine: LLMEngine) -> EngineLoad:
@@ -33,7 +35,7 @@ def engine_load(engine: LLMEngine) -> EngineLoad:
     queued += sum(r.num_tokens - r.num_computed_tokens for r in sched.running
                   if r.num_computed_tokens < len(r.prompt_token_ids))
     return EngineLoad(queued, len(sched.running), len(sched.waiting), engine.blocks.num_free_blocks,
-                      engine.blocks.num_blocks)
+                      engine.blocks.num_blocks, engine.stats.prefill_tokens_per_s)
 
 
 class WorkerState:
@@ -77,7 +79,7 @@ class WorkerState:
         return WorkerLoad(queued_prefill_tokens=e.queued_prefill_tokens, running_requests=e.running_requests,
                           waiting_requests=e.waiting_requests, free_kv_blocks=e.free_kv_blocks,
                           total_kv_blocks=e.total_kv_blocks, reservations=reservations,
-                          updated_unix_s=time.time())
+                          prefill_tokens_per_s=e.prefill_tokens_per_s, updated_unix_s=time.time())
 
     async def stats(self, reservations: int = 0, kv_bytes_received: int = 0) -> pb.WorkerStats:
         e = await self.aengine.call(engine_load)

@@ -350,7 +350,17 @@ class EngineStats:
     replaying a graph is not counted: the device works while the host launches.
     ``step_s``: whole steps. On CPU the model runs on the host: the model's time is
     outside host_s there too.
+    ``prefill_tokens``: prompt work computed (prompts, tokens generated elsewhere that a
+    resumed request recomputes, recomputes after preemption); a chunk is prompt work when it
+    has more than one token or starts inside the prompt, a plain decode step is not.
+    ``prefill_tokens_per_s``: the prompt-computing speed of this engine as a router should
+    expect it, prompt tokens over the whole time of the steps that computed them (decode
+    tokens batched with them included), decayed by ``_PREFILL_RATE_DECAY`` per such step so
+    that it follows the current load; 0.0 until a step computed prompt work.
     """
+
+    _PREFILL_RATE_DECAY = 0.9
+    """Weight of the past in ``prefill_tokens_per_s``, per step that computed prompt work."""
 
     def __init__(self) -> None:
         self.steps = 0
@@ -358,6 +368,9 @@ class EngineStats:
         self.preemptions = 0
         self.host_s = 0.0
         self.step_s = 0.0
+        self.prefill_tokens = 0
+        self._decayed_prefill_tokens = 0.0
+        self._decayed_prefill_s = 0.0
 
     def record(self, plan: SchedulerOutput, host_s: float, step_s: float) -> None:
         self.steps += 1
@@ -365,6 +378,20 @@ class EngineStats:
         self.preemptions += len(plan.preempted)
         self.host_s += host_s
         self.step_s += step_s
+        # prompt work: more than one token, or inside the prompt (a decode step is one token past it)
+        prompt_tokens = sum(c.num_tokens for c in plan.chunks
+                            if c.num_tokens > 1 or c.start < len(c.request.prompt_token_ids))
+        if prompt_tokens:
+            d = self._PREFILL_RATE_DECAY
+            self.prefill_tokens += prompt_tokens
+            self._decayed_prefill_tokens = d * self._decayed_prefill_tokens + prompt_tokens
+            self._decayed_prefill_s = d * self._decayed_prefill_s + step_s
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        if self._decayed_prefill_s <= 0:
+            return 0.0
+        return self._decayed_prefill_tokens / self._decayed_prefill_s
 
 
 def _kv_cache_bytes(config: EngineConfig, device: torch.device) -> int:

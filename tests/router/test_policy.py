@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from router.policy import Candidate, LeastLoadedPolicy, Pair, make_policy
 from router.prefix_policy import PrefixAwarePolicy
+from router.slo_policy import SloAwarePolicy
 from services.common.registry import WorkerInfo, WorkerLoad
 
 
@@ -14,10 +17,10 @@ def _worker(worker_id: str, role: str) -> WorkerInfo:
 
 
 def _cand(worker_id: str, role: str, queued: int = 0, running: int = 0, free_blocks: int = 100,
-          in_flight: int = 0) -> Candidate:
+          in_flight: int = 0, rate: float = 0.0, in_flight_tokens: int = 0) -> Candidate:
     load = WorkerLoad(queued_prefill_tokens=queued, running_requests=running, free_kv_blocks=free_blocks,
-                      total_kv_blocks=100)
-    return Candidate(_worker(worker_id, role), load, in_flight, 0)
+                      total_kv_blocks=100, prefill_tokens_per_s=rate)
+    return Candidate(_worker(worker_id, role), load, in_flight, in_flight_tokens)
 
 
 def test_least_loaded_picks_the_shortest_queue_and_the_emptiest_decode():
@@ -69,3 +72,76 @@ def test_prefix_memory_is_bounded():
 def test_make_policy_names():
     assert isinstance(make_policy("prefix-aware"), PrefixAwarePolicy)
     assert type(make_policy("least-loaded")) is LeastLoadedPolicy
+    assert type(make_policy("least-loaded", ttft_slo_ms=100)) is LeastLoadedPolicy  # ignored
+    slo = make_policy("slo-aware", ttft_slo_ms=250)
+    assert isinstance(slo, SloAwarePolicy) and slo.ttft_slo_s == 0.25 and slo.headroom == 0.5
+
+
+def test_make_policy_errors():
+    with pytest.raises(ValueError, match="ttft-slo-ms"):
+        make_policy("slo-aware")
+    with pytest.raises(ValueError, match="ttft-slo-ms"):
+        make_policy("slo-aware", ttft_slo_ms=0)
+    with pytest.raises(ValueError, match="ttft-slo-ms"):
+        make_policy("slo-aware", ttft_slo_ms=-5)
+    with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
+        make_policy("fastest", ttft_slo_ms=100)
+
+
+# -- slo-aware: a 1 s target with the default headroom leaves 0.5 s; prompts of 1000 tokens ------------
+
+_PROMPT = list(range(1000))
+_RATE = 10_000.0  # prompt tokens/s: an idle worker computes _PROMPT in 0.1 s
+
+
+def _slo_pick(prefills: list[Candidate], decode: Candidate, headroom: float = 0.5) -> tuple[str, str]:
+    pair = SloAwarePolicy(ttft_slo_s=1.0, headroom=headroom).pick(prefills, [decode], _PROMPT)
+    return pair.prefill.worker_id, pair.decode.worker_id
+
+
+def test_slo_aware_stays_disaggregated_while_the_prefill_worker_meets_the_target():
+    # p0: (4000 + 1000) / 10000 = 0.5 s, just within the budget
+    assert _slo_pick([_cand("p0", "prefill", queued=4000, rate=_RATE)], _cand("d0", "decode")) == ("p0", "d0")
+
+
+def test_slo_aware_computes_the_prompt_on_an_idle_decode_worker_when_the_prefill_queue_is_long():
+    # p0: (9000 + 1000) / 10000 = 1.0 s > 0.5 s; d0 has not measured a rate: p0's stands in, 0.1 s
+    assert _slo_pick([_cand("p0", "prefill", queued=9000, rate=_RATE)], _cand("d0", "decode")) == ("d0", "d0")
+    # the router's own count reveals the queue before the published load does ...
+    assert _slo_pick([_cand("p0", "prefill", rate=_RATE, in_flight_tokens=9000)], _cand("d0", "decode")) \
+        == ("d0", "d0")
+    # ... and overlaps it: 3000 published and 3000 sent are one queue of 3000 (0.4 s), not 6000 (0.7 s)
+    assert _slo_pick([_cand("p0", "prefill", queued=3000, rate=_RATE, in_flight_tokens=3000)],
+                     _cand("d0", "decode")) == ("p0", "d0")
+    # with the whole target as budget, 0.7 s is within it
+    assert _slo_pick([_cand("p0", "prefill", queued=6000, rate=_RATE)], _cand("d0", "decode")) == ("d0", "d0")
+    assert _slo_pick([_cand("p0", "prefill", queued=6000, rate=_RATE)], _cand("d0", "decode"),
+                     headroom=1.0) == ("p0", "d0")
+
+
+def test_slo_aware_stays_remote_when_both_miss():
+    long_queue = _cand("p0", "prefill", queued=9000, rate=_RATE)
+    # d0 computes prompts of its own: 5000 published, 8000 sent by this router -> 0.9 s
+    assert _slo_pick([long_queue], _cand("d0", "decode", queued=5000, in_flight_tokens=8000)) == ("p0", "d0")
+    # d0 idle but slow at prompts: 1000 / 1500 = 0.67 s
+    assert _slo_pick([long_queue], _cand("d0", "decode", rate=1500)) == ("p0", "d0")
+
+
+def test_slo_aware_is_least_loaded_without_a_measured_rate():
+    assert _slo_pick([_cand("p0", "prefill", queued=90_000)], _cand("d0", "decode")) == ("p0", "d0")
+
+
+def test_slo_aware_is_least_loaded_for_a_mixed_worker():
+    mixed = _cand("m0", "mixed", rate=_RATE)
+    assert _slo_pick([mixed, _cand("p0", "prefill", queued=90_000, rate=_RATE)], mixed) == ("m0", "m0")
+    busy = _cand("m0", "mixed", queued=50, rate=_RATE)
+    assert _slo_pick([busy, _cand("p0", "prefill", rate=_RATE)], busy) == ("p0", "m0")
+
+
+def test_slo_aware_picks_the_prefill_worker_that_finishes_first():
+    slow = _cand("p0", "prefill", queued=0, rate=1_000)  # 1.0 s
+    fast = _cand("p1", "prefill", queued=2_000, rate=20_000)  # 0.15 s
+    assert LeastLoadedPolicy().pick([slow, fast], [_cand("d0", "decode")], _PROMPT).prefill.worker_id == "p0"
+    assert _slo_pick([slow, fast], _cand("d0", "decode")) == ("p1", "d0")
+    # a worker without a rate of its own is estimated at the best one published: p2 at 20000/s, 0.1 s
+    assert _slo_pick([slow, fast, _cand("p2", "prefill")], _cand("d0", "decode")) == ("p2", "d0")

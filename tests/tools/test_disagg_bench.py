@@ -1,5 +1,5 @@
 """``tandem bench disagg``: layouts, arguments and the SLO sensitivity exactly, then one real
-cut-down run of both layouts."""
+cut-down run of every layout."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def test_one_gpu_or_cpu_is_shared_with_half_the_budget_each():
     dis = plan_layout("disaggregated", "cpu", 0, 256 * MIB)
     assert dis.devices == {"prefill-0": "cpu", "decode-0": "cpu"}
     assert dis.kv_cache_bytes == {"prefill-0": 128 * MIB, "decode-0": 128 * MIB}
-    assert dis.to_json() == {"name": "disaggregated", "gpus_visible": 0, "shared_device": True, "workers": {
+    assert dis.to_json() == {"name": "disaggregated", "gpus_visible": 0, "shared_device": True,
+                             "router_policy": "least-loaded", "workers": {
         "prefill-0": {"role": "prefill", "device": "cpu", "kv_cache_bytes": 128 * MIB},
         "decode-0": {"role": "decode", "device": "cpu", "kv_cache_bytes": 128 * MIB}}}
 
@@ -77,6 +78,33 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     assert (spec.prefill, spec.decode, spec.mixed) == (1, 1, 0)
     assert spec.worker_args[-2:] == ("--torch-threads", "1")
     assert spec.worker_name_args["decode-0"] == ("--device", "cpu", "--kv-cache-bytes", str(128 * MIB))
+
+
+def test_the_slo_layout_is_disaggregated_with_the_slo_aware_router_at_the_workloads_ttft(tmp_path):
+    cpu = PRESETS["cpu-demo"].workers
+    layout = plan_layout("disaggregated-slo", "cpu", 0, cpu.kv_cache_bytes_per_device)
+    assert layout.devices == plan_layout("disaggregated", "cpu", 0, 1).devices
+    assert (layout.policy, layout.to_json()["router_policy"]) == ("slo-aware", "slo-aware")
+    spec = cluster_spec(layout, cpu, tmp_path / "model", tmp_path / "state", ttft_slo_ms=1500.0)
+    assert (spec.policy, spec.router_args) == ("slo-aware", ("--ttft-slo-ms", "1500"))
+    plain = cluster_spec(plan_layout("disaggregated", "cpu", 0, 1), cpu, tmp_path, tmp_path, ttft_slo_ms=1500.0)
+    assert (plain.policy, plain.router_args) == ("least-loaded", ())
+    with pytest.raises(ValueError, match="TTFT SLO"):
+        cluster_spec(layout, cpu, tmp_path / "model", tmp_path / "state")
+
+
+def test_compare_gives_each_disaggregated_layout_its_ratio():
+    co, dis, slo = (_entry([(1, 1.0), (2, 0.95), (4, 0.5)], 2), _entry([(1, 1.0), (2, 0.5)], 1),
+                    _entry([(1, 1.0), (2, 1.0), (4, 0.95), (8, 0.1)], 4))
+    both = compare({"colocated": co, "disaggregated": dis, "disaggregated-slo": slo})
+    assert both["ratios"] == {"disaggregated": 0.5, "disaggregated-slo": 2.0} and both["ratio"] == 0.5
+    assert both["goodput"] == {"colocated": 2, "disaggregated": 1, "disaggregated-slo": 4}
+    only_slo = compare({"colocated": co, "disaggregated-slo": slo})
+    assert (only_slo["ratio"], only_slo["ratios"]) == (None, {"disaggregated-slo": 2.0})
+    lines = format_table({"workloads": {"w": {"layouts": {}, "comparison": both}}}, []).splitlines()
+    assert disagg_report._comparison_lines(both)[:2] == ["  disaggregated / colocated goodput: 0.50",
+                                                          "  disaggregated-slo / colocated goodput: 2.00"]
+    assert lines[-1].startswith("goodput:")
 
 
 def test_cluster_spec_rejects_args_for_a_worker_it_does_not_have(tmp_path):
@@ -145,10 +173,10 @@ def test_tandem_bench_disagg_runs_this_benchmark():
 
 
 def test_the_estimate_counts_every_cluster_and_rate():
-    preset = PRESETS["gpu-llama3-8b"]  # 2 workloads x 4 rates; 2 layouts; 60 s starts, 12 s rates, 20 s drains
+    preset = PRESETS["gpu-llama3-8b"]  # 5 + 7 rates; 2 layouts; 30 s starts, 10 s rates, 20 s drains
     typical, worst = disagg_bench.estimate_s(preset, 2)
-    assert typical == 4 * (60 + 5) + 16 * (12 + 3)
-    assert worst == 4 * (60 + 5) + 16 * (12 + 20)
+    assert typical == 4 * (30 + 5) + 24 * (10 + 3)
+    assert worst == 4 * (30 + 5) + 24 * (10 + 20)
 
 
 def _entry(rates_attained: list[tuple[float, float]], good: float | None, seed: int = 0) -> dict:
@@ -206,11 +234,11 @@ def test_a_tight_tpot_limit_flips_the_ratio():
     assert compare(layouts)["ratio"] == 0.5  # the headline: TPOT <= 50 ms
     loose, tight = slo_sensitivity(layouts, [SLO(500, 30), SLO(500, 20)])
     assert loose == {"ttft_ms": 500, "tpot_ms": 30, "goodput": {"colocated": 8, "disaggregated": 8}, "ratio": 1.0,
-                     "attainment": {"colocated": [[4, 1.0], [8, 1.0], [16, 0.1]],
+                     "ratios": {"disaggregated": 1.0}, "attainment": {"colocated": [[4, 1.0], [8, 1.0], [16, 0.1]],
                                     "disaggregated": [[4, 1.0], [8, 1.0], [16, 0.0]]}}
     # at 8 req/s only the one-token request (no TPOT) meets TPOT <= 20 ms
     assert tight == {"ttft_ms": 500, "tpot_ms": 20, "goodput": {"colocated": 4, "disaggregated": 8}, "ratio": 2.0,
-                     "attainment": {"colocated": [[4, 1.0], [8, 0.1], [16, 0.1]],
+                     "ratios": {"disaggregated": 2.0}, "attainment": {"colocated": [[4, 1.0], [8, 0.1], [16, 0.1]],
                                     "disaggregated": [[4, 1.0], [8, 1.0], [16, 0.0]]}}
 
 
@@ -295,7 +323,7 @@ def test_report_only_of_a_bad_file_exits_2_with_one_line(tmp_path, monkeypatch, 
 # -- a real run: both layouts, real clusters -------------------------------------------------
 
 
-def test_cpu_run_of_both_layouts(tmp_path, capsys):
+def test_cpu_run_of_every_layout(tmp_path, capsys):
     results = tmp_path / "results"
     argv = ["--preset", "cpu-demo", "--workloads", "chatbot", "--scale", "0.05", "--rates", "2,4", "--duration",
             "4", "--drain-timeout", "20", "--state-dir", str(tmp_path / "state"), "--results-dir", str(results),
@@ -309,6 +337,7 @@ def test_cpu_run_of_both_layouts(tmp_path, capsys):
         assert entry["layout"]["name"] == name and entry["layout"]["shared_device"]
         roles = sorted(w["role"] for w in entry["layout"]["workers"].values())
         assert roles == (["mixed", "mixed"] if name == "colocated" else ["decode", "prefill"])
+        assert entry["layout"]["router_policy"] == ("slo-aware" if name == "disaggregated-slo" else "least-loaded")
         assert [run["rate"] for run in entry["runs"]] == [2, 4]
         for run in entry["runs"]:
             s = run["summary"]
@@ -317,7 +346,7 @@ def test_cpu_run_of_both_layouts(tmp_path, capsys):
             assert all(r["cached_prompt_tokens"] == 0 for r in run["requests"])  # a fresh cluster per layout
         assert "goodput_rate" in entry
     co, dis = slot["layouts"]["colocated"], slot["layouts"]["disaggregated"]
-    assert co["settings"] == dis["settings"]
+    assert co["settings"] == dis["settings"] == slot["layouts"]["disaggregated-slo"]["settings"]
     assert [[r["input_len"] for r in run["requests"]] for run in co["runs"]] == \
         [[r["input_len"] for r in run["requests"]] for run in dis["runs"]]  # the same requests
     comparison = slot["comparison"]
@@ -327,6 +356,7 @@ def test_cpu_run_of_both_layouts(tmp_path, capsys):
         assert comparison["ratio"] == pytest.approx(dis["goodput_rate"] / co["goodput_rate"])
     else:
         assert comparison["ratio"] is None
+    assert set(comparison["ratios"]) == {"disaggregated", "disaggregated-slo"}
     [looser] = slot["slo_sensitivity"]  # TPOT <= 1000 ms: no request misses that the 100 ms limit let pass
     assert (looser["ttft_ms"], looser["tpot_ms"]) == (1000, 1000)
     for name, entry in slot["layouts"].items():
@@ -337,4 +367,5 @@ def test_cpu_run_of_both_layouts(tmp_path, capsys):
     assert not list((tmp_path / "state").iterdir())  # a cluster's state dir goes once its run succeeded
     out = capsys.readouterr().out
     assert "colocated" in out and "disaggregated / colocated goodput:" in out
+    assert "disaggregated-slo / colocated goodput:" in out
     assert "    TPOT <= 1000 ms: colocated " in out

@@ -5,10 +5,13 @@ seed, so both layouts get identical requests at identical times) runs against tw
 clusters on the same hardware, each started fresh (no prefix cache carries over) and
 without a KV store (its prefix hits would differ between layouts):
 
-  layout          workers                  2+ GPUs           1 GPU                CPU
-  colocated       mixed-0, mixed-1         cuda:0, cuda:1    both on cuda:0       both on cpu
-  disaggregated   prefill-0, decode-0      cuda:0, cuda:1    both on cuda:0       both on cpu
-                  (KV handed over UCX)
+  layout             workers                  2+ GPUs           1 GPU                CPU
+  colocated          mixed-0, mixed-1         cuda:0, cuda:1    both on cuda:0       both on cpu
+  disaggregated      prefill-0, decode-0      cuda:0, cuda:1    both on cuda:0       both on cpu
+                     (KV handed over UCX)
+  disaggregated-slo  as disaggregated, with the router's slo-aware policy (router/slo_policy.py),
+                     its TTFT target the workload's TTFT SLO: a prompt is computed on the decode
+                     worker itself only when the prefill worker would miss that target
 
 Same number of worker processes on the same devices in both layouts. ``--workers N``
 (default 2) and ``--prefill-workers P`` (default N // 2) set other sizes and prefill :
@@ -19,6 +22,9 @@ worker prefills and decodes in one continuous batch (chunked prefill up to
 ``--max-batched-tokens``), so a long prompt stretches the decode steps of everything it
 shares the batch with; the disaggregated layout removes that interference and pays a KV
 handoff and one fewer worker per phase instead. The result says which matters more.
+With one prefill worker for every decode worker, a long-prompt workload saturates the
+prefill side while the decode GPU idles; ``disaggregated-slo`` lets the router spend that
+idle capacity on prompts that would otherwise miss their TTFT, paying interference only then.
 Each phase keeps its own token budget: prefill workers of the GPU presets prefill up to
 8192 tokens per step (a whole summarisation prompt), mixed and decode workers 2048.
 
@@ -187,10 +193,10 @@ PRESETS = {p.name: p for p in (
            ("chatbot", "summarization"), duration_s=8, drain_timeout_s=15, scale=0.1, cluster_start_estimate_s=10),
     Preset("gpu-llama3-8b", None, "llama3-8b", _GPU_WORKERS,
            # rates that cross saturation on two GPUs (one H200 prefills ~6 summaries/s of 4-8K tokens)
-           {"chatbot": WorkloadPlan("chatbot", (4, 8, 16, 24), _GPU_SLO),
-            "code": WorkloadPlan("code", (4, 8, 16, 24), _GPU_SLO),
-            "summarization": WorkloadPlan("summarization", (2, 4, 6, 8), SLO(ttft_ms=3000, tpot_ms=50))},
-           ("chatbot", "summarization"), duration_s=12, drain_timeout_s=20, scale=1.0, cluster_start_estimate_s=60,
+           {"chatbot": WorkloadPlan("chatbot", (8, 16, 24, 32, 40), _GPU_SLO),
+            "code": WorkloadPlan("code", (8, 16, 24, 32, 40), _GPU_SLO),
+            "summarization": WorkloadPlan("summarization", (2, 3, 4, 5, 6, 7, 8), SLO(ttft_ms=3000, tpot_ms=50))},
+           ("chatbot", "summarization"), duration_s=10, drain_timeout_s=20, scale=1.0, cluster_start_estimate_s=30,
            other_limits=_GPU_OTHER_LIMITS),
     Preset("gpu-llama3-1b", None, "llama3-1b", _GPU_WORKERS,
            {"chatbot": WorkloadPlan("chatbot", (2, 4, 8, 12, 16), _GPU_SLO),
@@ -209,26 +215,28 @@ class Layout:
     kv_cache_bytes: dict[str, int]
     """Worker name -> its KV cache budget."""
     gpus_visible: int
+    policy: str = "least-loaded"
+    """The router's policy; ``slo-aware`` gets the workload's TTFT SLO as its target."""
 
     def count(self, role: str) -> int:
         return sum(1 for name in self.devices if name.startswith(f"{role}-"))
 
     def describe(self) -> str:
-        return ", ".join(f"{name} on {device}" for name, device in self.devices.items())
+        return ", ".join(f"{name} on {device}" for name, device in self.devices.items()) + f"; router {self.policy}"
 
     def to_json(self) -> dict:
         workers = {n: {"role": n.rsplit("-", 1)[0], "device": d, "kv_cache_bytes": self.kv_cache_bytes[n]}
                    for n, d in self.devices.items()}
         return {"name": self.name, "workers": workers, "gpus_visible": self.gpus_visible,
-                "shared_device": len(set(self.devices.values())) < len(self.devices)}
+                "shared_device": len(set(self.devices.values())) < len(self.devices), "router_policy": self.policy}
 
 
 def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int, workers: int = 2,
                 prefill_workers: int | None = None) -> Layout:
     """``workers`` processes: all mixed (colocated), or ``prefill_workers`` prefill (default
-    half) and the rest decode (disaggregated). Worker i runs on cuda:(i mod visible GPUs), so
-    with as many GPUs as workers each has its own; processes sharing a device split its KV
-    budget evenly."""
+    half) and the rest decode (both disaggregated layouts; ``disaggregated-slo`` routes with
+    the slo-aware policy). Worker i runs on cuda:(i mod visible GPUs), so with as many GPUs as
+    workers each has its own; processes sharing a device split its KV budget evenly."""
     assert name in LAYOUTS, name
     prefill = workers // 2 if prefill_workers is None else prefill_workers
     if workers < 2 or not 1 <= prefill < workers:
@@ -244,11 +252,12 @@ def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int, wor
     else:
         devices = [f"cuda:{i % gpu_count}" for i in range(workers)]
     sharing = Counter(devices)
-    return Layout(name, dict(zip(names, devices)),
-                  {n: kv_cache_bytes // sharing[d] for n, d in zip(names, devices)}, gpu_count)
+    return Layout(name, dict(zip(names, devices)), {n: kv_cache_bytes // sharing[d] for n, d in zip(names, devices)},
+                  gpu_count, "slo-aware" if name == "disaggregated-slo" else "least-loaded")
 
 
-def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state_dir: Path) -> ClusterSpec:
+def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state_dir: Path,
+                 ttft_slo_ms: float | None = None) -> ClusterSpec:
     common = ["--dtype", workers.dtype, "--max-batched-tokens", str(workers.max_batched_tokens),
               "--max-num-seqs", str(workers.max_num_seqs)]
     if workers.max_model_len is not None:
@@ -261,9 +270,15 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
         for name in per_worker:
             if name.startswith("prefill-"):
                 per_worker[name] += ("--max-batched-tokens", str(workers.prefill_max_batched_tokens))
+    router_args = ()
+    if layout.policy == "slo-aware":
+        if ttft_slo_ms is None:
+            raise ValueError(f"layout {layout.name} needs the workload's TTFT SLO")
+        router_args = ("--ttft-slo-ms", f"{ttft_slo_ms:g}")
     return ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=layout.count("prefill"),
                        decode=layout.count("decode"), mixed=layout.count("mixed"), http_port=free_port(),
-                       grpc_port=free_port(), worker_args=tuple(common), worker_name_args=per_worker, kvstore=False)
+                       grpc_port=free_port(), worker_args=tuple(common), worker_name_args=per_worker, kvstore=False,
+                       policy=layout.policy, router_args=router_args)
 
 
 # -- running -------------------------------------------------------------------------------
@@ -272,7 +287,7 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
 def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Path, state_root: Path) -> dict:
     """Start a fresh cluster of ``layout``, sweep ``plan``'s rates, stop it; one result entry."""
     state_dir = Path(tempfile.mkdtemp(prefix=f"{plan.workload}-{layout.name}-", dir=state_root))
-    spec = cluster_spec(layout, preset.workers, model_dir, state_dir)
+    spec = cluster_spec(layout, preset.workers, model_dir, state_dir, plan.slo.ttft_ms)
     log(f"{plan.workload} / {layout.name}: starting {layout.describe()} (state in {state_dir}, kept if it fails)")
     started_at, start = _now(), time.monotonic()
     state = start_cluster(spec, _CLUSTER_START_TIMEOUT_S, progress=log)
@@ -544,8 +559,9 @@ def _parse_limits(text: str, flag: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tandem bench disagg", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Colocated (mixed workers) vs. disaggregated (prefill + decode) goodput, same requests, "
-                    "same devices. Options given on top of a preset replace its values.",
+        description="Colocated (mixed workers) vs. disaggregated (prefill + decode; plain, or with the SLO-aware "
+                    "router) goodput, same requests, same devices. Options given on top of a preset replace its "
+                    "values.",
         epilog=f"workloads: {', '.join(sorted(WORKLOADS))}; layouts: {', '.join(LAYOUTS)}")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo")
     model = parser.add_mutually_exclusive_group()
@@ -554,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random weights of this shape, written to --scratch once")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "tandem-bench")
     parser.add_argument("--workloads", default=None, help="comma-separated (default: the preset's)")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated (default: both)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated (default: all)")
     parser.add_argument("--rates", default=None, help="comma-separated requests/s, for every selected workload")
     parser.add_argument("--duration", dest="duration_s", metavar="S", type=float, default=None,
                         help="send window per rate, seconds")

@@ -1,5 +1,5 @@
-"""Results of ``tandem bench disagg``: merging runs into the result JSON, comparing the two
-layouts, SLO sensitivity (goodput recomputed from the stored requests for other limits),
+"""Results of ``tandem bench disagg``: merging runs into the result JSON, comparing each
+disaggregated layout with the colocated one, SLO sensitivity (goodput recomputed from the stored requests for other limits),
 the table and the attainment plots. The benchmark itself (layouts, clusters, sweeps,
 the command line) is in disagg_bench.py.
 """
@@ -24,7 +24,9 @@ from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, 
 if TYPE_CHECKING:
     from tools.bench.disagg_bench import Preset
 
-LAYOUTS = ("colocated", "disaggregated")
+LAYOUTS = ("colocated", "disaggregated", "disaggregated-slo")
+BASELINE = "colocated"
+"""Every other layout's goodput is given as a ratio to this one's."""
 
 
 def log(message: str) -> None:
@@ -67,22 +69,32 @@ def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: Ot
 
 
 def compare(layouts: dict[str, dict]) -> dict | None:
-    """Disaggregated goodput / colocated goodput, when both ran with the same settings."""
-    if not all(name in layouts for name in LAYOUTS):
+    """Each other layout's goodput / colocated goodput, where both ran with the same settings.
+    ``ratio`` (and ``disaggregated_goodput``) is the plain disaggregated layout's, the headline;
+    ``ratios`` has every layout's. None until colocated and another layout ran."""
+    others = _others(layouts)
+    if BASELINE not in layouts or not others:
         return None
-    co, dis = layouts["colocated"], layouts["disaggregated"]
-    same = co["settings"] == dis["settings"]
-    good_co, good_dis = co["goodput_rate"], dis["goodput_rate"]
-    ratio = _goodput_ratio(good_co, good_dis, same)
-    notes = [] if same else ["the layouts ran with different settings: run one again to compare"]
-    for name, entry in (("colocated", co), ("disaggregated", dis)):
-        top = max(run["rate"] for run in entry["runs"])
-        if entry["goodput_rate"] is None:
+    co = layouts[BASELINE]
+    same = {name: layouts[name]["settings"] == co["settings"] for name in others}
+    good = {name: layouts[name]["goodput_rate"] for name in (BASELINE, *others)}
+    ratios = {name: _goodput_ratio(good[BASELINE], good[name], same[name]) for name in others}
+    notes = [f"{name} and colocated ran with different settings: run one again to compare"
+             for name in others if not same[name]]
+    for name in (BASELINE, *others):
+        top = max(run["rate"] for run in layouts[name]["runs"])
+        if good[name] is None:
             notes.append(f"{name} met the SLO at no swept rate (sweep lower rates)")
-        elif entry["goodput_rate"] == top:
+        elif good[name] == top:
             notes.append(f"{name} met the SLO at its highest rate: its goodput is at least {top:g}/s")
-    return {"colocated_goodput": good_co, "disaggregated_goodput": good_dis, "ratio": ratio,
-            "same_settings": same, "notes": notes}
+    return {"colocated_goodput": good[BASELINE], "disaggregated_goodput": good.get("disaggregated"),
+            "ratio": ratios.get("disaggregated"), "goodput": good, "ratios": ratios,
+            "same_settings": all(same.values()), "notes": notes}
+
+
+def _others(layouts: dict) -> list[str]:
+    """The layouts compared with the baseline, in LAYOUTS order."""
+    return [name for name in LAYOUTS if name != BASELINE and name in layouts]
 
 
 def _goodput_ratio(good_co: float | None, good_dis: float | None, same_settings: bool) -> float | None:
@@ -96,18 +108,19 @@ def primary_slo(slot: dict) -> SLO:
 
 
 def slo_sensitivity(layouts: dict[str, dict], slos: Sequence[SLO]) -> list[dict]:
-    """Attainment per rate, goodput per layout and their ratio for each of ``slos``, recomputed
-    from the stored request records: the same requests as the headline, on its rate grid. A
-    layout whose runs lack their records is listed under ``no_records`` with goodput None."""
+    """Attainment per rate, goodput per layout and the ratios to colocated for each of ``slos``,
+    recomputed from the stored request records: the same requests as the headline, on its rate
+    grid. A layout whose runs lack their records is listed under ``no_records`` with goodput None."""
     names = [name for name in LAYOUTS if name in layouts]
-    same = all(name in layouts for name in LAYOUTS) and \
-        layouts["colocated"]["settings"] == layouts["disaggregated"]["settings"]
+    same = {name: BASELINE in layouts and layouts[name]["settings"] == layouts[BASELINE]["settings"]
+            for name in _others(layouts)}
     block = []
     for slo in slos:
         points = {name: _attainment_points(layouts[name], slo) for name in names}
         good = {name: None if pts is None else goodput(pts) for name, pts in points.items()}
-        item = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "goodput": good,
-                "ratio": _goodput_ratio(good.get("colocated"), good.get("disaggregated"), same), "attainment": points}
+        ratios = {name: _goodput_ratio(good.get(BASELINE), good[name], same[name]) for name in same}
+        item = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "goodput": good, "ratio": ratios.get("disaggregated"),
+                "ratios": ratios, "attainment": points}
         if missing := [name for name, pts in points.items() if pts is None]:
             item["no_records"] = missing
         block.append(item)
@@ -212,14 +225,15 @@ def _table_row(entry: dict) -> tuple[str, ...]:
 
 def _comparison_lines(comparison: dict | None) -> list[str]:
     if comparison is None:
-        return ["  disaggregated / colocated goodput: - (run both layouts)"]
-    ratio = comparison["ratio"]
-    lines = ["  disaggregated / colocated goodput: " + ("-" if ratio is None else f"{ratio:.2f}")]
+        return ["  disaggregated / colocated goodput: - (run colocated and another layout)"]
+    ratios = comparison.get("ratios", {"disaggregated": comparison["ratio"]})  # results from before "ratios"
+    lines = [f"  {name} / colocated goodput: " + ("-" if ratio is None else f"{ratio:.2f}")
+             for name, ratio in ratios.items()]
     return lines + [f"  note: {note}" for note in comparison["notes"]]
 
 
 def _sensitivity_lines(slot: dict) -> list[str]:
-    """One line per other SLO: both layouts' goodput (>= where a layout met it at its top rate)."""
+    """One line per other SLO: every layout's goodput (>= where a layout met it at its top rate)."""
     block = slot.get("slo_sensitivity")
     if not block:
         return []
@@ -241,15 +255,21 @@ def _goodput_text(good: float | None, top: float) -> str:
 
 
 def _ratio_text(item: dict, tops: dict[str, float]) -> str:
-    """The ratio, marked as a bound where one layout met the SLO at its highest rate."""
-    if item["ratio"] is None:
-        none = [name for name in LAYOUTS if name in item["goodput"] and item["goodput"][name] is None
-                and name not in item.get("no_records", ())]
+    """The ratios to colocated, each marked as a bound where a layout met the SLO at its highest rate."""
+    ratios = item.get("ratios", {"disaggregated": item["ratio"]})
+    texts = [_one_ratio_text(item, name, ratio, tops) for name, ratio in ratios.items()]
+    return texts[0] if len(texts) == 1 else "; ".join(f"{name} {text}" for name, text in zip(ratios, texts))
+
+
+def _one_ratio_text(item: dict, name: str, ratio: float | None, tops: dict[str, float]) -> str:
+    if ratio is None:
+        none = [n for n in (BASELINE, name) if n in item["goodput"] and item["goodput"][n] is None
+                and n not in item.get("no_records", ())]
         return f"{' and '.join(none)} met it at no swept rate" if none else "-"
-    co_top, dis_top = (item["goodput"][name] == tops[name] for name in LAYOUTS)
+    co_top, dis_top = (item["goodput"][n] == tops[n] for n in (BASELINE, name))
     if co_top and dis_top:
         return "- (both met it at their highest rate)"
-    return f"{'>=' if dis_top else '<=' if co_top else ''}{item['ratio']:.2f}x"
+    return f"{'>=' if dis_top else '<=' if co_top else ''}{ratio:.2f}x"
 
 
 def _pct(value: float | None) -> str:
@@ -269,7 +289,7 @@ def write_plot(report: dict, workload: str, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.4))
     slot = report["workloads"][workload]
     rates: set[float] = set()
-    for name, color in zip(LAYOUTS, ("tab:blue", "tab:orange")):
+    for name, color in zip(LAYOUTS, ("tab:blue", "tab:orange", "tab:green")):
         entry = slot["layouts"].get(name)
         if entry is None:
             continue

@@ -1,0 +1,72 @@
+"""SLO-aware routing ("conditional disaggregation"): compute a prompt on its decode worker only
+when the prefill pool would miss the time-to-first-token target.
+
+Disaggregation keeps prompts off the decode workers, so a decode batch never waits behind a
+prompt's chunks (prefill interference, paid as TPOT by every request decoding there). But when
+long prompts queue up on the dedicated prefill workers, a prompt waits there for its turn while
+the decode worker is mostly idle. This policy pays the interference only when it buys the TTFT
+target. For a prompt of n tokens (prompt + tokens already generated) on a worker c:
+
+    ttft(c) = (queued(c) + n) / rate(c)                 seconds until c has computed the prompt
+    queued(c) = max(published queued prompt tokens, prompt tokens this router sent and c has not computed)
+    rate(c) = c's published prefill_tokens_per_s, else the best rate published by a candidate
+
+    budget = headroom * ttft_slo_s
+    best dedicated prefill worker within budget              -> disaggregated (as least-loaded)
+    else the chosen decode worker within budget and sooner   -> the decode worker alone (colocated)
+    else                                                     -> the best dedicated prefill worker
+                                                                (missing either way, it should not slow decoding)
+
+The published queue lags by up to a publish interval and the router's own count overlaps it
+(for a single router, what it sent is most of what is queued): the max counts neither twice.
+The estimate leaves out the KV handoff, queueing noise and prompts that arrive after this one
+and share its steps, hence the headroom (< 1) on the target. Without any measured rate, without
+a dedicated prefill worker, or when the decode worker chosen is a mixed worker, this is
+least-loaded.
+"""
+
+from __future__ import annotations
+
+from router.policy import Candidate, LeastLoadedPolicy, Pair
+
+_DEFAULT_HEADROOM = 0.5
+
+
+class SloAwarePolicy(LeastLoadedPolicy):
+    def __init__(self, ttft_slo_s: float, headroom: float = _DEFAULT_HEADROOM):
+        if not ttft_slo_s > 0:
+            raise ValueError(f"ttft_slo_s must be > 0, got {ttft_slo_s}")
+        if not 0 < headroom <= 1:
+            raise ValueError(f"headroom must be in (0, 1], got {headroom}")
+        self.ttft_slo_s = ttft_slo_s
+        """Time-to-first-token target, seconds."""
+        self.headroom = headroom
+        """Fraction of the target an estimate may use (estimates are optimistic)."""
+
+    def pick(self, prefills: list[Candidate], decodes: list[Candidate], tokens: list[int]) -> Pair | None:
+        decode = self.pick_decode(decodes, tokens)
+        dedicated = [c for c in prefills if c.info.role == "prefill"]
+        known_rate = max((c.load.prefill_tokens_per_s for c in prefills + decodes if c.load), default=0.0)
+        if decode is None or decode.info.role != "decode" or not dedicated or known_rate <= 0:
+            return super().pick(prefills, decodes, tokens)
+        budget_s = self.headroom * self.ttft_slo_s
+
+        def ttft_s(c: Candidate) -> float:
+            return ttft_estimate_s(c, len(tokens), known_rate)
+
+        prefill = min(dedicated, key=lambda c: (ttft_s(c), c.in_flight_requests, c.info.worker_id))
+        remote_s = ttft_s(prefill)
+        if remote_s > budget_s:
+            local_s = ttft_s(decode)
+            if local_s <= budget_s and local_s < remote_s:
+                return Pair(decode.info, decode.info)
+        return Pair(prefill.info, decode.info)
+
+
+def ttft_estimate_s(c: Candidate, num_tokens: int, fallback_rate: float) -> float:
+    """Seconds until ``c`` has computed a prompt of ``num_tokens`` queued behind its current prompt work;
+    ``fallback_rate`` (tokens/s, > 0) stands in for a worker that has not measured its own rate yet."""
+    published = c.load.queued_prefill_tokens if c.load else 0
+    queued = max(published, c.in_flight_prefill_tokens)
+    rate = c.load.prefill_tokens_per_s if c.load and c.load.prefill_tokens_per_s > 0 else fallback_rate
+    return (queued + num_tokens) / rate
