@@ -9,13 +9,18 @@ target. For a prompt of n tokens (prompt + tokens already generated) on a worker
 
     ttft(c) = (queued(c) + n) / rate(c)                 seconds until c has computed the prompt
     queued(c) = max(published queued prompt tokens, prompt tokens this router sent and c has not computed)
-    rate(c) = c's published prefill_tokens_per_s, else the best rate published by a candidate
+    rate(c) = c's published prefill_tokens_per_s, else the best rate published by a candidate;
+              also that best rate where c's own is stale (measured over STALE_RATE_S ago) and lower
 
     budget = headroom * ttft_slo_s
     best dedicated prefill worker within budget              -> disaggregated (as least-loaded)
     else the chosen decode worker within budget and sooner   -> the decode worker alone (colocated)
     else                                                     -> the best dedicated prefill worker
                                                                 (missing either way, it should not slow decoding)
+
+A rate is only measured while a worker computes prompts, so a decode worker whose one local
+prompt ran slowly (a cold start: first-time kernel compilation) would otherwise never be chosen
+again, and never measure again: a stale rate gives way to the best one known.
 
 The published queue lags by up to a publish interval and the router's own count overlaps it
 (for a single router, what it sent is most of what is queued): the max counts neither twice.
@@ -30,6 +35,8 @@ from __future__ import annotations
 from router.policy import Candidate, LeastLoadedPolicy, Pair
 
 _DEFAULT_HEADROOM = 0.5
+STALE_RATE_S = 10.0
+"""A prefill rate measured longer ago than this no longer holds a worker below the best known rate."""
 
 
 class SloAwarePolicy(LeastLoadedPolicy):
@@ -68,5 +75,13 @@ def ttft_estimate_s(c: Candidate, num_tokens: int, fallback_rate: float) -> floa
     ``fallback_rate`` (tokens/s, > 0) stands in for a worker that has not measured its own rate yet."""
     published = c.load.queued_prefill_tokens if c.load else 0
     queued = max(published, c.in_flight_prefill_tokens)
-    rate = c.load.prefill_tokens_per_s if c.load and c.load.prefill_tokens_per_s > 0 else fallback_rate
-    return (queued + num_tokens) / rate
+    return (queued + num_tokens) / prefill_rate(c, fallback_rate)
+
+
+def prefill_rate(c: Candidate, fallback_rate: float) -> float:
+    """``c``'s measured prompt speed; ``fallback_rate`` where it has none, or where its own is stale and lower."""
+    own = c.load.prefill_tokens_per_s if c.load else 0.0
+    if own <= 0:
+        return fallback_rate
+    age = c.load.prefill_rate_age_s
+    return max(own, fallback_rate) if age is not None and age > STALE_RATE_S else own

@@ -131,6 +131,9 @@ class WorkerLoad(_JsonRecord):
     prefill_tokens_per_s: float = 0.0
     """Measured prompt tokens per second of the steps that computed prompts (decayed average);
     0 = not measured yet."""
+    prefill_rate_age_s: float | None = None
+    """Seconds since ``prefill_tokens_per_s`` was last measured, at publication; None = never
+    (or a worker that does not say)."""
     updated_unix_s: float = 0.0
     """Wall clock of the measurement (publisher's clock)."""
 

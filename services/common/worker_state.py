@@ -26,6 +26,8 @@ class EngineLoad:
     total_kv_blocks: int
     prefill_tokens_per_s: float
     """The engine's measured prompt speed (EngineStats.prefill_tokens_per_s); 0.0 = not measured yet."""
+    prefill_rate_age_s: float | None
+    """Seconds since the speed was last measured; None = never."""
 
 
 def engine_load(engine: LLMEngine) -> EngineLoad:
@@ -34,8 +36,10 @@ def engine_load(engine: LLMEngine) -> EngineLoad:
     queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
     queued += sum(r.num_tokens - r.num_computed_tokens for r in sched.running
                   if r.num_computed_tokens < len(r.prompt_token_ids))
+    measured_at = engine.stats.prefill_measured_at
     return EngineLoad(queued, len(sched.running), len(sched.waiting), engine.blocks.num_free_blocks,
-                      engine.blocks.num_blocks, engine.stats.prefill_tokens_per_s)
+                      engine.blocks.num_blocks, engine.stats.prefill_tokens_per_s,
+                      None if measured_at is None else round(time.monotonic() - measured_at, 3))
 
 
 class WorkerState:
@@ -79,7 +83,8 @@ class WorkerState:
         return WorkerLoad(queued_prefill_tokens=e.queued_prefill_tokens, running_requests=e.running_requests,
                           waiting_requests=e.waiting_requests, free_kv_blocks=e.free_kv_blocks,
                           total_kv_blocks=e.total_kv_blocks, reservations=reservations,
-                          prefill_tokens_per_s=e.prefill_tokens_per_s, updated_unix_s=time.time())
+                          prefill_tokens_per_s=e.prefill_tokens_per_s, prefill_rate_age_s=e.prefill_rate_age_s,
+                          updated_unix_s=time.time())
 
     async def stats(self, reservations: int = 0, kv_bytes_received: int = 0) -> pb.WorkerStats:
         e = await self.aengine.call(engine_load)

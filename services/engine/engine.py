@@ -371,6 +371,8 @@ class EngineStats:
         self.prefill_tokens = 0
         self._decayed_prefill_tokens = 0.0
         self._decayed_prefill_s = 0.0
+        self.prefill_measured_at: float | None = None
+        """time.monotonic() of the last step that computed prompt work (None: none yet)."""
 
     def record(self, plan: SchedulerOutput, host_s: float, step_s: float) -> None:
         self.steps += 1
@@ -386,6 +388,7 @@ class EngineStats:
             self.prefill_tokens += prompt_tokens
             self._decayed_prefill_tokens = d * self._decayed_prefill_tokens + prompt_tokens
             self._decayed_prefill_s = d * self._decayed_prefill_s + step_s
+            self.prefill_measured_at = time.monotonic()
 
     @property
     def prefill_tokens_per_s(self) -> float:

@@ -12,6 +12,7 @@ _GREEDY = SamplingParams(max_tokens=5, temperature=0)
 def test_prefill_rate_is_measured_on_prompt_steps_only():
     engine = small_engine(DEMO_MODEL_DIR)
     assert engine.stats.prefill_tokens_per_s == 0.0 and engine.stats.prefill_tokens == 0
+    assert engine.stats.prefill_measured_at is None
     [done] = engine.generate([list(range(3, 43))], _GREEDY)
     assert len(done.token_ids) == 5
     assert engine.stats.prefill_tokens_per_s > 0
@@ -21,10 +22,11 @@ def test_prefill_rate_is_measured_on_prompt_steps_only():
     engine.add_request("r", list(range(50, 60)), _GREEDY)
     engine.step()  # the prompt
     assert engine.stats.prefill_tokens == 50
-    rate = engine.stats.prefill_tokens_per_s
+    rate, measured_at = engine.stats.prefill_tokens_per_s, engine.stats.prefill_measured_at
     while engine.has_unfinished():
         engine.step()  # decode steps alone
     assert engine.stats.prefill_tokens == 50 and engine.stats.prefill_tokens_per_s == rate
+    assert engine.stats.prefill_measured_at == measured_at  # the rate's age grows until a prompt step
 
 
 def test_every_chunk_of_a_prompt_counts_even_a_one_token_tail():

@@ -6,7 +6,7 @@ import pytest
 
 from router.policy import Candidate, LeastLoadedPolicy, Pair, make_policy
 from router.prefix_policy import PrefixAwarePolicy
-from router.slo_policy import SloAwarePolicy
+from router.slo_policy import STALE_RATE_S, SloAwarePolicy
 from services.common.registry import WorkerInfo, WorkerLoad
 
 
@@ -17,9 +17,9 @@ def _worker(worker_id: str, role: str) -> WorkerInfo:
 
 
 def _cand(worker_id: str, role: str, queued: int = 0, running: int = 0, free_blocks: int = 100,
-          in_flight: int = 0, rate: float = 0.0, in_flight_tokens: int = 0) -> Candidate:
+          in_flight: int = 0, rate: float = 0.0, in_flight_tokens: int = 0, rate_age_s: float | None = None) -> Candidate:
     load = WorkerLoad(queued_prefill_tokens=queued, running_requests=running, free_kv_blocks=free_blocks,
-                      total_kv_blocks=100, prefill_tokens_per_s=rate)
+                      total_kv_blocks=100, prefill_tokens_per_s=rate, prefill_rate_age_s=rate_age_s)
     return Candidate(_worker(worker_id, role), load, in_flight, in_flight_tokens)
 
 
@@ -125,6 +125,17 @@ def test_slo_aware_stays_remote_when_both_miss():
     assert _slo_pick([long_queue], _cand("d0", "decode", queued=5000, in_flight_tokens=8000)) == ("p0", "d0")
     # d0 idle but slow at prompts: 1000 / 1500 = 0.67 s
     assert _slo_pick([long_queue], _cand("d0", "decode", rate=1500)) == ("p0", "d0")
+    assert _slo_pick([long_queue], _cand("d0", "decode", rate=1500, rate_age_s=STALE_RATE_S)) == ("p0", "d0")
+
+
+def test_a_stale_slow_rate_gives_way_to_the_best_known():
+    # d0 measured 1500 tokens/s long ago (a cold start, say) and computed no prompt since: p0's rate
+    # stands in (0.1 s), so d0 is tried again and measures anew
+    long_queue = _cand("p0", "prefill", queued=9000, rate=_RATE)
+    assert _slo_pick([long_queue], _cand("d0", "decode", rate=1500, rate_age_s=STALE_RATE_S + 1)) == ("d0", "d0")
+    # a stale rate that is higher stays
+    slow_prefill = _cand("p0", "prefill", queued=1000, rate=2000)
+    assert _slo_pick([slow_prefill], _cand("d0", "decode", rate=_RATE, rate_age_s=60)) == ("d0", "d0")
 
 
 def test_slo_aware_is_least_loaded_without_a_measured_rate():

@@ -156,7 +156,8 @@ def _record(index: int, scheduled_s: float, req: BenchRequest, m: Measurement, r
         index=index, scheduled_s=round(scheduled_s, 6), sent_s=round(m.start - run_start, 6),
         input_len=m.input_len or req.input_len, output_len_requested=req.output_len, output_len=m.tokens,
         ttft_ms=_us(ttft), tpot_ms=_us(tpot), e2e_ms=None if m.end is None else _us((m.end - m.start) * 1000),
-        ok=ok, error=m.error, server_ttft_ms=m.server_ttft_ms, cached_prompt_tokens=m.cached_tokens)
+        ok=ok, error=m.error, server_ttft_ms=m.server_ttft_ms, cached_prompt_tokens=m.cached_tokens,
+        workers=m.workers)
 
 
 def _us(ms: float | None) -> float | None:

@@ -53,6 +53,9 @@ class Measurement:
         self.cached_tokens: int | None = None
         """Prompt tokens the server took from its prefix cache."""
         self.server_ttft_ms: float | None = None
+        self.workers: list[str] | None = None
+        """The workers that served it as the router reported them (prefill, then decode; one
+        worker when it computed the prompt itself)."""
         self.finish_reason: str | None = None
         self.error: str | None = None
 
@@ -151,6 +154,7 @@ class HttpLoadClient(LoadClient):
                 finish_reason = choice.get("finish_reason") or finish_reason
             if "tandem" in event:
                 m.server_ttft_ms = event["tandem"].get("ttft_ms")
+                m.workers = event["tandem"].get("workers")
             if event.get("usage"):
                 m.tokens = event["usage"]["completion_tokens"]
                 m.input_len = event["usage"]["prompt_tokens"]
@@ -194,7 +198,7 @@ class GrpcLoadClient(LoadClient):
                                                   temperature=temperature):
                 if isinstance(item, Completion):
                     m.tokens, m.input_len, m.server_ttft_ms = item.completion_tokens, item.prompt_tokens, item.ttft_ms
-                    m.cached_tokens = item.cached_prompt_tokens
+                    m.cached_tokens, m.workers = item.cached_prompt_tokens, list(item.workers)
                     m.finish(item.finish_reason)
                     return
                 if item.token_ids:

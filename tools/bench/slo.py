@@ -58,6 +58,9 @@ class RequestRecord:
     """TTFT as the router measured it (its own clock), when it reported one."""
     cached_prompt_tokens: int | None = None
     """Prompt tokens served from the prefix cache, as the server reported."""
+    workers: list[str] | None = None
+    """The workers that served it, as the router reported (prefill, then decode; one worker
+    when that worker computed the prompt itself)."""
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
