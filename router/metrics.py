@@ -36,6 +36,8 @@ class RouterMetrics:
         self.kv_transfer = Histogram("tandem_kv_transfer_seconds", "KV handoff time per request",
                                      buckets=_TRANSFER_BUCKETS_S, registry=r)
         self.retries = Counter("tandem_retries_total", "Attempts repeated on another worker", ["stage"], registry=r)
+        self.kv_waits = Counter("tandem_kv_room_waits_total",
+                                "Picks repeated after a decode worker had no KV room for the request", registry=r)
 
     def observe_workers(self, workers: list[WorkerInfo], loads: dict[str, WorkerLoad | None]) -> None:
         """Refresh the per-worker gauges from the latest membership (workers gone are dropped)."""

@@ -9,6 +9,8 @@
           Reserve on decode (blocks for prompt + generated; lease; expiry)
           Prefill on prefill (KV written over UCX into the reservation) -> next token
           Decode(reservation, lease) and stream
+        no KV room on the decode worker (Reserve: RESOURCE_EXHAUSTED) -> wait, pick again
+          (not an attempt, the worker is not excluded; RESOURCE_EXHAUSTED after busy_timeout_s)
         a prefill/handoff failure -> release the reservation, try another prefill worker
         a decode failure mid-stream -> migrate: re-prefill prompt + tokens already streamed
           on another pair; the client sees neither a gap nor a repeated token
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 _RESERVATION_TTL_MS = 30_000
 _CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND)
 _NO_WORKER_WAIT_S = 0.25  # pause before re-picking when no pair is available
+_BUSY_WAIT_S = (0.02, 0.5)  # first and longest pause before re-picking when the decode workers are full
 
 
 @dataclass
@@ -57,6 +61,10 @@ class RouterConfig:
     """Pairs tried for one request (first try, prefill retries and decode migrations together)."""
     wait_for_workers_s: float = 10.0
     """How long a request waits for a usable pair before failing."""
+    busy_timeout_s: float = 120.0
+    """How long a request waits for KV room on a decode worker (Reserve answered
+    RESOURCE_EXHAUSTED: the blocks are held by requests that will finish) before failing
+    with RESOURCE_EXHAUSTED."""
     policy: RoutingPolicy = field(default_factory=LeastLoadedPolicy)
 
 
@@ -64,6 +72,10 @@ class _WorkerFailed(Exception):
     def __init__(self, worker: WorkerInfo, stage: str, error: BaseException):
         super().__init__(f"{stage} on {worker.worker_id} failed: {error}")
         self.worker, self.stage = worker, stage
+
+
+class _WorkerBusy(Exception):
+    """The decode worker has no KV room for the request now; it will when running requests finish."""
 
 
 class Router:
@@ -119,11 +131,14 @@ class Router:
         self.metrics.in_flight.inc()
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         status = "error"
+        attempts, attempt_ids, busy = 0, itertools.count(), _BusyWait(self.config.busy_timeout_s)
         try:
-            for attempt in range(self.config.max_attempts):
+            while attempts < self.config.max_attempts:
                 pair = await self._pick(req, req.prompt_ids + progress.generated, excluded)
+                served_by = len(progress.workers)
                 progress.workers += [pair.prefill.worker_id] + ([] if pair.colocated else [pair.decode.worker_id])
-                stream = self._run(pair, req, progress.generated, progress.seed, f"{req.request_id}-{attempt}")
+                stream = self._run(pair, req, progress.generated, progress.seed,
+                                   f"{req.request_id}-{next(attempt_ids)}")
                 try:
                     async with contextlib.aclosing(stream):  # leaving early cancels the attempt's RPCs now
                         async for chunk in stream:
@@ -135,11 +150,19 @@ class Router:
                                 yield self._result(req, chunk.finish_reason, progress)
                                 return
                     raise _WorkerFailed(pair.decode, "decode", RuntimeError("stream ended without finishing"))
+                except _WorkerBusy:
+                    del progress.workers[served_by:]  # nothing ran there
+                    self.metrics.kv_waits.inc()
+                    if not await busy.wait():
+                        raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                            f"no KV room for request {req.request_id} on the decode workers "
+                                            f"within {self.config.busy_timeout_s:g} s") from None
                 except _WorkerFailed as e:
                     log.warning("request %s: %s; retrying elsewhere (%d token(s) already sent)", req.request_id,
                                 e, len(progress.generated))
                     excluded.add(e.worker.worker_id)
                     self.metrics.retries.labels(e.stage).inc()
+                    attempts += 1
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
                                 f"request {req.request_id} failed on {self.config.max_attempts} worker pairs")
         except RequestFailed as e:
@@ -193,6 +216,8 @@ class Router:
             return await stub.Reserve(pb.ReserveRequest(request_id=attempt_id, num_tokens=num_tokens,
                                                         ttl_ms=_RESERVATION_TTL_MS))
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _WorkerBusy() from None
             raise self._failure(pair.decode, "reserve", e) from None
 
     async def _prefill(self, pair: Pair, req: GenerationRequest, generated: list[int], seed: int, attempt_id: str,
@@ -310,6 +335,26 @@ class Router:
         self.metrics.output_tokens.inc(n)
         return GenerationResult(req.request_id, finish_reason, len(req.prompt_ids), n, p.cached, ttft * 1000,
                                 tpot * 1000, e2e * 1000, p.workers, p.kv_bytes, p.kv_transfer_ms)
+
+
+class _BusyWait:
+    """Pauses between picks while the decode workers are full: growing, up to a deadline."""
+
+    def __init__(self, timeout_s: float):
+        self._timeout_s = timeout_s
+        self._deadline: float | None = None
+        self._pause_s = _BUSY_WAIT_S[0]
+
+    async def wait(self) -> bool:
+        """Sleep before the next pick; False (at once) once the deadline has passed."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._timeout_s
+        if now >= self._deadline:
+            return False
+        await asyncio.sleep(min(self._pause_s, self._deadline - now))
+        self._pause_s = min(2 * self._pause_s, _BUSY_WAIT_S[1])
+        return True
 
 
 @dataclass
