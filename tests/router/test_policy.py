@@ -156,3 +156,11 @@ def test_slo_aware_picks_the_prefill_worker_that_finishes_first():
     assert _slo_pick([slow, fast], _cand("d0", "decode")) == ("p1", "d0")
     # a worker without a rate of its own is estimated at the best one published: p2 at 20000/s, 0.1 s
     assert _slo_pick([slow, fast, _cand("p2", "prefill")], _cand("d0", "decode")) == ("p2", "d0")
+
+
+def test_slo_aware_computes_one_prompt_at_a_time_on_a_decode_worker():
+    long_queue = _cand("p0", "prefill", queued=9000, rate=_RATE)
+    # d0 would finish quickly ((200 + 1000) / 10000 s), but it is computing a prompt already
+    assert _slo_pick([long_queue], _cand("d0", "decode", queued=200)) == ("p0", "d0")
+    assert _slo_pick([long_queue], _cand("d0", "decode", in_flight_tokens=200)) == ("p0", "d0")
+    assert _slo_pick([long_queue], _cand("d0", "decode")) == ("d0", "d0")
