@@ -11,8 +11,8 @@ from dataclasses import replace
 import pytest
 
 from tools.bench import disagg_bench, disagg_report
-from tools.bench.disagg_bench import (LAYOUTS, PRESETS, OtherLimits, cluster_spec, compare, format_table,
-                                      plan_layout, resolve_preset, sensitivity_slos, slo_sensitivity, write_report)
+from tools.bench.disagg_bench import LAYOUTS, PRESETS, OtherLimits, cluster_spec, plan_layout, resolve_preset
+from tools.bench.disagg_report import compare, format_table, sensitivity_slos, slo_sensitivity, write_report
 from tools.bench.slo import SLO, RequestRecord, goodput, summarize
 
 MIB = 1 << 20
@@ -139,12 +139,12 @@ def test_flags_override_the_preset():
     assert preset.plans["summarization"].slo == SLO(ttft_ms=3000, tpot_ms=80)
     assert (preset.duration_s, preset.workers.kv_cache_bytes_per_device, preset.workers.max_num_seqs) == (7, 1000, 16)
     assert preset.workers.max_batched_tokens == 2048  # not given: the preset's
-    assert preset.other_limits == OtherLimits(tpot_ms=(25, 15))  # the GPU presets'
+    assert preset.other_limits == OtherLimits(tpot_ms=(25, 20, 15))  # the GPU presets'
 
 
 @pytest.mark.parametrize("argv,other", [
     (["--preset", "cpu-demo"], OtherLimits()),
-    (["--preset", "gpu-llama3-1b", "--also-ttft-ms", "250"], OtherLimits(tpot_ms=(25, 15), ttft_ms=(250,))),
+    (["--preset", "gpu-llama3-1b", "--also-ttft-ms", "250"], OtherLimits(tpot_ms=(25, 20, 15), ttft_ms=(250,))),
     (["--preset", "gpu-llama3-8b", "--also-tpot-ms", "20,12.5"], OtherLimits(tpot_ms=(20, 12.5))),
     (["--preset", "gpu-llama3-8b", "--also-tpot-ms", "none"], OtherLimits()),
 ])

@@ -35,11 +35,11 @@ disaggregated goodput / colocated goodput. Goodput is only as fine as the rate g
 
 SLO sensitivity: the verdict can turn on the TPOT limit. A mixed worker's decode steps
 slow down as its batch fills with prefill chunks and more sequences, while a decode
-worker's stay flat (on one H200 pair, chatbot: colocated TPOT ~6 ms at 4 req/s and
-~19 ms at 24, disaggregated ~6-9 ms throughout), so a loose TPOT limit favours colocation
-and a tight one disaggregation. Every request's record is stored, so goodput and the ratio
+worker's grow less (on one H200 pair, summarization: colocated TPOT median 7 ms at 2
+req/s and 31-35 ms at 7-8, disaggregated 6-7 ms throughout), so a loose TPOT limit
+favours colocation and a tight one disaggregation. Every request's record is stored, so goodput and the ratio
 are recomputed for other limits from the same requests and rates, without a re-run: for
-each of ``--also-tpot-ms`` (GPU presets: 25,15 ms; cpu-demo: none) the workload's TTFT
+each of ``--also-tpot-ms`` (GPU presets: 25,20,15 ms; cpu-demo: none) the workload's TTFT
 limit with that TPOT limit, and for each of ``--also-ttft-ms`` the reverse. They are
 printed under each workload's table and stored as its ``slo_sensitivity`` (per limit:
 goodput per layout, ratio, attainment per rate); the workload's own SLO stays the
@@ -52,7 +52,9 @@ SLOs, after DistServe (OSDI'24), which used TTFT 0.25 s / TPOT 0.1 s for a chatb
                  200 tokens; tens of ms of prefill on an H100), so 0.5 s leaves room for
                  queueing but not for waiting long behind other prompts; 50 ms per token
                  is 20 tokens/s per user, above reading speed and ~1.5x the 33 ms decode
-                 step tandem measured at batch 32 on one H100 (BENCHMARKS.md).
+                 step tandem measured at batch 32 on one H100 when this was set; that
+                 step now takes ~8 ms (CUDA graphs, Triton kernels), which makes 50 ms
+                 loose: the SLO sensitivity block reports 25, 20 and 15 ms too.
                  summarization: TTFT 3 s, TPOT 50 ms. A 4-8K-token prompt alone takes
                  ~0.2-0.3 s to prefill on the H100, so 3 s leaves room for a queue of a
                  few long prompts (DistServe's 15 s was for a 66B model); TPOT stays at
@@ -88,7 +90,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import math
 import shutil
 import sys
@@ -101,20 +102,17 @@ from pathlib import Path
 import torch
 
 from tools.bench import serve_bench
-from tools.bench.disagg_report import (LAYOUTS, OtherLimits, compare, format_table, load_report, log, merge_entry,
-                                       results_path, sensitivity_slos, slo_sensitivity, write_plot,
-                                       write_report)
-from tools.bench.random_models import LLAMA3_8B, LlamaShape, random_hf_model
+from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Preset, WorkerSettings, WorkloadPlan
+from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
+                                       merge_entry, read_report, recompute, reported_workloads, results_path,
+                                       write_plot, write_report)
+from tools.bench.random_models import random_hf_model
 from tools.bench.serve_clients import LoadClient
 from tools.bench.slo import SLO, goodput
 from tools.bench.workloads import WORKLOADS
-from tools.demo import DEMO_MODEL_DIR
 from tools.local_cluster import ClusterSpec, free_port, start_cluster, stop_cluster
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-LLAMA32_1B = LlamaShape(2048, 8192, 16, 32, 8, 128256, 500000.0)
-RANDOM_SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-1b": LLAMA32_1B}
-GIB = 1 << 30
 _CLUSTER_START_TIMEOUT_S = 600.0
 _WARMUP_REQUESTS_PER_WORKER = 2
 _STOP_ESTIMATE_S = 5.0
@@ -122,89 +120,7 @@ _EXIT_RUN_FAILED = 1
 _EXIT_BAD_INPUT = 2
 
 
-# -- what to run ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """``tandem serve`` engine arguments, the same for every worker of both layouts."""
-
-    device: str
-    """``cpu`` or ``cuda`` (layouts pick cuda:0 / cuda:1)."""
-    dtype: str
-    kv_cache_bytes_per_device: int
-    """The processes sharing a device split it evenly."""
-    max_model_len: int | None
-    max_batched_tokens: int
-    max_num_seqs: int
-    torch_threads: int | None = None
-    """Torch threads per worker process (CPU: 1, so two workers fit two cores)."""
-    prefill_max_batched_tokens: int | None = None
-    """Token budget of prefill-only workers (None: ``max_batched_tokens``). A prefill worker
-    runs no decodes, so chunking a prompt only costs it speed; each phase gets its own
-    setting, which is what disaggregation allows."""
-
-
-@dataclass(frozen=True)
-class WorkloadPlan:
-    workload: str
-    rates: tuple[float, ...]
-    slo: SLO
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    model_dir: Path | None
-    """Real weights; None: a random checkpoint of ``random_shape``."""
-    random_shape: str | None
-    workers: WorkerSettings
-    plans: dict[str, WorkloadPlan]
-    """Rates and SLOs of every workload this preset knows."""
-    workloads: tuple[str, ...]
-    """The ones it runs unless ``--workloads`` says otherwise."""
-    duration_s: float
-    """Send window per rate."""
-    drain_timeout_s: float
-    """Requests still running this long after the send window count as failed."""
-    scale: float
-    """Multiplies the workloads' lengths."""
-    cluster_start_estimate_s: float
-    """For the time estimate only."""
-    seed: int = 0
-    other_limits: OtherLimits = OtherLimits()
-    """The SLO sensitivity report's limits (``--also-tpot-ms`` / ``--also-ttft-ms``)."""
-
-
-# Decode steps of a mixed worker slow down as its batch fills (TPOT ~6 ms -> ~20 ms at 24
-# chatbot req/s on an H200) while a decode worker's stay flat, so the verdict turns on the TPOT limit.
-_GPU_OTHER_LIMITS = OtherLimits(tpot_ms=(25, 15))
-_CPU_SLO, _GPU_SLO = SLO(ttft_ms=1000, tpot_ms=100), SLO(ttft_ms=500, tpot_ms=50)
-_CPU_WORKERS = WorkerSettings("cpu", "float32", kv_cache_bytes_per_device=256 << 20, max_model_len=None,
-                              max_batched_tokens=512, max_num_seqs=64, torch_threads=1)
-# One H100 holding both 8B processes: 2 x 16 GB of weights + 24 GiB of KV (~98K tokens per process).
-_GPU_WORKERS = WorkerSettings("cuda", "bfloat16", kv_cache_bytes_per_device=24 * GIB, max_model_len=8192,
-                              max_batched_tokens=2048, max_num_seqs=128, prefill_max_batched_tokens=8192)
-PRESETS = {p.name: p for p in (
-    Preset("cpu-demo", DEMO_MODEL_DIR, None, _CPU_WORKERS,
-           {"chatbot": WorkloadPlan("chatbot", (16, 32, 64), _CPU_SLO),
-            "code": WorkloadPlan("code", (16, 32, 64), _CPU_SLO),
-            "summarization": WorkloadPlan("summarization", (4, 8, 16), SLO(ttft_ms=2000, tpot_ms=100))},
-           ("chatbot", "summarization"), duration_s=8, drain_timeout_s=15, scale=0.1, cluster_start_estimate_s=10),
-    Preset("gpu-llama3-8b", None, "llama3-8b", _GPU_WORKERS,
-           # rates that cross saturation on two GPUs (one H200 prefills ~6 summaries/s of 4-8K tokens)
-           {"chatbot": WorkloadPlan("chatbot", (8, 16, 24, 32, 40), _GPU_SLO),
-            "code": WorkloadPlan("code", (8, 16, 24, 32, 40), _GPU_SLO),
-            "summarization": WorkloadPlan("summarization", (2, 3, 4, 5, 6, 7, 8), SLO(ttft_ms=3000, tpot_ms=50))},
-           ("chatbot", "summarization"), duration_s=10, drain_timeout_s=20, scale=1.0, cluster_start_estimate_s=30,
-           other_limits=_GPU_OTHER_LIMITS),
-    Preset("gpu-llama3-1b", None, "llama3-1b", _GPU_WORKERS,
-           {"chatbot": WorkloadPlan("chatbot", (2, 4, 8, 12, 16), _GPU_SLO),
-            "code": WorkloadPlan("code", (2, 4, 8, 12, 16), _GPU_SLO),
-            "summarization": WorkloadPlan("summarization", (1, 2, 4, 6, 8), SLO(ttft_ms=3000, tpot_ms=50))},
-           ("chatbot", "summarization"), duration_s=20, drain_timeout_s=30, scale=1.0, cluster_start_estimate_s=45,
-           other_limits=_GPU_OTHER_LIMITS),
-)}
+# -- layouts ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -429,62 +345,6 @@ def report_only(args: argparse.Namespace, preset: Preset) -> int:
     return 0
 
 
-def recompute(report: dict, workloads: list[str], other: OtherLimits) -> tuple[dict, list[str]]:
-    """(a copy of the report whose ``workloads`` have their comparison and SLO sensitivity
-    recomputed, the workloads whose sensitivity differs from the stored one); ``report`` is
-    left as it is."""
-    shown = {**report, "workloads": dict(report["workloads"])}
-    changed = []
-    for workload in workloads:
-        slot = report["workloads"][workload]
-        block = slo_sensitivity(slot["layouts"], sensitivity_slos(slot, other))
-        shown["workloads"][workload] = {**slot, "comparison": compare(slot["layouts"]), "slo_sensitivity": block}
-        if block != slot.get("slo_sensitivity", []):
-            changed.append(workload)
-    return shown, changed
-
-
-def existing_results_path(results_dir: Path, preset: Preset) -> Path:
-    """The file a run on this machine would write, else the preset's only file in ``results_dir``."""
-    try:
-        path = results_path(results_dir, preset)
-    except (AssertionError, RuntimeError):  # a GPU preset on a machine without CUDA
-        path = None
-    if path is not None and path.is_file():
-        return path
-    found = sorted(results_dir.glob(f"disagg_{preset.name}_*.json"))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ValueError(f"no {preset.name} results in {results_dir} (name a file with --results-file)")
-    raise ValueError(f"{len(found)} {preset.name} results in {results_dir}: "
-                     f"{', '.join(f.name for f in found)}; name one with --results-file")
-
-
-def read_report(path: Path) -> dict:
-    """A stored result; ValueError (one line) for a missing or malformed file."""
-    if not path.is_file():
-        raise ValueError(f"no results file {path}")
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON file ({e})") from None
-    if not isinstance(report, dict) or report.get("benchmark") != "disagg" or \
-            not isinstance(report.get("workloads"), dict):
-        raise ValueError(f"{path}: not a tandem bench disagg result")
-    return report
-
-
-def reported_workloads(report: dict, selected: str | None, path: Path) -> list[str]:
-    """``--workloads`` (default: all of the file's, in its order), each of which must be there."""
-    workloads = selected.split(",") if selected else list(report["workloads"])
-    if missing := [w for w in workloads if w not in report["workloads"]]:
-        raise ValueError(f"{path} has no results for {', '.join(missing)}")
-    if not workloads:
-        raise ValueError(f"{path} holds no results")
-    return workloads
-
-
 def estimate_text(preset: Preset, layouts: int, scratch: Path) -> str:
     typical, worst = estimate_s(preset, layouts)
     text = (f"{len(preset.workloads)} workload(s) x {layouts} layout(s), {preset.duration_s:g} s per rate: about "
@@ -582,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tpot-slo-ms", type=float, default=None)
     parser.add_argument("--also-tpot-ms", metavar="MS,...", default=None,
                         help="other TPOT limits to recompute goodput for from the same requests (default: the "
-                             "preset's: GPU 25,15, cpu-demo none; 'none': none)")
+                             "preset's: GPU 25,20,15, cpu-demo none; 'none': none)")
     parser.add_argument("--also-ttft-ms", metavar="MS,...", default=None,
                         help="other TTFT limits, likewise, each with the workload's TPOT limit (default: none)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)

@@ -22,7 +22,7 @@ from tools.bench.machine import device_name, environment, slug
 from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, goodput
 
 if TYPE_CHECKING:
-    from tools.bench.disagg_bench import Preset
+    from tools.bench.disagg_presets import Preset
 
 LAYOUTS = ("colocated", "disaggregated", "disaggregated-slo")
 BASELINE = "colocated"
@@ -316,3 +316,62 @@ def write_plot(report: dict, workload: str, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# -- re-reporting a stored result ---------------------------------------------------------
+
+
+def recompute(report: dict, workloads: list[str], other: OtherLimits) -> tuple[dict, list[str]]:
+    """(a copy of the report whose ``workloads`` have their comparison and SLO sensitivity
+    recomputed, the workloads whose sensitivity differs from the stored one); ``report`` is
+    left as it is."""
+    shown = {**report, "workloads": dict(report["workloads"])}
+    changed = []
+    for workload in workloads:
+        slot = report["workloads"][workload]
+        block = slo_sensitivity(slot["layouts"], sensitivity_slos(slot, other))
+        shown["workloads"][workload] = {**slot, "comparison": compare(slot["layouts"]), "slo_sensitivity": block}
+        if block != slot.get("slo_sensitivity", []):
+            changed.append(workload)
+    return shown, changed
+
+
+def existing_results_path(results_dir: Path, preset: Preset) -> Path:
+    """The file a run on this machine would write, else the preset's only file in ``results_dir``."""
+    try:
+        path = results_path(results_dir, preset)
+    except (AssertionError, RuntimeError):  # a GPU preset on a machine without CUDA
+        path = None
+    if path is not None and path.is_file():
+        return path
+    found = sorted(results_dir.glob(f"disagg_{preset.name}_*.json"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"no {preset.name} results in {results_dir} (name a file with --results-file)")
+    raise ValueError(f"{len(found)} {preset.name} results in {results_dir}: "
+                     f"{', '.join(f.name for f in found)}; name one with --results-file")
+
+
+def read_report(path: Path) -> dict:
+    """A stored result; ValueError (one line) for a missing or malformed file."""
+    if not path.is_file():
+        raise ValueError(f"no results file {path}")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(report, dict) or report.get("benchmark") != "disagg" or \
+            not isinstance(report.get("workloads"), dict):
+        raise ValueError(f"{path}: not a tandem bench disagg result")
+    return report
+
+
+def reported_workloads(report: dict, selected: str | None, path: Path) -> list[str]:
+    """``--workloads`` (default: all of the file's, in its order), each of which must be there."""
+    workloads = selected.split(",") if selected else list(report["workloads"])
+    if missing := [w for w in workloads if w not in report["workloads"]]:
+        raise ValueError(f"{path} has no results for {', '.join(missing)}")
+    if not workloads:
+        raise ValueError(f"{path} holds no results")
+    return workloads

@@ -1,0 +1,98 @@
+"""Presets of ``tandem bench disagg``: worker settings, and per workload the swept rates and
+the SLO (the reasoning behind the SLOs is in disagg_bench.py's docstring)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools.bench.disagg_report import OtherLimits
+from tools.bench.random_models import LLAMA3_8B, LlamaShape
+from tools.bench.slo import SLO
+from tools.demo import DEMO_MODEL_DIR
+
+LLAMA32_1B = LlamaShape(2048, 8192, 16, 32, 8, 128256, 500000.0)
+RANDOM_SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-1b": LLAMA32_1B}
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """``tandem serve`` engine arguments, the same for every worker of both layouts."""
+
+    device: str
+    """``cpu`` or ``cuda`` (layouts pick cuda:0 / cuda:1)."""
+    dtype: str
+    kv_cache_bytes_per_device: int
+    """The processes sharing a device split it evenly."""
+    max_model_len: int | None
+    max_batched_tokens: int
+    max_num_seqs: int
+    torch_threads: int | None = None
+    """Torch threads per worker process (CPU: 1, so two workers fit two cores)."""
+    prefill_max_batched_tokens: int | None = None
+    """Token budget of prefill-only workers (None: ``max_batched_tokens``). A prefill worker
+    runs no decodes, so chunking a prompt only costs it speed; each phase gets its own
+    setting, which is what disaggregation allows."""
+
+
+@dataclass(frozen=True)
+class WorkloadPlan:
+    workload: str
+    rates: tuple[float, ...]
+    slo: SLO
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model_dir: Path | None
+    """Real weights; None: a random checkpoint of ``random_shape``."""
+    random_shape: str | None
+    workers: WorkerSettings
+    plans: dict[str, WorkloadPlan]
+    """Rates and SLOs of every workload this preset knows."""
+    workloads: tuple[str, ...]
+    """The ones it runs unless ``--workloads`` says otherwise."""
+    duration_s: float
+    """Send window per rate."""
+    drain_timeout_s: float
+    """Requests still running this long after the send window count as failed."""
+    scale: float
+    """Multiplies the workloads' lengths."""
+    cluster_start_estimate_s: float
+    """For the time estimate only."""
+    seed: int = 0
+    other_limits: OtherLimits = OtherLimits()
+    """The SLO sensitivity report's limits (``--also-tpot-ms`` / ``--also-ttft-ms``)."""
+
+
+# Decode steps of a mixed worker slow down as its batch fills (TPOT ~6 ms -> ~20 ms at 24
+# chatbot req/s on an H200) while a decode worker's stay flat, so the verdict turns on the TPOT limit.
+_GPU_OTHER_LIMITS = OtherLimits(tpot_ms=(25, 20, 15))
+_CPU_SLO, _GPU_SLO = SLO(ttft_ms=1000, tpot_ms=100), SLO(ttft_ms=500, tpot_ms=50)
+_CPU_WORKERS = WorkerSettings("cpu", "float32", kv_cache_bytes_per_device=256 << 20, max_model_len=None,
+                              max_batched_tokens=512, max_num_seqs=64, torch_threads=1)
+# One H100 holding both 8B processes: 2 x 16 GB of weights + 24 GiB of KV (~98K tokens per process).
+_GPU_WORKERS = WorkerSettings("cuda", "bfloat16", kv_cache_bytes_per_device=24 * GIB, max_model_len=8192,
+                              max_batched_tokens=2048, max_num_seqs=128, prefill_max_batched_tokens=8192)
+PRESETS = {p.name: p for p in (
+    Preset("cpu-demo", DEMO_MODEL_DIR, None, _CPU_WORKERS,
+           {"chatbot": WorkloadPlan("chatbot", (16, 32, 64), _CPU_SLO),
+            "code": WorkloadPlan("code", (16, 32, 64), _CPU_SLO),
+            "summarization": WorkloadPlan("summarization", (4, 8, 16), SLO(ttft_ms=2000, tpot_ms=100))},
+           ("chatbot", "summarization"), duration_s=8, drain_timeout_s=15, scale=0.1, cluster_start_estimate_s=10),
+    Preset("gpu-llama3-8b", None, "llama3-8b", _GPU_WORKERS,
+           # rates that cross saturation on two GPUs (one H200 prefills ~6 summaries/s of 4-8K tokens)
+           {"chatbot": WorkloadPlan("chatbot", (8, 16, 24, 32, 40), _GPU_SLO),
+            "code": WorkloadPlan("code", (8, 16, 24, 32, 40), _GPU_SLO),
+            "summarization": WorkloadPlan("summarization", (2, 3, 4, 5, 6, 7, 8), SLO(ttft_ms=3000, tpot_ms=50))},
+           ("chatbot", "summarization"), duration_s=10, drain_timeout_s=20, scale=1.0, cluster_start_estimate_s=30,
+           other_limits=_GPU_OTHER_LIMITS),
+    Preset("gpu-llama3-1b", None, "llama3-1b", _GPU_WORKERS,
+           {"chatbot": WorkloadPlan("chatbot", (2, 4, 8, 12, 16), _GPU_SLO),
+            "code": WorkloadPlan("code", (2, 4, 8, 12, 16), _GPU_SLO),
+            "summarization": WorkloadPlan("summarization", (1, 2, 4, 6, 8), SLO(ttft_ms=3000, tpot_ms=50))},
+           ("chatbot", "summarization"), duration_s=20, drain_timeout_s=30, scale=1.0, cluster_start_estimate_s=45,
+           other_limits=_GPU_OTHER_LIMITS),
+)}
