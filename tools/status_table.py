@@ -10,7 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.registry import WorkerInfo, WorkerLoad
 
 _HEALTH_TIMEOUT_S = 1.0
-_COLUMNS = ("ROLE", "ID", "GRPC", "UCX", "RUNNING", "WAITING", "QUEUED-TOK", "FREE-BLOCKS", "HEALTH", "PID")
+_COLUMNS = ("ROLE", "ID", "GRPC", "UCX", "RUNNING", "WAITING", "QUEUED-TOK", "PREFILL-TOK/S", "FREE-BLOCKS", "HEALTH",
+            "PID")
 
 
 async def probe_health(address: str) -> str:
@@ -33,7 +34,7 @@ async def render_status(workers: list[WorkerInfo], loads: dict[str, WorkerLoad],
         pid = local_pids.get(w.worker_id, w.pid)
         rows.append((w.role, w.worker_id, w.grpc_address, w.ucx_address or "-",
                      _n(load, "running_requests"), _n(load, "waiting_requests"), _n(load, "queued_prefill_tokens"),
-                     f"{load.free_kv_blocks}/{load.total_kv_blocks}" if load and load.total_kv_blocks else "-",
+                     _prefill_rate(load), f"{load.free_kv_blocks}/{load.total_kv_blocks}" if load and load.total_kv_blocks else "-",
                      h, str(pid)))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(_COLUMNS))]
     return "\n".join("  ".join(str(c).ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows)
@@ -41,3 +42,12 @@ async def render_status(workers: list[WorkerInfo], loads: dict[str, WorkerLoad],
 
 def _n(load: WorkerLoad | None, field: str) -> str:
     return str(getattr(load, field)) if load else "-"
+
+
+def _prefill_rate(load: WorkerLoad | None) -> str:
+    """The worker's measured prompt speed (what the slo-aware router estimates with); "-" before
+    it computed a prompt, with its age once that is over a minute."""
+    if load is None or load.prefill_tokens_per_s <= 0:
+        return "-"
+    age = load.prefill_rate_age_s
+    return f"{load.prefill_tokens_per_s:,.0f}" + (f" ({age / 60:.0f} min ago)" if age and age >= 60 else "")
