@@ -71,8 +71,11 @@ class LeastLoadedPolicy(RoutingPolicy):
 
 
 def queued_tokens(c: Candidate) -> int:
-    """Prompt tokens waiting on a prefill worker: its last published queue plus what this router sent since."""
-    return (c.load.queued_prefill_tokens if c.load else 0) + c.in_flight_prefill_tokens
+    """Prompt tokens ahead on a worker: the larger of its last published queue and this router's own
+    count of prompts it routed there and not yet computed. The published queue lags by up to a
+    publish interval and includes what this router counts, so the two are not added."""
+    published = c.load.queued_prefill_tokens if c.load else 0
+    return max(published, c.in_flight_prefill_tokens)
 
 
 def _decode_score(c: Candidate) -> tuple:

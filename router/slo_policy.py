@@ -37,7 +37,7 @@ least-loaded.
 
 from __future__ import annotations
 
-from router.policy import Candidate, LeastLoadedPolicy, Pair
+from router.policy import Candidate, LeastLoadedPolicy, Pair, queued_tokens
 
 _DEFAULT_HEADROOM = 0.5
 STALE_RATE_S = 10.0
@@ -68,7 +68,7 @@ class SloAwarePolicy(LeastLoadedPolicy):
 
         prefill = min(dedicated, key=lambda c: (ttft_s(c), c.in_flight_requests, c.info.worker_id))
         remote_s = ttft_s(prefill)
-        if remote_s > budget_s and queued_prompt_tokens(decode) == 0:
+        if remote_s > budget_s and queued_tokens(decode) == 0:
             local_s = ttft_s(decode)
             if local_s <= budget_s and local_s < remote_s:
                 return Pair(decode.info, decode.info)
@@ -78,13 +78,7 @@ class SloAwarePolicy(LeastLoadedPolicy):
 def ttft_estimate_s(c: Candidate, num_tokens: int, fallback_rate: float) -> float:
     """Seconds until ``c`` has computed a prompt of ``num_tokens`` queued behind its current prompt work;
     ``fallback_rate`` (tokens/s, > 0) stands in for a worker that has not measured its own rate yet."""
-    return (queued_prompt_tokens(c) + num_tokens) / prefill_rate(c, fallback_rate)
-
-
-def queued_prompt_tokens(c: Candidate) -> int:
-    """Prompt tokens ahead on ``c``: the larger of its published queue and this router's own count."""
-    published = c.load.queued_prefill_tokens if c.load else 0
-    return max(published, c.in_flight_prefill_tokens)
+    return (queued_tokens(c) + num_tokens) / prefill_rate(c, fallback_rate)
 
 
 def prefill_rate(c: Candidate, fallback_rate: float) -> float:

@@ -34,7 +34,8 @@ async def render_status(workers: list[WorkerInfo], loads: dict[str, WorkerLoad],
         pid = local_pids.get(w.worker_id, w.pid)
         rows.append((w.role, w.worker_id, w.grpc_address, w.ucx_address or "-",
                      _n(load, "running_requests"), _n(load, "waiting_requests"), _n(load, "queued_prefill_tokens"),
-                     _prefill_rate(load), f"{load.free_kv_blocks}/{load.total_kv_blocks}" if load and load.total_kv_blocks else "-",
+                     _prefill_rate(load),
+                     f"{load.free_kv_blocks}/{load.total_kv_blocks}" if load and load.total_kv_blocks else "-",
                      h, str(pid)))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(_COLUMNS))]
     return "\n".join("  ".join(str(c).ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows)
