@@ -92,8 +92,9 @@ def _has_room(c: Candidate, num_tokens: int) -> bool:
 POLICIES = ("least-loaded", "prefix-aware", "slo-aware")
 
 
-def make_policy(name: str, ttft_slo_ms: float | None = None) -> RoutingPolicy:
-    """The policy called ``name``; ``ttft_slo_ms`` is slo-aware's TTFT target (the others ignore it)."""
+def make_policy(name: str, ttft_slo_ms: float | None = None, slo_headroom: float | None = None) -> RoutingPolicy:
+    """The policy called ``name``; ``ttft_slo_ms`` is slo-aware's TTFT target and ``slo_headroom`` the share
+    of it an estimate may use (None: the policy's default); the other policies ignore both."""
     if name == "least-loaded":
         return LeastLoadedPolicy()
     if name == "prefix-aware":
@@ -105,5 +106,9 @@ def make_policy(name: str, ttft_slo_ms: float | None = None) -> RoutingPolicy:
 
         if ttft_slo_ms is None or not ttft_slo_ms > 0:
             raise ValueError(f"the slo-aware policy needs a TTFT target > 0 ms (--ttft-slo-ms), got {ttft_slo_ms}")
-        return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000)
+        if slo_headroom is None:
+            return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000)
+        if not 0 < slo_headroom <= 1:
+            raise ValueError(f"the slo-aware headroom must be in (0, 1] (--slo-headroom), got {slo_headroom}")
+        return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000, headroom=slo_headroom)
     raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -45,6 +45,9 @@ def add_parsers(sub) -> None:
     up.add_argument("--ttft-slo-ms", type=float, default=None,
                     help="slo-aware policy: the TTFT target a dedicated prefill worker must meet before a prompt "
                          "is computed on its decode worker instead")
+    up.add_argument("--slo-headroom", type=float, default=None, metavar="FRACTION",
+                    help="slo-aware: compute a prompt on a decode worker only when the best prefill worker's estimated "
+                         "TTFT exceeds this share of the target (default 0.5)")
     up.add_argument("--timeout", type=float, default=_UP_TIMEOUT_S, help="seconds to wait for readiness")
     for name, help_text in (("down", "stop the local cluster"), ("status", "show the cluster's workers")):
         p = sub.add_parser(name, help=help_text)
@@ -73,7 +76,7 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     from tools.local_cluster import ClusterSpec, start_cluster
 
     try:  # the router would refuse these arguments; say so before starting anything
-        make_policy(args.policy, args.ttft_slo_ms)
+        make_policy(args.policy, args.ttft_slo_ms, args.slo_headroom)
     except ValueError as e:
         _say(f"error: {e}")
         return _EXIT_BAD_INPUT
@@ -81,6 +84,8 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     if args.kv_cache_bytes:
         worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
     router_args = ["--ttft-slo-ms", str(args.ttft_slo_ms)] if args.ttft_slo_ms is not None else []
+    if args.slo_headroom is not None:
+        router_args += ["--slo-headroom", str(args.slo_headroom)]
     spec = ClusterSpec(model_dir=args.model.resolve(), state_dir=state_dir, prefill=args.prefill,
                        decode=args.decode, mixed=args.mixed, http_port=args.http_port, grpc_port=args.grpc_port,
                        etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args),

@@ -36,11 +36,17 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-graphs", choices=("auto", "eager", "off"), default=None,
                    help="decode steps from CUDA graphs: auto (default; off for prefill workers, which do not "
                         "decode), eager, off")
+    p.add_argument("--mixed-graph-tokens", type=int, default=512, metavar="N",
+                   help="steps with prompt chunks of up to N tokens run as per-layer CUDA graph pieces around "
+                        "eager attention, under the --decode-graphs mode (0 = always eager)")
     p.add_argument("--policy", default="least-loaded", choices=POLICIES,
                    help="router: how to pick a (prefill, decode) pair")
     p.add_argument("--ttft-slo-ms", type=float, default=None,
                    help="router, slo-aware policy: the TTFT target a dedicated prefill worker must meet before a "
                         "prompt is computed on its decode worker instead")
+    p.add_argument("--slo-headroom", type=float, default=None, metavar="FRACTION",
+                   help="router, slo-aware: compute a prompt on a decode worker only when the best prefill worker's "
+                        "estimated TTFT exceeds this share of the target (default 0.5)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for torch in this process (default: torch's choice)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
@@ -63,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from router.server import RouterServer, RouterServerConfig
 
         try:
-            policy = make_policy(args.policy, args.ttft_slo_ms)
+            policy = make_policy(args.policy, args.ttft_slo_ms, args.slo_headroom)
         except ValueError as e:
             print(f"tandem: error: {e}", file=sys.stderr)
             return _EXIT_BAD_INPUT
@@ -80,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
     from services.engine.scheduler import SchedulerConfig
 
     graphs = args.decode_graphs or ("off" if args.role == "prefill" else "auto")
+    if args.mixed_graph_tokens < 0:
+        print(f"tandem: error: --mixed-graph-tokens must be >= 0, got {args.mixed_graph_tokens}", file=sys.stderr)
+        return _EXIT_BAD_INPUT
     engine = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes,
                           max_model_len=args.max_model_len, decode_graphs=graphs,
+                          mixed_graph_tokens=args.mixed_graph_tokens,
                           scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                                     max_num_batched_tokens=args.max_batched_tokens))
     config = WorkerConfig(role=args.role, model_dir=args.model, etcd_url=args.etcd, cluster=args.cluster,

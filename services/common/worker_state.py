@@ -92,4 +92,5 @@ class WorkerState:
                               queued_prefill_tokens=e.queued_prefill_tokens, running_requests=e.running_requests,
                               waiting_requests=e.waiting_requests, free_kv_blocks=e.free_kv_blocks,
                               total_kv_blocks=e.total_kv_blocks, reservations=reservations,
-                              kv_bytes_received=kv_bytes_received, kv_bytes_sent=self.kv_bytes_sent)
+                              kv_bytes_received=kv_bytes_received, kv_bytes_sent=self.kv_bytes_sent,
+                              prefill_tokens_per_s=e.prefill_tokens_per_s, prefill_rate_age_s=e.prefill_rate_age_s)

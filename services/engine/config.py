@@ -27,6 +27,10 @@ class EngineConfig:
     decode_graphs: str = "auto"
     """Decode-only steps: ``auto`` = replayed from CUDA graphs on CUDA (dense models), eager on
     CPU; ``eager`` = the same static padded buffers without graphs (any device); ``off``."""
+    mixed_graph_tokens: int = 512
+    """Steps that are not decode-only (prompt chunks, with or without decodes) of up to this many
+    tokens run as per-layer graph pieces around eager attention (mixed_graphs.py), under the
+    same ``decode_graphs`` mode; 0 = always eager. Capped by the scheduler's token budget."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -38,6 +42,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.decode_graphs not in DECODE_GRAPH_MODES:
             raise ValueError(f"decode_graphs must be one of {', '.join(DECODE_GRAPH_MODES)}, got {self.decode_graphs!r}")
+        if self.mixed_graph_tokens < 0:
+            raise ValueError(f"mixed_graph_tokens must be >= 0, got {self.mixed_graph_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

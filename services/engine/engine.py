@@ -53,8 +53,11 @@ class LLMEngine:
         model.init_rotary(self.max_model_len)
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, device)
         if config.decode_graphs == "eager" or (config.decode_graphs == "auto" and device.type == "cuda"):
-            self.runner.enable_decode_graphs(self.max_model_len, config.graph_batch_limit(),
-                                             capture=config.decode_graphs == "auto")
+            capture = config.decode_graphs == "auto"
+            self.runner.enable_decode_graphs(self.max_model_len, config.graph_batch_limit(), capture)
+            mixed_tokens = min(config.mixed_graph_tokens, config.scheduler.max_num_batched_tokens)
+            if mixed_tokens > 1:
+                self.runner.enable_mixed_graphs(mixed_tokens, capture)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, fingerprint.encode())
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self._requests: dict[str, Request] = {}

@@ -50,6 +50,12 @@ class Attention(nn.Module):
         kv_layer: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        q = self.project(x, positions, rotary, kv_layer, meta.slot_mapping)
+        return self.output(paged_attention(q, kv_layer, meta))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv_layer: torch.Tensor,
+                slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Everything before attention: q/k/v, rotary, keys/values into their cache slots; returns q [T, Hq, D]."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -57,9 +63,12 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, _ = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kv_layer, meta.slot_mapping)
-        out = paged_attention(q, kv_layer, meta)  # [T, Hq, D]
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        q, _ = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kv_layer, slot_mapping)
+        return q
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """attn [T, Hq, D] -> [T, hidden]."""
+        return self.o_proj(attn.reshape(attn.shape[0], self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -77,12 +86,20 @@ class DecoderLayer(nn.Module):
         """x: the previous layer's MLP output, not yet added to ``residual`` (None before the
         first layer); returns this layer's (MLP output, residual). Each residual add is fused
         with the norm that follows it."""
+        q, residual = self.pre_attention(x, residual, positions, rotary, kv_layer, meta.slot_mapping)
+        return self.post_attention(paged_attention(q, kv_layer, meta), residual)
+
+    def pre_attention(self, x, residual, positions, rotary, kv_layer, slot_mapping):
+        """The layer up to attention: returns (q [T, Hq, D], residual)."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
-        attn = self.self_attn(h, positions, rotary, kv_layer, meta)
-        h, residual = self.post_attention_layernorm.add_forward(attn, residual)
+        return self.self_attn.project(h, positions, rotary, kv_layer, slot_mapping), residual
+
+    def post_attention(self, attn, residual):
+        """The layer after attention (attn [T, Hq, D]): returns (MLP output, residual)."""
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn.output(attn), residual)
         return self.mlp(h), residual
 
 
@@ -120,9 +137,13 @@ class CausalLM(nn.Module):
         x, residual = self.model.embed_tokens(input_ids), None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
+        return self.final_norm(x, residual)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's MLP output plus the residual, normalised: hidden states [T, hidden]."""
         if residual is None:  # no layers
             return self.model.norm(x)
-        return self.model.norm.add_forward(x, residual)[0]  # [T, hidden]
+        return self.model.norm.add_forward(x, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, vocab]

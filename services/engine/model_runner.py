@@ -5,7 +5,9 @@ block at index ``num_blocks`` that padded decode rows write into (decode_graphs.
 The flattened batch puts the scheduled chunks one after another; only chunks that
 reach their request's last token produce logits. A step made only of one-token chunks
 (decoding requests), no larger than the biggest captured batch, runs on the static
-decode buffers (CUDA graphs on GPU); any other step runs eagerly.
+decode buffers (CUDA graphs on GPU); any other step of up to ``mixed_graphs.max_tokens``
+tokens runs as graph pieces around eager attention (mixed_graphs.py); larger steps run
+eagerly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan
 from services.engine.decode_graphs import DecodeGraphs, graph_safe
+from services.engine.mixed_graphs import MixedGraphs
 from services.engine.model import CausalLM
 from services.engine.scheduler import SchedulerOutput
 
@@ -33,6 +36,7 @@ class ModelRunner:
             c.num_layers, 2, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim, dtype=dtype, device=device
         )
         self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.launched_at = 0.0
         """perf_counter() when the last step's inputs were built and its model work began."""
 
@@ -43,6 +47,17 @@ class ModelRunner:
         with self._on_device():
             self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.num_blocks, self.block_size,
                                               max_model_len, max_batch, capture)
+
+    def enable_mixed_graphs(self, max_tokens: int, capture: bool) -> None:
+        """Run other steps of up to ``max_tokens`` tokens as graph pieces around eager attention,
+        captured when ``capture``; not at all where capture was asked for but cannot happen
+        (CPU, MoE models): eager pieces there would only add copies."""
+        can_capture = self.device.type == "cuda" and graph_safe(self.model)
+        if capture and not can_capture:
+            return
+        with self._on_device():
+            self.mixed_graphs = MixedGraphs(self.model, self.kv_cache, self.num_blocks, self.block_size,
+                                            max_tokens, capture)
 
     def _on_device(self):
         """Make the runner's GPU the current one (per thread) while it runs: Triton launches
@@ -68,9 +83,16 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and len(out.chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in out.chunks):
             return self._execute_decode(graphs, out, block_tables)
-        input_ids, positions, meta, sample_rows = self._prepare(out, block_tables)
+        ids, positions, slots, prefills, decode, sample_rows = self._prepare(out, block_tables)
+        mixed = self.mixed_graphs
+        if mixed is not None and len(ids) <= mixed.max_tokens:
+            logits = mixed.run(ids, positions, slots, prefills, decode, sample_rows)
+            self.launched_at = mixed.launched_at
+            return logits
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=prefills, decode=decode)
+        input_ids, positions_ = self._tensor(ids), self._tensor(positions)
         self.launched_at = time.perf_counter()
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        hidden = self.model(input_ids, positions_, self.kv_cache, meta)
         return self.model.logits(hidden[sample_rows])
 
     def _execute_decode(self, graphs: DecodeGraphs, out: SchedulerOutput,
@@ -128,8 +150,7 @@ class ModelRunner:
                 block_tables=self._tensor(padded),
                 context_lens=self._tensor(decode_lens),
             )
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=prefills, decode=decode)
-        return self._tensor(ids), self._tensor(pos), meta, self._tensor(sample_rows)
+        return ids, pos, slots, prefills, decode, self._tensor(sample_rows)
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

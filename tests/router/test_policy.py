@@ -75,6 +75,9 @@ def test_make_policy_names():
     assert type(make_policy("least-loaded", ttft_slo_ms=100)) is LeastLoadedPolicy  # ignored
     slo = make_policy("slo-aware", ttft_slo_ms=250)
     assert isinstance(slo, SloAwarePolicy) and slo.ttft_slo_s == 0.25 and slo.headroom == 0.5
+    slo = make_policy("slo-aware", ttft_slo_ms=250, slo_headroom=0.8)
+    assert isinstance(slo, SloAwarePolicy) and slo.ttft_slo_s == 0.25 and slo.headroom == 0.8
+    assert make_policy("slo-aware", ttft_slo_ms=250, slo_headroom=1.0).headroom == 1.0
 
 
 def test_make_policy_errors():
@@ -84,6 +87,9 @@ def test_make_policy_errors():
         make_policy("slo-aware", ttft_slo_ms=0)
     with pytest.raises(ValueError, match="ttft-slo-ms"):
         make_policy("slo-aware", ttft_slo_ms=-5)
+    for headroom in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="slo-headroom"):
+            make_policy("slo-aware", ttft_slo_ms=100, slo_headroom=headroom)
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
         make_policy("fastest", ttft_slo_ms=100)
 

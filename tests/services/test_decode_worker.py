@@ -48,6 +48,7 @@ async def decode_worker(etcd):
 async def test_unused_reservation_expires_and_frees_its_blocks(decode_worker):
     worker, stub = decode_worker
     before = await stub.Stats(pb.StatsRequest())
+    assert before.prefill_tokens_per_s == 0 and not before.HasField("prefill_rate_age_s")  # no prompt computed yet
     r = await stub.Reserve(pb.ReserveRequest(request_id="x", num_tokens=len(PROMPT), ttl_ms=300))
     during = await stub.Stats(pb.StatsRequest())
     assert during.reservations == 1 and during.free_kv_blocks == before.free_kv_blocks - r.num_blocks
@@ -99,6 +100,9 @@ async def test_drain_refuses_new_work_and_finishes_in_flight(decode_worker):
                                                                       ignore_eos=True)))
     first = await stream.read()
     assert first.token_ids
+    stats = await stub.Stats(pb.StatsRequest())  # the prompt was computed here: its speed is measured
+    assert stats.prefill_tokens_per_s > 0 and stats.HasField("prefill_rate_age_s")
+    assert stats.prefill_rate_age_s >= 0
     drain = asyncio.create_task(worker.drain_and_stop())
     await asyncio.sleep(0.05)
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -60,6 +60,7 @@ from services.common.ucx_transport import (
     torch_dtype,
     wire_view,
 )
+from tools.bench.git_info import git_commit, git_dirty
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _WARMUP = 1
@@ -312,6 +313,8 @@ def environment(config: BenchConfig, devices: dict) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
     }
 
 

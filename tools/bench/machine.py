@@ -1,5 +1,6 @@
-"""Where a benchmark ran: the device's name, the software versions and the git commit,
-recorded in every result file; ``slug`` turns a device name into a file-name part."""
+"""Where a benchmark ran: the device's name, the software versions and the git commit
+(git_info.py), recorded in every result file; ``slug`` turns a device name into a
+file-name part."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ import contextlib
 import os
 import platform
 import re
-import subprocess
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tools.bench.git_info import git_commit, git_dirty
 
 
 def device_name(device: torch.device) -> str:
@@ -28,14 +28,6 @@ def device_name(device: torch.device) -> str:
 def slug(text: str) -> str:
     text = re.sub(r"\((r|tm)\)|\bcpu @.*$", "", text.lower())
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def environment(device: torch.device) -> dict:
@@ -56,4 +48,5 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "load_average_1m_5m_15m": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
     }

@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,12 +43,12 @@ import aiohttp
 import grpc
 
 from tools.bench import plots
+from tools.bench.git_info import git_commit, git_dirty
 from tools.bench.serve_clients import LoadClient, Measurement
 from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, goodput, summarize
 from tools.bench.workloads import (ARRIVALS_STREAM, MIN_TOKEN_ID, WARMUP_STREAM, WORKLOADS, BenchRequest, TraceError,
                                   describe_workloads, load_trace, seeded_rng, synthetic_requests)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_VOCAB_SIZE = 3000  # fits the demo model (3072 ids)
 _PROGRESS_INTERVAL_S = 1.0
@@ -413,8 +412,7 @@ def _jsonable(config: dict) -> dict:
 def environment() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "cpu_model": _cpu_model(), "load_average_1m_5m_15m": list(os.getloadavg()),
-            "git_commit": _git("rev-parse", "HEAD"),
-            "git_dirty": bool(_git("--no-optional-locks", "status", "--porcelain"))}
+            "git_commit": git_commit(), "git_dirty": git_dirty()}
 
 
 def _cpu_model() -> str | None:
@@ -425,14 +423,6 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "queued_prefill_tokens", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "reservations", "kv_bytes_received", "kv_bytes_sent")
+    __slots__ = ("worker_id", "role", "queued_prefill_tokens", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "reservations", "kv_bytes_received", "kv_bytes_sent", "prefill_tokens_per_s", "prefill_rate_age_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,8 @@ class WorkerStats(_message.Message):
     RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_RATE_AGE_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     queued_prefill_tokens: int
@@ -270,7 +272,9 @@ class WorkerStats(_message.Message):
     reservations: int
     kv_bytes_received: int
     kv_bytes_sent: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ...) -> None: ...
+    prefill_tokens_per_s: float
+    prefill_rate_age_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., prefill_rate_age_s: _Optional[float] = ...) -> None: ...
 
 class KVLayoutInfo(_message.Message):
     __slots__ = ("model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "dtype", "chunk_tokens", "block_size")
