@@ -1,7 +1,9 @@
 """Steps with prompt chunks, run as pieces on the static padded buffers (what CUDA graphs
 replay piecewise, mixed_graphs.py), give the same tokens as the plain eager forward. On
 CPU the pieces run without capture (``decode_graphs="eager"``): padding rows, the sink
-block and the hand-off through the static buffers are exercised all the same."""
+block and the hand-off through the static buffers are exercised all the same. With
+``TANDEM_TEST_DEVICE=cuda`` the same checks run on a GPU with the pieces captured
+(float32 on both sides, so they compute alike)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,12 @@ from services.engine.config import EngineConfig
 from services.engine.mixed_graphs import mixed_graph_sizes
 from services.engine.request import SamplingParams
 from tests.engine.conftest import small_engine
+from tests.integration.cluster import TEST_DEVICE
+
+ON_GPU = TEST_DEVICE != "cpu"
+PIECES = {"decode_graphs": "auto" if ON_GPU else "eager", "device": TEST_DEVICE, "dtype": "float32"}
+"""Engine settings that run the pieces: captured on a GPU, eagerly on the static buffers on CPU."""
+PLAIN = {"decode_graphs": "off", "device": TEST_DEVICE, "dtype": "float32"}
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, min_tokens=10)
 
@@ -39,23 +47,27 @@ def test_pieces_equal_eager(checkpoints, family, budget, pieces):
     model = checkpoints(family, 3)
     prompts = _prompts(9, seed=4)
     short = [list(range(3, 20))]
-    reference = small_engine(model, decode_graphs="off", max_num_batched_tokens=budget)
+    reference = small_engine(model, max_num_batched_tokens=budget, **PLAIN)
     expected = _tokens(reference, prompts), _tokens(reference, short)
     # a small token budget: chunks after a cached part of the prompt, steps mixing them with
     # decodes, padded sizes; with pieces < budget, the full steps are too large for them (eager)
     # and only the short prompt alone runs in pieces
-    engine = small_engine(model, decode_graphs="eager", max_num_batched_tokens=budget, mixed_graph_tokens=pieces)
+    engine = small_engine(model, max_num_batched_tokens=budget, mixed_graph_tokens=pieces, **PIECES)
     assert (_tokens(engine, prompts), _tokens(engine, short)) == expected
-    assert engine.runner.mixed_graphs.max_tokens == pieces
-    assert engine.runner.mixed_graphs.steps > 0
+    mixed = engine.runner.mixed_graphs
+    if ON_GPU and family == "mixtral":  # MoE routing cannot be captured: no pieces on a GPU
+        assert mixed is None
+        return
+    assert mixed.max_tokens == pieces and mixed.steps > 0
+    assert mixed.captured == ON_GPU
 
 
 def test_pieces_after_a_cached_prefix(checkpoints):
     model = checkpoints("llama", 2)
     shared = _prompts(1, seed=5, longest=60)[0] + list(range(40))
     prompts = [shared + tail for tail in ([1, 2, 3], [4, 5], [6, 7, 8, 9])]
-    expected = _tokens(small_engine(model, decode_graphs="off", prefix_caching=False), prompts)
-    engine = small_engine(model, decode_graphs="eager")
+    expected = _tokens(small_engine(model, prefix_caching=False, **PLAIN), prompts)
+    engine = small_engine(model, **PIECES)
     assert _tokens(engine, prompts[:1]) == expected[:1]  # fills the prefix cache
     completions = engine.generate(prompts[1:], GREEDY)
     assert [c.token_ids for c in completions] == expected[1:]
@@ -63,7 +75,7 @@ def test_pieces_after_a_cached_prefix(checkpoints):
 
 
 def test_padding_rows_write_only_the_sink_block(checkpoints):
-    engine = small_engine(checkpoints("llama", 2), decode_graphs="eager", prefix_caching=False)
+    engine = small_engine(checkpoints("llama", 2), prefix_caching=False, **PIECES)
     prompt = list(range(1, 21))  # 20 tokens: one step padded to 32
     _tokens(engine, [prompt], SamplingParams(max_tokens=1, temperature=0))
     cache = engine.runner.kv_cache  # [L, 2, blocks + sink, block_size, Hkv, D]
