@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-graphs", choices=("auto", "eager", "off"), default=None,
                    help="decode steps from CUDA graphs: auto (default; off for prefill workers, which do not "
                         "decode), eager, off")
-    p.add_argument("--mixed-graph-tokens", type=int, default=512, metavar="N",
+    p.add_argument("--mixed-graph-tokens", type=int, default=2048, metavar="N",
                    help="steps with prompt chunks of up to N tokens run as per-layer CUDA graph pieces around "
                         "eager attention, under the --decode-graphs mode (0 = always eager)")
     p.add_argument("--policy", default="least-loaded", choices=POLICIES,

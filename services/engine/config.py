@@ -27,7 +27,7 @@ class EngineConfig:
     decode_graphs: str = "auto"
     """Decode-only steps: ``auto`` = replayed from CUDA graphs on CUDA (dense models), eager on
     CPU; ``eager`` = the same static padded buffers without graphs (any device); ``off``."""
-    mixed_graph_tokens: int = 512
+    mixed_graph_tokens: int = 2048
     """Steps that are not decode-only (prompt chunks, with or without decodes) of up to this many
     tokens run as per-layer graph pieces around eager attention (mixed_graphs.py), under the
     same ``decode_graphs`` mode; 0 = always eager. Capped by the scheduler's token budget."""

@@ -46,9 +46,11 @@ _IDS, _POSITIONS, _SLOTS = range(3)
 
 
 def mixed_graph_sizes(max_tokens: int) -> list[int]:
-    """16, 32, 64, then every 64 up to ``max_tokens`` (always included)."""
-    sizes = [s for s in (16, 32, 64) if s < max_tokens] + list(range(128, max_tokens, 64)) + [max_tokens]
-    return sorted(set(sizes))
+    """16, 32, 64, every 64 up to 512, then every 128 up to ``max_tokens`` (always included):
+    a step is padded by at most 64 tokens up to 512, and 128 past it."""
+    sizes = [s for s in (16, 32, 64) if s < max_tokens] + list(range(128, min(max_tokens, 513), 64))
+    sizes += list(range(640, max_tokens, 128)) + [max_tokens]
+    return sorted(s for s in set(sizes) if s <= max_tokens)
 
 
 class MixedGraphs:

@@ -39,6 +39,8 @@ def test_mixed_graph_sizes():
     assert mixed_graph_sizes(40) == [16, 32, 40]
     assert mixed_graph_sizes(512) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
     assert mixed_graph_sizes(200) == [16, 32, 64, 128, 192, 200]
+    assert mixed_graph_sizes(1000) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1000]
+    assert mixed_graph_sizes(2048)[-3:] == [1792, 1920, 2048]
 
 
 @pytest.mark.parametrize("family,budget,pieces", [("llama", 40, 40), ("qwen3", 40, 40), ("mixtral", 40, 40),

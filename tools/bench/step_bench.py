@@ -233,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=8000)
     p.add_argument("--batches", type=_ints, default=[16, 64], metavar="B1,B2", help="decodes in a mixed step")
-    p.add_argument("--prompt-tokens", type=_ints, default=[32, 128, 384, 1024], metavar="N1,N2",
+    p.add_argument("--prompt-tokens", type=_ints, default=[32, 128, 384, 1024, 3000], metavar="N1,N2",
                    help="prompt tokens in a mixed step")
     p.add_argument("--context", type=int, default=1024, help="context of each decoding request")
-    p.add_argument("--mixed-graph-tokens", type=int, default=512)
+    p.add_argument("--mixed-graph-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a toy model and short prompts (checks the path on CPU)")
     p.add_argument("--out", type=Path, default=None)
