@@ -69,12 +69,18 @@ class AttentionMetadata:
     decode: DecodeBatch | None
 
 
-def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """q: [T, Hq, D] -> [T, Hq, D], attending over the cache (new tokens already written)."""
+def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D] (written into ``out`` if given), attending over the cache
+    (new tokens already written)."""
     d = meta.decode
-    if d is not None and d.token_index is None:
+    if d is not None and d.token_index is None and out is None:
         return _decode_attention(q, kv_layer, d)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    if d is not None and d.token_index is None:
+        out[:] = _decode_attention(q, kv_layer, d)
+        return out
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         out[rows] = _prefill_attention(q[rows], kv_layer, span)
@@ -143,7 +149,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeat_heads: bool 
         v = v.repeat_interleave(groups, dim=-3)
     elif groups > 1:
         kwargs["enable_gqa"] = True
-    if q.is_cuda:
-        with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+    if q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled():
+        with cuda_sdpa_backends():
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def cuda_sdpa_backends():
+    """The SDPA kernels prefill may use on CUDA (``_CUDA_SDPA_BACKENDS``), as a context. The model
+    runner enters it once per step: entering it costs tens of microseconds, once per layer
+    otherwise. ``_sdpa`` enters it itself when its caller has not (cuDNN still enabled)."""
+    return sdpa_kernel(_CUDA_SDPA_BACKENDS)

@@ -106,7 +106,7 @@ class MixedGraphs:
             else:
                 self._piece(piece, size)
             if piece < self.num_layers:
-                self._attn[:n] = paged_attention(self._q[:n], self.kv_cache[piece], meta)
+                paged_attention(self._q[:n], self.kv_cache[piece], meta, out=self._attn[:n])
         return self.model.logits(self._hidden[sample_rows])
 
     # -- internals ---------------------------------------------------------------------------

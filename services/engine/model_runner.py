@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan
+from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan, cuda_sdpa_backends
 from services.engine.decode_graphs import DecodeGraphs, graph_safe
 from services.engine.mixed_graphs import MixedGraphs
 from services.engine.model import CausalLM
@@ -64,6 +64,15 @@ class ModelRunner:
         on the current device, whatever device the tensors are on (cuda:1 ...)."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
+    def _step_context(self) -> contextlib.ExitStack:
+        """What a step runs under: the runner's GPU, and on CUDA the prefill attention kernels
+        (attention.cuda_sdpa_backends), set once for the step rather than once per layer."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._on_device())
+        if self.device.type == "cuda":
+            stack.enter_context(cuda_sdpa_backends())
+        return stack
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -76,7 +85,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
         """Run one step; returns logits [num completing chunks, vocab] in chunk order."""
-        with self._on_device():
+        with self._step_context():
             return self._execute(out, block_tables)
 
     def _execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
