@@ -369,3 +369,16 @@ def test_cpu_run_of_every_layout(tmp_path, capsys):
     assert "colocated" in out and "disaggregated / colocated goodput:" in out
     assert "disaggregated-slo / colocated goodput:" in out
     assert "    TPOT <= 1000 ms: colocated " in out
+
+
+def test_other_worker_counts_get_their_own_results_file(tmp_path):
+    preset = PRESETS["cpu-demo"]
+    two, four = disagg_report.results_path(tmp_path, preset), disagg_report.results_path(tmp_path, preset, 4)
+    assert four.name == two.name.replace(".json", "-x4.json")
+    for name in ("disagg_gpu-llama3-8b_nvidia-h200.json", "disagg_gpu-llama3-8b_nvidia-h200-x4.json"):
+        (tmp_path / name).write_text("{}")
+    gpu = PRESETS["gpu-llama3-8b"]
+    found = {w: disagg_report.existing_results_path(tmp_path, gpu, w).name for w in (2, 4)}
+    assert found == {2: "disagg_gpu-llama3-8b_nvidia-h200.json", 4: "disagg_gpu-llama3-8b_nvidia-h200-x4.json"}
+    with pytest.raises(ValueError, match="no gpu-llama3-8b results"):
+        disagg_report.existing_results_path(tmp_path, gpu, 3)

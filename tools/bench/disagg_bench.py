@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_only(args, preset)
     log(estimate_text(preset, len(layouts), args.scratch))
     model_dir = prepare_model(preset, args.scratch)
-    path = args.results_file or results_path(args.results_dir, preset)
+    path = args.results_file or results_path(args.results_dir, preset, args.workers)
     args.state_dir.mkdir(parents=True, exist_ok=True)
     try:
         for workload in preset.workloads:
@@ -325,7 +325,7 @@ def report_only(args: argparse.Namespace, preset: Preset) -> int:
     limits (default: those of the result's preset); starts no cluster. The JSON is rewritten
     only to add a sensitivity block that was missing or lacked some of those limits."""
     try:
-        path = args.results_file or existing_results_path(args.results_dir, preset)
+        path = args.results_file or existing_results_path(args.results_dir, preset, args.workers)
         report = read_report(path)
         workloads = reported_workloads(report, args.workloads, path)
     except ValueError as e:

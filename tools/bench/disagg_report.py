@@ -156,9 +156,12 @@ def sensitivity_slos(slot: dict, other: OtherLimits) -> list[SLO]:
     return sorted(wanted, key=looseness)
 
 
-def results_path(results_dir: Path, preset: Preset) -> Path:
+def results_path(results_dir: Path, preset: Preset, workers: int = 2) -> Path:
+    """``disagg_<preset>_<device>.json``, with ``-x<workers>`` unless the run had the default
+    two workers: runs on other GPU counts are not merged with these."""
     device = torch.device("cuda" if preset.workers.device == "cuda" else "cpu")
-    return results_dir / f"disagg_{preset.name}_{slug(device_name(device))}.json"
+    suffix = "" if workers == 2 else f"-x{workers}"
+    return results_dir / f"disagg_{preset.name}_{slug(device_name(device))}{suffix}.json"
 
 
 def load_report(path: Path, preset: Preset) -> dict:
@@ -336,15 +339,22 @@ def recompute(report: dict, workloads: list[str], other: OtherLimits) -> tuple[d
     return shown, changed
 
 
-def existing_results_path(results_dir: Path, preset: Preset) -> Path:
+def _worker_count(path: Path) -> int:
+    """The worker count a results file's name says (results_path's ``-x<workers>``; none: 2)."""
+    match = re.search(r"-x(\d+)\.json$", path.name)
+    return int(match.group(1)) if match else 2
+
+
+def existing_results_path(results_dir: Path, preset: Preset, workers: int = 2) -> Path:
     """The file a run on this machine would write, else the preset's only file in ``results_dir``."""
     try:
-        path = results_path(results_dir, preset)
+        path = results_path(results_dir, preset, workers)
     except (AssertionError, RuntimeError):  # a GPU preset on a machine without CUDA
         path = None
     if path is not None and path.is_file():
         return path
-    found = sorted(results_dir.glob(f"disagg_{preset.name}_*.json"))
+    found = [f for f in sorted(results_dir.glob(f"disagg_{preset.name}_*.json"))
+             if _worker_count(f) == workers]
     if len(found) == 1:
         return found[0]
     if not found:
