@@ -31,6 +31,7 @@ import time
 import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch
+from services.engine.graph_capture import StaticSteps, capture_graph
 from services.engine.model import CausalLM
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,10 @@ def graph_safe(model: CausalLM) -> bool:
     return model.config.moe is None
 
 
-class DecodeGraphs:
+class DecodeGraphs(StaticSteps):
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, sink_block: int, block_size: int,
                  max_model_len: int, max_batch: int, capture: bool):
+        super().__init__()
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -68,17 +70,8 @@ class DecodeGraphs:
         self._np_tables = self._host_tables.numpy()
         self._ints = torch.zeros(4, self.max_batch, dtype=torch.int64, device=device)
         self._tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.int32, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.steps = 0
-        """Steps run on the static buffers (replayed or eager)."""
-        self.launched_at = 0.0
-        """perf_counter() when the last step's inputs were ready and its device work began."""
         if capture:
             self._capture_all()
-
-    @property
-    def captured(self) -> bool:
-        return bool(self._graphs)
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
@@ -129,15 +122,7 @@ class DecodeGraphs:
         self._tables.copy_(self._host_tables)
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, sets up cuBLAS workspaces
-                for _ in range(2):
-                    self._forward(size)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(size)
+            graph, logits = capture_graph(lambda: self._forward(size), pool)
             pool = graph.pool()
             self._graphs[size] = (graph, logits)
         torch.cuda.synchronize()

@@ -38,6 +38,7 @@ import time
 import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan, paged_attention
+from services.engine.graph_capture import StaticSteps, capture_graph
 from services.engine.model import CausalLM
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ def mixed_graph_sizes(max_tokens: int) -> list[int]:
     return sorted(s for s in set(sizes) if s <= max_tokens)
 
 
-class MixedGraphs:
+class MixedGraphs(StaticSteps):
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, sink_block: int, block_size: int,
                  max_tokens: int, capture: bool):
+        super().__init__()
         c = model.config
         self.model = model
         self.kv_cache = kv_cache
@@ -72,17 +74,8 @@ class MixedGraphs:
         self._attn = torch.zeros_like(self._q)
         self._residual = torch.zeros(t, c.hidden_size, dtype=dtype, device=device)
         self._hidden = torch.zeros_like(self._residual)
-        self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.steps = 0
-        """Steps run on the static buffers (replayed or eager)."""
-        self.launched_at = 0.0
-        """perf_counter() when the last step's inputs were ready and its device work began."""
         if capture:
             self._capture_all()
-
-    @property
-    def captured(self) -> bool:
-        return bool(self._graphs)
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int], prefills: list[PrefillSpan],
             decode: DecodeBatch | None, sample_rows: torch.Tensor) -> torch.Tensor:
@@ -138,18 +131,9 @@ class MixedGraphs:
         self._ints.copy_(self._host_ints)
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller pieces fit in its memory
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, sets up cuBLAS workspaces
-                for _ in range(2):
-                    for piece in range(self.num_layers + 1):
-                        self._piece(piece, size)
-            torch.cuda.current_stream().wait_stream(stream)
             graphs = []
             for piece in range(self.num_layers + 1):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._piece(piece, size)
+                graph, _ = capture_graph(lambda: self._piece(piece, size), pool)
                 pool = graph.pool()
                 graphs.append(graph)
             self._graphs[size] = graphs
