@@ -52,6 +52,11 @@ _MAX_PARTITION_TOKENS = 1024
 """No program walks more than this, so a long row among short ones does not straggle."""
 _MERGE_CHUNK = 64
 """Splits the merge kernel reads per iteration."""
+_UNSPECIALIZED = ["stride_ob", "stride_oh", "stride_lb", "stride_lh"]
+"""Integer arguments (with the split kernel's ``stride_table``) that Triton must not specialise
+on: it compiles a variant for each that is 1, a multiple of 16, or neither. They follow the
+block-table width and the split count, which change from step to step outside CUDA graphs,
+and each new variant would cost a compilation in the middle of serving."""
 
 
 def triton_available(device: torch.device) -> bool:
@@ -127,7 +132,7 @@ def _default_partition(max_tokens: int, batch: int, num_kv_heads: int) -> int:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_table", *_UNSPECIALIZED])
     def _split_kernel(
         q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, split_out_ptr, split_lse_ptr,
         scale_log2, partition,
@@ -188,7 +193,7 @@ if triton is not None:
             tl.store(split_out_ptr + row * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
                      acc / l[:, None], mask=head_mask[:, None] & d_mask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_UNSPECIALIZED)
     def _merge_kernel(
         split_out_ptr, split_lse_ptr, context_lens_ptr, out_ptr, partition,
         stride_ob, stride_oh, stride_os,
