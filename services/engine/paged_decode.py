@@ -53,10 +53,12 @@ _MAX_PARTITION_TOKENS = 1024
 _MERGE_CHUNK = 64
 """Splits the merge kernel reads per iteration."""
 _UNSPECIALIZED = ["stride_ob", "stride_oh", "stride_lb", "stride_lh"]
-"""Integer arguments (with the split kernel's ``stride_table``) that Triton must not specialise
-on: it compiles a variant for each that is 1, a multiple of 16, or neither. They follow the
-block-table width and the split count, which change from step to step outside CUDA graphs,
-and each new variant would cost a compilation in the middle of serving."""
+"""Integer arguments (with the split kernel's ``stride_table``) that the ``specialize=False``
+kernels are not specialised on; Triton otherwise compiles a variant for each that is 1, a
+multiple of 16, or neither. They follow the block-table width and the split count, which
+change from step to step outside CUDA graphs, and each new variant costs a compilation
+(0.5-1.6 s on an H100) in the middle of serving. Graph-captured steps keep one width and
+split count and use the specialised kernels."""
 
 
 def triton_available(device: torch.device) -> bool:
@@ -67,11 +69,13 @@ def triton_available(device: torch.device) -> bool:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, *,
-                           partition_tokens: int | None = None) -> torch.Tensor:
+                           partition_tokens: int | None = None, specialize: bool = True) -> torch.Tensor:
     """q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
     int32/int64; context_lens [B] int32/int64 (>= 1; row b attends to positions 0..context_lens[b]-1).
     Returns [B, Hq, D] in q.dtype (written into ``out`` if given). ``partition_tokens`` (a multiple
-    of 16) overrides the tokens per split; tests use it to get many splits from short rows."""
+    of 16) overrides the tokens per split; tests use it to get many splits from short rows.
+    ``specialize=False`` launches the variant that is not specialised on the table width and
+    split count (``_UNSPECIALIZED``): for steps whose shapes change from call to call."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
@@ -90,7 +94,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     split_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
 
-    _split_kernel[(batch, num_kv_heads, num_splits)](
+    _SPLIT[specialize][(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, split_out, split_lse,
         scale * math.log2(math.e), partition,
         q.stride(0), q.stride(1),
@@ -108,7 +112,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         DOT_PRECISION="ieee",
         num_warps=4, num_stages=3,
     )
-    _merge_kernel[(batch, num_heads)](
+    _MERGE[specialize][(batch, num_heads)](
         split_out, split_lse, context_lens, out, partition,
         split_out.stride(0), split_out.stride(1), split_out.stride(2),
         split_lse.stride(0), split_lse.stride(1),
@@ -132,7 +136,6 @@ def _default_partition(max_tokens: int, batch: int, num_kv_heads: int) -> int:
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["stride_table", *_UNSPECIALIZED])
     def _split_kernel(
         q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, split_out_ptr, split_lse_ptr,
         scale_log2, partition,
@@ -193,7 +196,6 @@ if triton is not None:
             tl.store(split_out_ptr + row * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
                      acc / l[:, None], mask=head_mask[:, None] & d_mask[None, :])
 
-    @triton.jit(do_not_specialize=_UNSPECIALIZED)
     def _merge_kernel(
         split_out_ptr, split_lse_ptr, context_lens_ptr, out_ptr, partition,
         stride_ob, stride_oh, stride_os,
@@ -232,3 +234,7 @@ if triton is not None:
         merged = acc / tl.sum(weight_sum, axis=0)
         tl.store(out_ptr + row * stride_outb + head * stride_outh + offs_d,
                  merged.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+    _SPLIT = {True: triton.jit(_split_kernel),
+              False: triton.jit(do_not_specialize=["stride_table", *_UNSPECIALIZED])(_split_kernel)}
+    _MERGE = {True: triton.jit(_merge_kernel), False: triton.jit(do_not_specialize=_UNSPECIALIZED)(_merge_kernel)}

@@ -63,6 +63,8 @@ class Case:
     """dtype of block_tables and context_lens."""
     give_out: bool = False
     """Pass a preallocated (NaN-filled) ``out``."""
+    specialize: bool = True
+    """False: the kernels launched for steps whose table widths vary (no integer specialisation)."""
 
     @property
     def tolerance(self) -> float:
@@ -84,6 +86,10 @@ CASES = {
     "g8_d64_bs16_bf16": Case(8, 1, 64, 16, torch.bfloat16, (33,), partition_tokens=16),
     # 66 splits: the merge reads them in two chunks
     "g2_d64_bs16_f32_many_splits": Case(2, 1, 64, 16, torch.float32, (1050, 3), partition_tokens=16),
+    "g1_d64_bs16_f32_unspecialized": Case(1, 2, 64, 16, torch.float32, (1, 16, 97), partition_tokens=32,
+                                          specialize=False),
+    "g4_d80_bs16_bf16_unspecialized": Case(4, 2, 80, 16, torch.bfloat16, (50, 17), partition_tokens=None,
+                                           give_out=True, specialize=False),
 }
 
 
@@ -108,6 +114,8 @@ def make_inputs(case: Case, seed: int) -> dict:
     }
     if case.give_out:
         inputs["out"] = torch.full_like(inputs["q"], float("nan"))
+    if not case.specialize:
+        inputs["specialize"] = False
     return inputs
 
 
