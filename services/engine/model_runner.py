@@ -64,14 +64,10 @@ class ModelRunner:
         on the current device, whatever device the tensors are on (cuda:1 ...)."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def _step_context(self) -> contextlib.ExitStack:
-        """What a step runs under: the runner's GPU, and on CUDA the prefill attention kernels
-        (attention.cuda_sdpa_backends), set once for the step rather than once per layer."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(self._on_device())
-        if self.device.type == "cuda":
-            stack.enter_context(cuda_sdpa_backends())
-        return stack
+    def _prompt_attention_kernels(self):
+        """On CUDA, the prefill attention kernels (attention.cuda_sdpa_backends), set once for a
+        step with prompt chunks rather than once per layer; decode-only steps use no SDPA."""
+        return cuda_sdpa_backends() if self.device.type == "cuda" else contextlib.nullcontext()
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -85,13 +81,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
         """Run one step; returns logits [num completing chunks, vocab] in chunk order."""
-        with self._step_context():
+        with self._on_device():
             return self._execute(out, block_tables)
 
     def _execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
         graphs = self.decode_graphs
         if graphs is not None and len(out.chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in out.chunks):
             return self._execute_decode(graphs, out, block_tables)
+        with self._prompt_attention_kernels():
+            return self._execute_other(out, block_tables)
+
+    def _execute_other(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
         ids, positions, slots, prefills, decode, sample_rows = self._prepare(out, block_tables)
         mixed = self.mixed_graphs
         if mixed is not None and len(ids) <= mixed.max_tokens:
