@@ -122,16 +122,18 @@ class LLMEngine:
         tables = {c.request.request_id: self.blocks.block_table(c.request.request_id) for c in plan.chunks}
         logits = self.runner.execute(plan, tables)
         launched = self.runner.launched_at
-        self.runner.synchronize()  # on GPU: the host now waits for the step (sampling needs its logits)
-        computed = time.perf_counter()
+        # While the device runs the step: the bookkeeping that does not need its logits. The
+        # blocks' KV is written by work already queued, before anything that could read them.
         completing = [c for c in plan.chunks if c.completes]
         inputs = [self._sample_input(c.request) for c in completing]
-        tokens, logprobs = sample(logits, inputs)
-        outputs = []
         for chunk in plan.chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
             self.blocks.cache_full_blocks(chunk.request.request_id, chunk.request.token_ids,
                                           chunk.request.num_computed_tokens)
+        self.runner.synchronize()  # on GPU: the host now waits for the step (sampling needs its logits)
+        computed = time.perf_counter()
+        tokens, logprobs = sample(logits, inputs)
+        outputs = []
         for chunk, token, logprob in zip(completing, tokens, logprobs):
             outputs.append(self._append_token(chunk.request, token, logprob))
         self.stats.record(plan, host_s=(launched - start) + (time.perf_counter() - computed),
@@ -350,7 +352,8 @@ class EngineStats:
     ``host_s``: time the host spent on a step before the model's device work began
     (scheduling, building inputs) and after it ended (sampling, stop checks, outputs); on
     GPU the device idles meanwhile, as steps are not overlapped. Launching kernels or
-    replaying a graph is not counted: the device works while the host launches.
+    replaying a graph is not counted: the device works while the host launches, and
+    meanwhile does the bookkeeping that needs no logits (sampling inputs, cache blocks).
     ``step_s``: whole steps. On CPU the model runs on the host: the model's time is
     outside host_s there too.
     ``prefill_tokens``: prompt work computed (prompts, tokens generated elsewhere that a
