@@ -105,9 +105,10 @@ def test_import_rejects_other_models_and_full_caches(model, checkpoints):
     with pytest.raises(InvalidRequestError, match="different model"):
         other.import_request("r", kv, GREEDY)
     tiny = small_engine(model, kv_cache_bytes=8 * engine_block_bytes(model), max_model_len=128)
-    tiny.add_request("hog", [1] * 60, SamplingParams(max_tokens=3))
+    hog = SamplingParams(max_tokens=3, ignore_eos=True)  # a sampled EOS would free its blocks early
+    tiny.add_request("hog", [1] * 60, hog)
     tiny.step()  # each hog holds 4 of the 8 blocks
-    tiny.add_request("hog2", [2] * 60, SamplingParams(max_tokens=3))
+    tiny.add_request("hog2", [2] * 60, hog)
     tiny.step()
     with pytest.raises(CapacityError):
         tiny.import_request("r", kv, GREEDY)
