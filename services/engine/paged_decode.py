@@ -56,8 +56,8 @@ _UNSPECIALIZED = ["stride_ob", "stride_oh", "stride_lb", "stride_lh"]
 """Integer arguments (with the split kernel's ``stride_table``) that the ``specialize=False``
 kernels are not specialised on; Triton otherwise compiles a variant for each that is 1, a
 multiple of 16, or neither. They follow the block-table width and the split count, which
-change from step to step outside CUDA graphs, and each new variant costs a compilation
-(0.5-1.6 s on an H100) in the middle of serving. Graph-captured steps keep one width and
+change from step to step outside CUDA graphs, and each new variant costs a compilation,
+far longer than a step, in the middle of serving. Graph-captured steps keep one width and
 split count and use the specialised kernels."""
 
 
