@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from router.policy import POLICIES
 from tools.demo import DEMO_MODEL_DIR
+from tools.serve_cmd import add_policy_arguments
 
 _UP_TIMEOUT_S = 180.0
 _EXIT_BAD_INPUT = 2
@@ -40,14 +40,7 @@ def add_parsers(sub) -> None:
     up.add_argument("--kvstore-cpu-bytes", type=int, default=1 << 30)
     up.add_argument("--kvstore-ssd-bytes", type=int, default=8 << 30,
                     help="the store's SSD tier, kept in <state dir>/kvstore across down / up")
-    up.add_argument("--policy", default="least-loaded", choices=POLICIES,
-                    help="the router's routing policy")
-    up.add_argument("--ttft-slo-ms", type=float, default=None,
-                    help="slo-aware policy: the TTFT target a dedicated prefill worker must meet before a prompt "
-                         "is computed on its decode worker instead")
-    up.add_argument("--slo-headroom", type=float, default=None, metavar="FRACTION",
-                    help="slo-aware: compute a prompt on a decode worker only when the best prefill worker's estimated "
-                         "TTFT exceeds this share of the target (default 0.5)")
+    add_policy_arguments(up)
     up.add_argument("--timeout", type=float, default=_UP_TIMEOUT_S, help="seconds to wait for readiness")
     for name, help_text in (("down", "stop the local cluster"), ("status", "show the cluster's workers")):
         p = sub.add_parser(name, help=help_text)

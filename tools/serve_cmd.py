@@ -14,6 +14,18 @@ _EXIT_BAD_INPUT = 2
 _DEFAULT_SSD_BYTES = 10 << 30  # kvstore: SSD tier capacity when --ssd-dir comes without --ssd-bytes
 
 
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """The router's policy flags, shared by ``tandem serve router`` and ``tandem up``."""
+    p.add_argument("--policy", default="least-loaded", choices=POLICIES,
+                   help="router: how to pick a (prefill, decode) pair")
+    p.add_argument("--ttft-slo-ms", type=float, default=None,
+                   help="router, slo-aware policy: the TTFT target a dedicated prefill worker must meet before a "
+                        "prompt is computed on its decode worker instead")
+    p.add_argument("--slo-headroom", type=float, default=None, metavar="FRACTION",
+                   help="router, slo-aware: compute a prompt on a decode worker only when the best prefill worker's "
+                        "estimated TTFT exceeds this share of the target (default 0.5)")
+
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="run one service (prefill, decode, mixed worker, router, or KV store)")
     p.add_argument("role", choices=["prefill", "decode", "mixed", "router", "kvstore"])
@@ -39,14 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mixed-graph-tokens", type=int, default=2048, metavar="N",
                    help="steps with prompt chunks of up to N tokens run as per-layer CUDA graph pieces around "
                         "eager attention, under the --decode-graphs mode (0 = always eager)")
-    p.add_argument("--policy", default="least-loaded", choices=POLICIES,
-                   help="router: how to pick a (prefill, decode) pair")
-    p.add_argument("--ttft-slo-ms", type=float, default=None,
-                   help="router, slo-aware policy: the TTFT target a dedicated prefill worker must meet before a "
-                        "prompt is computed on its decode worker instead")
-    p.add_argument("--slo-headroom", type=float, default=None, metavar="FRACTION",
-                   help="router, slo-aware: compute a prompt on a decode worker only when the best prefill worker's "
-                        "estimated TTFT exceeds this share of the target (default 0.5)")
+    add_policy_arguments(p)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for torch in this process (default: torch's choice)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")

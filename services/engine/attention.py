@@ -71,16 +71,13 @@ class AttentionMetadata:
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [T, Hq, D] -> [T, Hq, D] (written into ``out`` if given), attending over the cache
-    (new tokens already written)."""
+    """q: [T, Hq, D] -> [T, Hq, D], attending over the cache (new tokens already written);
+    written into ``out`` if given (not for a decode-only batch, ``token_index`` None)."""
     d = meta.decode
-    if d is not None and d.token_index is None and out is None:
-        return _decode_attention(q, kv_layer, d)
-    if out is None:
-        out = torch.empty_like(q)
     if d is not None and d.token_index is None:
-        out[:] = _decode_attention(q, kv_layer, d)
-        return out
+        assert out is None, "a decode-only step returns its own output"
+        return _decode_attention(q, kv_layer, d)
+    out = torch.empty_like(q) if out is None else out
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         out[rows] = _prefill_attention(q[rows], kv_layer, span)

@@ -5,6 +5,7 @@ file-name part."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
@@ -50,3 +51,10 @@ def environment(device: torch.device) -> dict:
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
     }
+
+
+def write_result(path: Path, report: dict) -> Path:
+    """Write a benchmark's JSON result (creating its folder); returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

@@ -54,7 +54,7 @@ from services.engine.loader import build_model
 from services.engine.model_config import ModelConfig, parse_model_config
 from services.engine.scheduler import SchedulerConfig
 from tools.bench.engine_bench import _free_memory, _sync, make_prompts, time_engine, time_hf
-from tools.bench.machine import environment, slug
+from tools.bench.machine import environment, slug, write_result
 from tools.bench.random_models import LLAMA3_8B, TINY_LLAMA, default_dtype, random_hf_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -363,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"roofline_{'tiny' if args.tiny else 'llama3-8b'}_{slug(env['device_name'])}"
     if args.decode_graphs != "auto":
         name += f"_graphs-{args.decode_graphs}"
-    path = args.out or RESULTS_DIR / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_result(args.out or RESULTS_DIR / f"{name}.json", report)
     log(f"wrote {path}, {plot(report, path.with_suffix('.png'))}")
     return 0
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import random
 import statistics
@@ -46,7 +45,7 @@ from services.engine.model_runner import ModelRunner
 from services.engine.request import Request, SamplingParams
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 from tools.bench.engine_bench import _sync
-from tools.bench.machine import environment, slug
+from tools.bench.machine import environment, slug, write_result
 from tools.bench.random_models import LLAMA3_8B, TINY_LLAMA, default_dtype, random_hf_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -267,10 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                   "mixed": run_mixed(runner, maker, args)}
     print(format_tables(report))
     name = f"steps_{'tiny' if args.tiny else 'llama3-8b'}_{slug(env['device_name'])}"
-    path = args.out or RESULTS_DIR / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {path}")
+    log(f"wrote {write_result(args.out or RESULTS_DIR / f'{name}.json', report)}")
     return 0
 
 
