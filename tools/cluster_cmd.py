@@ -36,6 +36,8 @@ def add_parsers(sub) -> None:
     up.add_argument("--device", default="cpu")
     up.add_argument("--dtype", default="auto")
     up.add_argument("--kv-cache-bytes", type=int, default=None)
+    up.add_argument("--stream-interval-ms", type=float, default=0.0, metavar="MS",
+                    help="workers send the tokens of each MS milliseconds of a stream in one message (default 0)")
     up.add_argument("--no-kvstore", action="store_true", help="do not start a KV store")
     up.add_argument("--kvstore-cpu-bytes", type=int, default=1 << 30)
     up.add_argument("--kvstore-ssd-bytes", type=int, default=8 << 30,
@@ -73,9 +75,14 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     except ValueError as e:
         _say(f"error: {e}")
         return _EXIT_BAD_INPUT
+    if not args.stream_interval_ms >= 0:
+        _say(f"error: --stream-interval-ms must be >= 0, got {args.stream_interval_ms}")
+        return _EXIT_BAD_INPUT
     worker_args = ["--device", args.device, "--dtype", args.dtype]
     if args.kv_cache_bytes:
         worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    if args.stream_interval_ms:
+        worker_args += ["--stream-interval-ms", f"{args.stream_interval_ms:g}"]
     router_args = ["--ttft-slo-ms", str(args.ttft_slo_ms)] if args.ttft_slo_ms is not None else []
     if args.slo_headroom is not None:
         router_args += ["--slo-headroom", str(args.slo_headroom)]

@@ -52,7 +52,7 @@ class Worker:
     async def start(self) -> None:
         c = self.config
         engine = await asyncio.to_thread(LLMEngine.from_pretrained, c.model_dir, c.engine)
-        self.aengine = AsyncEngine(engine)
+        self.aengine = AsyncEngine(engine, stream_interval_s=c.stream_interval_s)
         await self.aengine.start()
         self.state = WorkerState(c, self.aengine)
         self.server, port, self.health = new_server(c.host, c.grpc_port)

@@ -22,6 +22,7 @@ class EngineLoad:
     """Prompt tokens admitted or waiting but not yet computed."""
     running_requests: int
     waiting_requests: int
+    """Requests not in the batch yet: prompts to compute, and imported KV waiting for a place."""
     free_kv_blocks: int
     total_kv_blocks: int
     prefill_tokens_per_s: float
@@ -37,9 +38,16 @@ def engine_load(engine: LLMEngine) -> EngineLoad:
     queued += sum(r.num_tokens - r.num_computed_tokens for r in sched.running
                   if r.num_computed_tokens < len(r.prompt_token_ids))
     measured_at = engine.stats.prefill_measured_at
-    return EngineLoad(queued, len(sched.running), len(sched.waiting), engine.blocks.num_free_blocks,
+    return EngineLoad(queued, len(sched.running), len(sched.waiting) + len(sched.ready), engine.blocks.num_free_blocks,
                       engine.blocks.num_blocks, engine.stats.prefill_tokens_per_s,
                       None if measured_at is None else round(time.monotonic() - measured_at, 3))
+
+
+def engine_counters(engine: LLMEngine) -> dict:
+    """EngineStats' running totals, as WorkerStats fields (read on the engine thread)."""
+    s = engine.stats
+    return {"steps": s.steps, "step_seconds": s.step_s, "host_seconds": s.host_s,
+            "computed_tokens": s.computed_tokens, "prefill_tokens": s.prefill_tokens}
 
 
 class WorkerState:
@@ -87,8 +95,8 @@ class WorkerState:
                           updated_unix_s=time.time())
 
     async def stats(self, reservations: int = 0, kv_bytes_received: int = 0) -> pb.WorkerStats:
-        e = await self.aengine.call(engine_load)
-        return pb.WorkerStats(worker_id=self.config.worker_id, role=self.config.role,
+        e, counters = await self.aengine.call(lambda engine: (engine_load(engine), engine_counters(engine)))
+        return pb.WorkerStats(**counters, stream_messages=self.aengine.stream_messages,worker_id=self.config.worker_id, role=self.config.role,
                               queued_prefill_tokens=e.queued_prefill_tokens, running_requests=e.running_requests,
                               waiting_requests=e.waiting_requests, free_kv_blocks=e.free_kv_blocks,
                               total_kv_blocks=e.total_kv_blocks, reservations=reservations,

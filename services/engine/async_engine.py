@@ -6,7 +6,8 @@
 
 The engine is not thread-safe, so every touch of it (adding, aborting, reserving,
 exporting, reading stats) is a command run on the engine thread between steps. Outputs
-of a step are delivered to the event loop in one callback. A consumer that stops
+of a step are delivered to the event loop in one callback (with a stream interval, a
+:class:`StreamCoalescer` first joins each stream's outputs of that window). A consumer that stops
 reading a stream (client gone, task cancelled) aborts its request, freeing its blocks.
 """
 
@@ -15,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from services.engine.engine import LLMEngine
 from services.engine.request import FinishReason, RequestOutput
+from services.engine.stream_coalescer import StreamCoalescer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,8 +37,13 @@ class EngineStopped(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0):
+        """``stream_interval_s``: a stream's outputs within this long of its last message go
+        out as one message (see :mod:`stream_coalescer`); 0 = one message per step."""
         self.engine = engine
+        self._coalescer = StreamCoalescer(stream_interval_s) if stream_interval_s > 0 else None
+        self.stream_messages = 0
+        """Outputs handed to streams so far (event loop side)."""
         self._commands: deque[tuple[Callable[[LLMEngine], Any], asyncio.Future]] = deque()
         self._wakeup = threading.Condition()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -73,7 +81,7 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; its stream (if any) ends with finish reason ``abort``."""
-        aborted = await self.call(lambda e: e.abort(request_id))
+        aborted = await self.call(lambda e: self._abort_on_thread(e, request_id))
         q = self._streams.get(request_id)
         if q is not None:
             q.put_nowait(_aborted_output(request_id))
@@ -102,18 +110,28 @@ class AsyncEngine:
             # caller was cancelled while ``submit`` was still queued.
             submit_failed = submitted.done() and not submitted.cancelled() and submitted.exception() is not None
             if not finished and not submit_failed and self._failure is None and not self._stopping.is_set():
-                self.post(lambda e: e.abort(request_id)).add_done_callback(log_command_failure)
+                self.post(lambda e: self._abort_on_thread(e, request_id)).add_done_callback(log_command_failure)
 
     # -- the engine thread --------------------------------------------------------------------
+
+    def _abort_on_thread(self, engine: LLMEngine, request_id: str) -> bool:
+        """Abort, first sending what the coalescer holds of the stream (it goes out before
+        the abort's own end-of-stream, which follows this command's result)."""
+        if self._coalescer is not None:
+            held = self._coalescer.take_held(request_id)
+            if held is not None:
+                self._loop.call_soon_threadsafe(self._deliver, [held])
+        return engine.abort(request_id)
 
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
                 self._run_commands()
-                if self.engine.has_unfinished():
-                    outputs = self.engine.step()
-                    if outputs:
-                        self._loop.call_soon_threadsafe(self._deliver, outputs)
+                outputs = self.engine.step() if self.engine.has_unfinished() else []
+                if self._coalescer is not None:
+                    outputs = self._coalescer.take(outputs, time.monotonic())
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._deliver, outputs)
         except BaseException as e:  # a bug in the engine: fail every stream, keep the process up
             log.exception("engine thread crashed")
             self._failure = e
@@ -122,7 +140,8 @@ class AsyncEngine:
     def _run_commands(self) -> bool:
         with self._wakeup:
             if not self._commands and not self.engine.has_unfinished():
-                self._wakeup.wait(_IDLE_WAIT_S)
+                held = self._coalescer is not None and len(self._coalescer) > 0
+                self._wakeup.wait(self._coalescer.interval_s if held else _IDLE_WAIT_S)
             commands, self._commands = self._commands, deque()
         for fn, future in commands:
             try:
@@ -137,6 +156,7 @@ class AsyncEngine:
             q = self._streams.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
+                self.stream_messages += 1
 
     def _fail_all(self, error: BaseException) -> None:
         for q in self._streams.values():

@@ -64,20 +64,30 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.ready: deque[Request] = deque()
+        """Imported requests (blocks allocated and filled) waiting for a place in the batch."""
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def add_running(self, request: Request) -> None:
-        """Join a request whose blocks are already allocated and filled (KV import)."""
+        """Join a request whose blocks are already allocated and filled (KV import). While
+        the batch is full (``max_num_seqs``) it waits in ``ready``, ahead of new prompts: a
+        decode worker receives KV at the rate its router sends it, and a batch larger than
+        configured would leave the sizes the engine is prepared for (its decode graphs)."""
         request.status = RequestStatus.RUNNING
-        self.running.append(request)
+        if not self.ready and len(self.running) < self.config.max_num_seqs:
+            self.running.append(request)
+        else:
+            self.ready.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.ready)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        while self.ready and len(self.running) < self.config.max_num_seqs:
+            self.running.append(self.ready.popleft())
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(out, budget)
         if not out.preempted:
@@ -133,7 +143,7 @@ class Scheduler:
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request from the queues and free its blocks."""
         if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
+            (self.running if request in self.running else self.ready).remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         self.blocks.free(request.request_id)

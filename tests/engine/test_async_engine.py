@@ -86,3 +86,53 @@ async def test_abort_ends_the_stream_and_errors_propagate(checkpoints):
         assert await _collect(aengine, "ok", [1, 2]) == await _collect(aengine, "ok2", [1, 2])
     finally:
         await aengine.close()
+
+
+@pytest.mark.asyncio
+async def test_stream_interval_joins_tokens_without_changing_them(checkpoints):
+    path = checkpoints("llama", 0)
+    params = SamplingParams(max_tokens=40, temperature=0, min_tokens=40)
+    want = [c.token_ids for c in small_engine(path).generate(_prompts(3), params)]
+    aengine = AsyncEngine(small_engine(path), stream_interval_s=0.2)
+    await aengine.start()
+    messages: dict[str, list[list[int]]] = {}
+
+    async def collect(rid, prompt):
+        async for out in aengine.stream(rid, lambda e: e.add_request(rid, prompt, params)):
+            messages.setdefault(rid, []).append(out.new_token_ids)
+
+    try:
+        await asyncio.gather(*(collect(f"r{i}", p) for i, p in enumerate(_prompts(3))))
+    finally:
+        await aengine.close()
+    for i, w in enumerate(want):
+        got = messages[f"r{i}"]
+        assert [t for m in got for t in m] == w
+        assert len(got[0]) == 1  # the first token did not wait
+    assert aengine.stream_messages == sum(len(m) for m in messages.values())
+    assert aengine.stream_messages < sum(len(w) for w in want)
+
+
+@pytest.mark.asyncio
+async def test_abort_sends_the_held_tokens_before_ending(checkpoints):
+    path = checkpoints("llama", 0)
+    params = SamplingParams(max_tokens=400, temperature=0, min_tokens=400)
+    aengine = AsyncEngine(small_engine(path), stream_interval_s=60.0)  # everything after the first is held
+    await aengine.start()
+    produced = lambda e: e._requests["a"].num_output_tokens  # noqa: E731
+    try:
+        messages = []
+        async for out in aengine.stream("a", lambda e: e.add_request("a", [4, 5, 6], params)):
+            messages.append(out)
+            if len(messages) == 1:
+                while await aengine.call(produced) < 5:
+                    await asyncio.sleep(0.01)
+                assert await aengine.abort("a")
+    finally:
+        await aengine.close()
+    assert messages[-1].finish_reason is FinishReason.ABORT
+    tokens = [t for m in messages for t in m.new_token_ids]
+    assert len(messages) == 3 and len(tokens) >= 5  # the first token, what was held, the end
+    want = small_engine(path).generate([[4, 5, 6]], SamplingParams(max_tokens=len(tokens), temperature=0,
+                                                                   min_tokens=len(tokens)))[0].token_ids
+    assert tokens == want

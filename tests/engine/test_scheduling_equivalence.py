@@ -212,3 +212,25 @@ def test_loaded_prefix_is_reused_exactly(model, expected):
     assert c.token_ids == expected[i]
     assert c.num_cached_prompt_tokens == full_blocks * 16
     assert dst.load_prefix(prompt, kv.kv[:, :, :full_blocks]) == full_blocks * 16  # idempotent
+
+
+def test_imports_beyond_max_num_seqs_wait_for_a_place_and_continue_exactly(model, expected):
+    exports = []
+    for i, prompt in enumerate(_prompts(8)):
+        exporter = small_engine(model)
+        exporter.add_request(f"r{i}", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
+        exporter.step()
+        exports.append(exporter.export_kv(f"r{i}"))
+    decode = small_engine(model, max_num_seqs=3)
+    for i, kv in enumerate(exports):
+        decode.import_request(f"r{i}", kv, GREEDY)
+    assert len(decode.scheduler.running) == 3 and len(decode.scheduler.ready) == 5
+    decode.abort("r7")  # waiting for a place: leaves at once, with its blocks
+    tokens = {f"r{i}": list(kv.output_token_ids) for i, kv in enumerate(exports[:7])}
+    while decode.has_unfinished():
+        outputs = decode.step()
+        assert 0 < len(outputs) <= 3
+        for out in outputs:
+            tokens[out.request_id] += out.new_token_ids
+    assert [tokens[f"r{i}"] for i in range(7)] == expected[:7]
+    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
