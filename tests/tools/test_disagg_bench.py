@@ -69,7 +69,7 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
                         tmp_path / "model", tmp_path / "state")
     assert (spec.prefill, spec.decode, spec.mixed, spec.kvstore) == (0, 0, 2, False)
     assert spec.worker_args == ("--dtype", "bfloat16", "--max-batched-tokens", "2048", "--max-num-seqs", "128",
-                                "--max-model-len", "8192")
+                                "--max-model-len", "8192", "--stream-interval-ms", "20")
     assert spec.worker_name_args == {"mixed-0": ("--device", "cuda:0", "--kv-cache-bytes", str(24 << 30)),
                                      "mixed-1": ("--device", "cuda:1", "--kv-cache-bytes", str(24 << 30))}
     cpu = PRESETS["cpu-demo"].workers
@@ -139,12 +139,12 @@ def test_flags_override_the_preset():
     assert preset.plans["summarization"].slo == SLO(ttft_ms=3000, tpot_ms=80)
     assert (preset.duration_s, preset.workers.kv_cache_bytes_per_device, preset.workers.max_num_seqs) == (7, 1000, 16)
     assert preset.workers.max_batched_tokens == 2048  # not given: the preset's
-    assert preset.other_limits == OtherLimits(tpot_ms=(25, 20, 15))  # the GPU presets'
+    assert preset.other_limits == OtherLimits(tpot_ms=(30, 25, 20, 15))  # the GPU presets'
 
 
 @pytest.mark.parametrize("argv,other", [
     (["--preset", "cpu-demo"], OtherLimits()),
-    (["--preset", "gpu-llama3-1b", "--also-ttft-ms", "250"], OtherLimits(tpot_ms=(25, 20, 15), ttft_ms=(250,))),
+    (["--preset", "gpu-llama3-1b", "--also-ttft-ms", "250"], OtherLimits(tpot_ms=(30, 25, 20, 15), ttft_ms=(250,))),
     (["--preset", "gpu-llama3-8b", "--also-tpot-ms", "20,12.5"], OtherLimits(tpot_ms=(20, 12.5))),
     (["--preset", "gpu-llama3-8b", "--also-tpot-ms", "none"], OtherLimits()),
 ])
@@ -173,10 +173,10 @@ def test_tandem_bench_disagg_runs_this_benchmark():
 
 
 def test_the_estimate_counts_every_cluster_and_rate():
-    preset = PRESETS["gpu-llama3-8b"]  # 5 + 7 rates; 2 layouts; 30 s starts, 10 s rates, 20 s drains
+    preset = PRESETS["gpu-llama3-8b"]  # 6 + 7 rates; 2 layouts; 30 s starts, 10 s rates, 20 s drains
     typical, worst = disagg_bench.estimate_s(preset, 2)
-    assert typical == 4 * (30 + 5) + 24 * (10 + 3)
-    assert worst == 4 * (30 + 5) + 24 * (10 + 20)
+    assert typical == 4 * (30 + 5) + 26 * (10 + 3)
+    assert worst == 4 * (30 + 5) + 26 * (10 + 20)
 
 
 def _entry(rates_attained: list[tuple[float, float]], good: float | None, seed: int = 0) -> dict:
@@ -344,6 +344,11 @@ def test_cpu_run_of_every_layout(tmp_path, capsys):
             assert s["ok"] == s["requests"] > 0 and s["failed"] == 0
             assert 0 <= s["slo_attainment"] <= 1
             assert all(r["cached_prompt_tokens"] == 0 for r in run["requests"])  # a fresh cluster per layout
+            workers = run["workers"]  # every worker's engine counters over the run
+            assert {w: f["role"] for w, f in workers.items()} == {
+                w: spec["role"] for w, spec in entry["layout"]["workers"].items()}
+            assert not any(f["missing"] for f in workers.values())
+            assert max(f["steps"] for f in workers.values()) > 0
         assert "goodput_rate" in entry
     co, dis = slot["layouts"]["colocated"], slot["layouts"]["disaggregated"]
     assert co["settings"] == dis["settings"] == slot["layouts"]["disaggregated-slo"]["settings"]
@@ -365,8 +370,9 @@ def test_cpu_run_of_every_layout(tmp_path, capsys):
                                                                                      entry["runs"]))
     assert path.with_name(f"{path.stem}_chatbot_attainment.png").is_file()
     assert not list((tmp_path / "state").iterdir())  # a cluster's state dir goes once its run succeeded
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "colocated" in out and "disaggregated / colocated goodput:" in out
+    assert "[disagg_bench] rate 4/s  decode-0: " in err and " steps of " in err
     assert "disaggregated-slo / colocated goodput:" in out
     assert "    TPOT <= 1000 ms: colocated " in out
 

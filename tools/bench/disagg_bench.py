@@ -32,6 +32,9 @@ Reported per workload and layout: SLO attainment per rate (the share of *all* re
 meeting both the TTFT and the TPOT limit; failures count as misses) and goodput, the
 highest swept rate with >= 90 % attainment (tools/bench/slo.py); then the ratio
 disaggregated goodput / colocated goodput. Goodput is only as fine as the rate grid.
+Each rate's run also stores every worker's engine counters over it (``workers``: steps, mean
+step time, host share, busy share, decode batch ...; tools/bench/worker_counters.py), one line
+per worker on stderr: where step time went, e.g. a decode worker whose steps got slow.
 
 SLO sensitivity: the verdict can turn on the TPOT limit. A mixed worker's decode steps
 slow down as its batch fills with prefill chunks and more sequences, while a decode
@@ -39,7 +42,7 @@ worker's grow less (on one H200 pair, summarization: colocated TPOT median 7 ms 
 req/s and 31-35 ms at 7-8, disaggregated 6-7 ms throughout), so a loose TPOT limit
 favours colocation and a tight one disaggregation. Every request's record is stored, so goodput and the ratio
 are recomputed for other limits from the same requests and rates, without a re-run: for
-each of ``--also-tpot-ms`` (GPU presets: 25,20,15 ms; cpu-demo: none) the workload's TTFT
+each of ``--also-tpot-ms`` (GPU presets: 30,25,20,15 ms; cpu-demo: none) the workload's TTFT
 limit with that TPOT limit, and for each of ``--also-ttft-ms`` the reverse. They are
 printed under each workload's table and stored as its ``slo_sensitivity`` (per limit:
 goodput per layout, ratio, attainment per rate); the workload's own SLO stays the
@@ -101,7 +104,7 @@ from pathlib import Path
 
 import torch
 
-from tools.bench import serve_bench
+from tools.bench import serve_bench, worker_counters
 from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Preset, WorkerSettings, WorkloadPlan
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
                                        merge_entry, read_report, recompute, reported_workloads, results_path,
@@ -110,7 +113,7 @@ from tools.bench.random_models import random_hf_model
 from tools.bench.serve_clients import LoadClient
 from tools.bench.slo import SLO, goodput
 from tools.bench.workloads import WORKLOADS
-from tools.local_cluster import ClusterSpec, free_port, start_cluster, stop_cluster
+from tools.local_cluster import ClusterSpec, ClusterState, free_port, start_cluster, stop_cluster
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _CLUSTER_START_TIMEOUT_S = 600.0
@@ -180,6 +183,8 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
         common += ["--max-model-len", str(workers.max_model_len)]
     if workers.torch_threads is not None:
         common += ["--torch-threads", str(workers.torch_threads)]
+    if workers.stream_interval_ms:
+        common += ["--stream-interval-ms", f"{workers.stream_interval_ms:g}"]
     per_worker = {name: ("--device", device, "--kv-cache-bytes", str(layout.kv_cache_bytes[name]))
                   for name, device in layout.devices.items()}
     if workers.prefill_max_batched_tokens is not None:
@@ -210,7 +215,7 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
     start_s = time.monotonic() - start
     try:
         args = serve_args(f"grpc://{state.grpc_address}", model_dir, plan, preset)
-        result = asyncio.run(_warm_up_and_sweep(args, plan.slo, len(layout.devices)))
+        result = asyncio.run(_warm_up_and_sweep(args, plan.slo, len(layout.devices), state))
     finally:
         stop_cluster(state_dir, progress=log)
     shutil.rmtree(state_dir, ignore_errors=True)  # etcd's data is tens of MB; the logs matter only on failure
@@ -230,9 +235,10 @@ def serve_args(url: str, model_dir: Path, plan: WorkloadPlan, preset: Preset) ->
     return args
 
 
-async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int) -> dict:
+async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int, state: ClusterState) -> dict:
     """Short unrecorded requests first (connections, first-call costs), sent concurrently: the
-    router spreads concurrent requests over idle workers, sequential ones all land on one."""
+    router spreads concurrent requests over idle workers, sequential ones all land on one.
+    Each rate's run gets every worker's engine counters over it (tools/bench/worker_counters.py)."""
     client = LoadClient.for_url(args.url)
     try:
         info = await client.info(args.model_name)
@@ -241,7 +247,8 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int) -
                                for k in range(_WARMUP_REQUESTS_PER_WORKER * workers)))
     finally:
         await client.close()
-    return await serve_bench.run_benchmark(args, slo)
+    engines = await worker_counters.engine_workers(state.etcd_url, state.cluster)
+    return await serve_bench.run_benchmark(args, slo, lambda rate: worker_counters.counted(engines, rate, log))
 
 
 def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) -> dict:
@@ -442,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tpot-slo-ms", type=float, default=None)
     parser.add_argument("--also-tpot-ms", metavar="MS,...", default=None,
                         help="other TPOT limits to recompute goodput for from the same requests (default: the "
-                             "preset's: GPU 25,20,15, cpu-demo none; 'none': none)")
+                             "preset's: GPU 30,25,20,15, cpu-demo none; 'none': none)")
     parser.add_argument("--also-ttft-ms", metavar="MS,...", default=None,
                         help="other TTFT limits, likewise, each with the workload's TPOT limit (default: none)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)

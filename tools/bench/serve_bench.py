@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -36,6 +37,7 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -189,7 +191,11 @@ async def warm_up(client: LoadClient, model: str, count: int, seed: int, vocab: 
 # -- the command ---------------------------------------------------------------------------
 
 
-async def run_benchmark(args: argparse.Namespace, slo: SLO) -> dict:
+async def run_benchmark(args: argparse.Namespace, slo: SLO,
+                        observe: Callable[[float], contextlib.AbstractAsyncContextManager[dict]] | None = None) -> dict:
+    """Run every rate of ``args.rates`` in turn. ``observe(rate)``, if given, is entered around
+    each run's requests (send window and drain); the dict it yields, filled by the time it exits,
+    is added to that run's entry (``tandem bench disagg``: the workers' engine counters)."""
     client = LoadClient.for_url(args.url)
     try:
         info = await client.info(args.model_name)
@@ -211,9 +217,10 @@ async def run_benchmark(args: argparse.Namespace, slo: SLO) -> dict:
                 else f"at {rate:g}/s"
             log(f"{len(plan.arrivals)} requests {timing} within {args.duration:g} s")
             started = _now()
-            records = await drive(client, plan, info.model, args.temperature, args.drain_timeout)
+            async with observe(rate) if observe else contextlib.nullcontext({}) as observed:
+                records = await drive(client, plan, info.model, args.temperature, args.drain_timeout)
             runs.append({"rate": rate, "seed": plan.seed, "started_at": started, "finished_at": _now(),
-                         "summary": summarize(records, slo), "requests": [asdict(r) for r in records]})
+                         "summary": summarize(records, slo), **observed, "requests": [asdict(r) for r in records]})
     finally:
         await client.close()
     return {"server": {"model": info.model, "max_context": max_context, "vocab_size": vocab}, "runs": runs}

@@ -1,0 +1,116 @@
+"""The workers' engine counters over a benchmark run (tools/bench/worker_counters.py): the
+difference arithmetic on real ``WorkerStats`` messages, and real ``Stats`` calls to a small
+in-process gRPC server and to an address where nothing listens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from services.common.registry import WorkerInfo
+from tools.bench.worker_counters import FIGURES, Snapshot, counted, describe, difference, snapshot
+from tools.local_cluster import free_port
+
+
+def _stats(steps: int = 0, step_s: float = 0.0, host_s: float = 0.0, computed: int = 0, prefill: int = 0,
+           messages: int = 0) -> pb.WorkerStats:
+    return pb.WorkerStats(steps=steps, step_seconds=step_s, host_seconds=host_s, computed_tokens=computed,
+                          prefill_tokens=prefill, stream_messages=messages)
+
+
+def _worker(worker_id: str, role: str, address: str) -> WorkerInfo:
+    return WorkerInfo(worker_id=worker_id, role=role, grpc_address=address, ucx_address="", model="m",
+                      model_fingerprint="f", block_size=16, total_kv_blocks=100, max_model_len=1024, version="0",
+                      host="h", pid=1)
+
+
+def test_the_difference_of_two_snapshots_gives_per_worker_figures():
+    roles = {"decode-0": "decode", "prefill-0": "prefill"}
+    before = Snapshot(roles, {"decode-0": _stats(100, 1.0, 0.2, 500, 300, 90),
+                              "prefill-0": _stats(10, 0.5, 0.1, 2000, 2000, 10)})
+    after = Snapshot(roles, {"decode-0": _stats(600, 11.0, 3.2, 4300, 600, 890),
+                             "prefill-0": _stats(30, 2.5, 0.3, 8000, 7990, 30)})
+    figures = difference(before, after, wall_s=20.0)
+    # decode-0: 500 steps in 10 s of 20; 3 s of host time; 3500 decode tokens (3800 computed, 300 prompt)
+    assert figures["decode-0"] == {"role": "decode", "missing": False, "steps": 500, "mean_step_ms": 20.0,
+                                   "host_share": 0.3, "busy": 0.5, "mean_decode_batch": 7.0,
+                                   "prefill_tokens_per_s": 15.0, "messages_per_s": 40.0}
+    # prefill-0: 6000 computed, 5990 of them prompt work: 10 decode tokens in 20 steps
+    assert figures["prefill-0"] == {"role": "prefill", "missing": False, "steps": 20, "mean_step_ms": 100.0,
+                                    "host_share": 0.1, "busy": 0.1, "mean_decode_batch": 0.5,
+                                    "prefill_tokens_per_s": 299.5, "messages_per_s": 1.0}
+
+
+def test_figures_are_rounded():
+    roles = {"mixed-0": "mixed"}
+    figures = difference(Snapshot(roles, {"mixed-0": _stats()}),
+                         Snapshot(roles, {"mixed-0": _stats(3, 0.1, 0.01, 10, 3, 7)}), wall_s=3.0)["mixed-0"]
+    assert (figures["mean_step_ms"], figures["host_share"], figures["busy"], figures["mean_decode_batch"],
+            figures["prefill_tokens_per_s"], figures["messages_per_s"]) == (33.333, 0.1, 0.033, 2.33, 1.0, 2.3)
+
+
+def test_a_worker_without_steps_has_no_per_step_figures():
+    roles = {"decode-0": "decode"}
+    idle = Snapshot(roles, {"decode-0": _stats(7, 0.7, 0.1, 70, 7, 7)})
+    figures = difference(idle, idle, wall_s=5.0)["decode-0"]
+    assert figures == {"role": "decode", "missing": False, "steps": 0, "mean_step_ms": None, "host_share": None,
+                       "busy": 0.0, "mean_decode_batch": None, "prefill_tokens_per_s": 0.0, "messages_per_s": 0.0}
+    assert describe(figures) == ("0 steps of - ms, host -, busy 0%, decode batch -, prefill 0 tok/s, "
+                                 "0.0 messages/s")
+    assert difference(idle, idle, wall_s=0.0)["decode-0"]["busy"] is None
+
+
+def test_a_worker_that_did_not_answer_either_read_is_missing():
+    roles = {"prefill-0": "prefill", "decode-0": "decode"}
+    answered = {"prefill-0": _stats(1, 0.1), "decode-0": _stats(2, 0.2)}
+    for before, after in (({"prefill-0": answered["prefill-0"]}, answered),
+                          (answered, {"prefill-0": answered["prefill-0"]})):
+        figures = difference(Snapshot(roles, before), Snapshot(roles, after), wall_s=1.0)
+        assert figures["decode-0"] == {"role": "decode", "missing": True, **dict.fromkeys(FIGURES)}
+        assert figures["prefill-0"]["missing"] is False and figures["prefill-0"]["steps"] == 0
+        assert describe(figures["decode-0"]) == "no counters (its Stats did not answer)"
+
+
+class _Prefill(pb_grpc.PrefillWorkerServicer):
+    async def Stats(self, request, context):
+        return _stats(steps=11)
+
+
+class _Decode(pb_grpc.DecodeWorkerServicer):
+    async def Stats(self, request, context):
+        return _stats(steps=22)
+
+
+def test_each_role_is_asked_on_its_service_and_a_silent_worker_is_missing():
+    async def main():
+        server = grpc.aio.server()
+        pb_grpc.add_PrefillWorkerServicer_to_server(_Prefill(), server)
+        pb_grpc.add_DecodeWorkerServicer_to_server(_Decode(), server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        try:
+            workers = [_worker("prefill-0", "prefill", address), _worker("mixed-0", "mixed", address),
+                       _worker("decode-0", "decode", f"127.0.0.1:{free_port()}")]  # nothing listens there
+            return await snapshot(workers)
+        finally:
+            await server.stop(None)
+
+    taken = asyncio.run(main())
+    assert taken.roles == {"prefill-0": "prefill", "mixed-0": "mixed", "decode-0": "decode"}
+    assert {worker_id: s.steps for worker_id, s in taken.stats.items()} == {"prefill-0": 11, "mixed-0": 22}
+
+
+def test_counted_fills_the_run_entry_and_logs_a_line_per_worker():
+    lines: list[str] = []
+
+    async def main():
+        async with counted([_worker("decode-0", "decode", f"127.0.0.1:{free_port()}")], 2.0, lines.append) as extra:
+            assert extra == {}
+        return extra
+
+    assert asyncio.run(main()) == {"workers": {"decode-0": {"role": "decode", "missing": True,
+                                                            **dict.fromkeys(FIGURES)}}}
+    assert lines == ["rate 2/s  decode-0: no counters (its Stats did not answer)"]

@@ -1,0 +1,134 @@
+"""Where the workers' step time went during one benchmark run: every worker's engine
+counters (the ``Stats`` RPC's totals since it started) read before and after the run, and
+the difference turned into per-worker figures, e.g. a decode worker whose steps got slow.
+
+Per worker (``run["workers"][worker_id]``), over the run's wall time (send window and drain):
+  role                  prefill, decode or mixed
+  missing               true when the worker answered neither or only one of the two reads
+                        (then every figure below is None)
+  steps                 engine steps run
+  mean_step_ms          step time / steps
+  host_share            host time not overlapped with the device / step time
+  busy                  step time / wall time (1.0: the engine never waited for work)
+  mean_decode_batch     (computed - prompt) tokens / steps: decode tokens per step, an
+                        approximation of the decode batch. Exact on a decode worker that
+                        computes no prompts; steps that only compute prompt work count with
+                        no decode tokens, so it under-states the batch of a mixed worker (and is
+                        about 0 on a prefill worker)
+  prefill_tokens_per_s  prompt work computed / wall time
+  messages_per_s        token messages handed to the worker's streams / wall time
+A figure whose divisor is zero (no steps, no step time) is None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from services.common.registry import WorkerInfo, read_cluster
+
+ENGINE_ROLES = ("prefill", "decode", "mixed")
+STATS_TIMEOUT_S = 2.0
+"""A worker that takes longer to answer is recorded as missing: the bench does not wait on it."""
+FIGURES = ("steps", "mean_step_ms", "host_share", "busy", "mean_decode_batch", "prefill_tokens_per_s",
+           "messages_per_s")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every worker's counters at one moment."""
+
+    roles: dict[str, str]
+    """Worker id -> role, for every worker asked."""
+    stats: dict[str, pb.WorkerStats]
+    """Worker id -> its counters, for those that answered."""
+
+
+async def engine_workers(etcd_url: str, cluster: str) -> list[WorkerInfo]:
+    """The cluster's prefill, decode and mixed workers as registered in etcd (sorted by id);
+    read once after the cluster started, as ``tandem status`` reads them."""
+    workers, _ = await read_cluster(etcd_url, cluster)
+    return [w for w in workers if w.role in ENGINE_ROLES]
+
+
+async def snapshot(workers: list[WorkerInfo]) -> Snapshot:
+    """One ``Stats`` call per worker, all at once."""
+    replies = await asyncio.gather(*(_stats(w) for w in workers))
+    return Snapshot({w.worker_id: w.role for w in workers},
+                    {w.worker_id: r for w, r in zip(workers, replies) if r is not None})
+
+
+async def _stats(worker: WorkerInfo) -> pb.WorkerStats | None:
+    """The worker's counters, or None when it does not answer (unreachable, an error, slower than
+    ``STATS_TIMEOUT_S``). A mixed worker serves both services; its DecodeWorker one is asked."""
+    stub_class = pb_grpc.PrefillWorkerStub if worker.role == "prefill" else pb_grpc.DecodeWorkerStub
+    try:
+        async with grpc.aio.insecure_channel(worker.grpc_address) as channel:
+            return await stub_class(channel).Stats(pb.StatsRequest(), timeout=STATS_TIMEOUT_S)
+    except grpc.RpcError:
+        return None
+
+
+def difference(before: Snapshot, after: Snapshot, wall_s: float) -> dict[str, dict]:
+    """Worker id -> figures (see the module docstring) between two snapshots ``wall_s`` apart."""
+    figures = {}
+    for worker_id, role in after.roles.items():
+        old, new = before.stats.get(worker_id), after.stats.get(worker_id)
+        if old is None or new is None:
+            figures[worker_id] = {"role": role, "missing": True, **dict.fromkeys(FIGURES)}
+        else:
+            figures[worker_id] = {"role": role, "missing": False, **_figures(old, new, wall_s)}
+    return figures
+
+
+def _figures(old: pb.WorkerStats, new: pb.WorkerStats, wall_s: float) -> dict:
+    steps = new.steps - old.steps
+    step_s = new.step_seconds - old.step_seconds
+    decode_tokens = (new.computed_tokens - new.prefill_tokens) - (old.computed_tokens - old.prefill_tokens)
+    return {"steps": steps,
+            "mean_step_ms": _ratio(step_s * 1000, steps, 3),
+            "host_share": _ratio(new.host_seconds - old.host_seconds, step_s, 3),
+            "busy": _ratio(step_s, wall_s, 3),
+            "mean_decode_batch": _ratio(decode_tokens, steps, 2),
+            "prefill_tokens_per_s": _ratio(new.prefill_tokens - old.prefill_tokens, wall_s, 1),
+            "messages_per_s": _ratio(new.stream_messages - old.stream_messages, wall_s, 1)}
+
+
+def _ratio(part: float, whole: float, digits: int) -> float | None:
+    return round(part / whole, digits) if whole > 0 else None
+
+
+@contextlib.asynccontextmanager
+async def counted(workers: list[WorkerInfo], rate: float, progress: Callable[[str], None]) -> AsyncIterator[dict]:
+    """Around one run of ``run_benchmark`` (its ``observe`` hook): yields a dict that holds, once
+    the run ended, ``{"workers": difference(...)}``, and logs one line per worker."""
+    extra: dict = {}
+    before = await snapshot(workers)
+    start = time.monotonic()
+    yield extra
+    wall_s = time.monotonic() - start
+    extra["workers"] = difference(before, await snapshot(workers), wall_s)
+    for worker_id, figures in extra["workers"].items():
+        progress(f"rate {rate:g}/s  {worker_id}: {describe(figures)}")
+
+
+def describe(figures: dict) -> str:
+    """One worker's figures as a compact log line."""
+    if figures["missing"]:
+        return "no counters (its Stats did not answer)"
+    return (f"{figures['steps']} steps of {_shown(figures['mean_step_ms'], '.1f')} ms, "
+            f"host {_shown(figures['host_share'], '.0%')}, busy {_shown(figures['busy'], '.0%')}, "
+            f"decode batch {_shown(figures['mean_decode_batch'], '.1f')}, "
+            f"prefill {_shown(figures['prefill_tokens_per_s'], '.0f')} tok/s, "
+            f"{_shown(figures['messages_per_s'], '.1f')} messages/s")
+
+
+def _shown(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
