@@ -38,8 +38,8 @@ per worker on stderr: where step time went, e.g. a decode worker whose steps got
 
 SLO sensitivity: the verdict can turn on the TPOT limit. A mixed worker's decode steps
 slow down as its batch fills with prefill chunks and more sequences, while a decode
-worker's grow less (on one H200 pair, summarization: colocated TPOT median 7 ms at 2
-req/s and 31-35 ms at 7-8, disaggregated 6-7 ms throughout), so a loose TPOT limit
+worker's grow less (on one H200 pair, summarization: colocated TPOT median 8 ms at 4
+req/s and 27 ms at 8, disaggregated 6-7 ms throughout), so a loose TPOT limit
 favours colocation and a tight one disaggregation. Every request's record is stored, so goodput and the ratio
 are recomputed for other limits from the same requests and rates, without a re-run: for
 each of ``--also-tpot-ms`` (GPU presets: 30,25,20,15 ms; cpu-demo: none) the workload's TTFT
@@ -57,7 +57,7 @@ SLOs, after DistServe (OSDI'24), which used TTFT 0.25 s / TPOT 0.1 s for a chatb
                  is 20 tokens/s per user, above reading speed and ~1.5x the 33 ms decode
                  step tandem measured at batch 32 on one H100 when this was set; that
                  step now takes ~8 ms (CUDA graphs, Triton kernels), which makes 50 ms
-                 loose: the SLO sensitivity block reports 25, 20 and 15 ms too.
+                 loose: the SLO sensitivity block reports 30, 25, 20 and 15 ms too.
                  summarization: TTFT 3 s, TPOT 50 ms. A 4-8K-token prompt alone takes
                  ~0.2-0.3 s to prefill on the H100, so 3 s leaves room for a queue of a
                  few long prompts (DistServe's 15 s was for a 66B model); TPOT stays at
@@ -75,7 +75,7 @@ Run (from the repository root; ``tandem bench disagg`` takes the same arguments)
   python -m tools.bench.disagg_bench --preset gpu-llama3-8b --workloads chatbot
   python -m tools.bench.disagg_bench --preset gpu-llama3-8b --workloads summarization --layouts colocated
   python -m tools.bench.disagg_bench --preset gpu-llama3-8b --workloads summarization --layouts disaggregated
-  python -m tools.bench.disagg_bench --preset gpu-llama3-8b --report-only --also-tpot-ms 25,20,15
+  python -m tools.bench.disagg_bench --preset gpu-llama3-8b --report-only --also-tpot-ms 30,25,20,15
 The GPU presets write a random-weight checkpoint of the named shape to ``--scratch``
 once (``--random-shape``, or ``--model DIR`` for real weights). A full GPU sweep does
 not fit one 10-minute call: the time estimate printed first says how long the selection
