@@ -96,9 +96,10 @@ class WorkerState:
 
     async def stats(self, reservations: int = 0, kv_bytes_received: int = 0) -> pb.WorkerStats:
         e, counters = await self.aengine.call(lambda engine: (engine_load(engine), engine_counters(engine)))
-        return pb.WorkerStats(**counters, stream_messages=self.aengine.stream_messages,worker_id=self.config.worker_id, role=self.config.role,
+        return pb.WorkerStats(worker_id=self.config.worker_id, role=self.config.role,
                               queued_prefill_tokens=e.queued_prefill_tokens, running_requests=e.running_requests,
                               waiting_requests=e.waiting_requests, free_kv_blocks=e.free_kv_blocks,
                               total_kv_blocks=e.total_kv_blocks, reservations=reservations,
                               kv_bytes_received=kv_bytes_received, kv_bytes_sent=self.kv_bytes_sent,
-                              prefill_tokens_per_s=e.prefill_tokens_per_s, prefill_rate_age_s=e.prefill_rate_age_s)
+                              prefill_tokens_per_s=e.prefill_tokens_per_s, prefill_rate_age_s=e.prefill_rate_age_s,
+                              stream_messages=self.aengine.stream_messages, **counters)
