@@ -5,6 +5,9 @@ in-process gRPC server and to an address where nothing listens."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 
 import grpc
 
@@ -103,14 +106,23 @@ def test_each_role_is_asked_on_its_service_and_a_silent_worker_is_missing():
     assert {worker_id: s.steps for worker_id, s in taken.stats.items()} == {"prefill-0": 11, "mixed-0": 22}
 
 
-def test_counted_fills_the_run_entry_and_logs_a_line_per_worker():
+def test_counted_fills_the_run_entry_and_logs_a_line_per_worker_and_the_cpu_shares():
     lines: list[str] = []
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
 
     async def main():
-        async with counted([_worker("decode-0", "decode", f"127.0.0.1:{free_port()}")], 2.0, lines.append) as extra:
+        async with counted([_worker("decode-0", "decode", f"127.0.0.1:{free_port()}")], 2.0, lines.append,
+                           {"router": gone.pid}) as extra:
             assert extra == {}
+            deadline = time.process_time() + 0.3
+            while time.process_time() < deadline:  # the load generator (this process) keeps a core busy
+                pass
         return extra
 
-    assert asyncio.run(main()) == {"workers": {"decode-0": {"role": "decode", "missing": True,
-                                                            **dict.fromkeys(FIGURES)}}}
-    assert lines == ["rate 2/s  decode-0: no counters (its Stats did not answer)"]
+    extra = asyncio.run(main())
+    assert extra["workers"] == {"decode-0": {"role": "decode", "missing": True, **dict.fromkeys(FIGURES)}}
+    assert extra["cpu"]["router"] is None  # a process that cannot be read
+    assert 0.3 < extra["cpu"]["load-generator"] < 1.5
+    assert lines[0] == "rate 2/s  decode-0: no counters (its Stats did not answer)"
+    assert lines[1].startswith("rate 2/s  CPU (cores busy): router -, load-generator ")

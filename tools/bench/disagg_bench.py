@@ -248,7 +248,9 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int, s
     finally:
         await client.close()
     engines = await worker_counters.engine_workers(state.etcd_url, state.cluster)
-    return await serve_bench.run_benchmark(args, slo, lambda rate: worker_counters.counted(engines, rate, log))
+    processes = {name: pid for name, pid in state.processes.items() if name != "etcd"}
+    return await serve_bench.run_benchmark(
+        args, slo, lambda rate: worker_counters.counted(engines, rate, log, processes))
 
 
 def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) -> dict:

@@ -18,12 +18,16 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
   prefill_tokens_per_s  prompt work computed / wall time
   messages_per_s        token messages handed to the worker's streams / wall time
 A figure whose divisor is zero (no steps, no step time) is None.
+
+Beside them, ``run["cpu"]``: the CPU share of every cluster process and of the load generator
+over the same wall time (tools/bench/process_cpu.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ import grpc
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from services.common.registry import WorkerInfo, read_cluster
+from tools.bench import process_cpu
 
 ENGINE_ROLES = ("prefill", "decode", "mixed")
 STATS_TIMEOUT_S = 2.0
@@ -106,17 +111,25 @@ def _ratio(part: float, whole: float, digits: int) -> float | None:
 
 
 @contextlib.asynccontextmanager
-async def counted(workers: list[WorkerInfo], rate: float, progress: Callable[[str], None]) -> AsyncIterator[dict]:
+async def counted(workers: list[WorkerInfo], rate: float, progress: Callable[[str], None],
+                  processes: dict[str, int] | None = None) -> AsyncIterator[dict]:
     """Around one run of ``run_benchmark`` (its ``observe`` hook): yields a dict that holds, once
-    the run ended, ``{"workers": difference(...)}``, and logs one line per worker."""
+    the run ended, ``{"workers": difference(...), "cpu": {name: share}}``, and logs one line per
+    worker and one with the CPU shares. ``cpu`` covers ``processes`` (name -> pid: the cluster's
+    router and workers) and this process, the load generator, as ``load-generator``
+    (tools/bench/process_cpu.py)."""
     extra: dict = {}
-    before = await snapshot(workers)
+    pids = {**(processes or {}), "load-generator": os.getpid()}
+    before, cpu_before = await snapshot(workers), process_cpu.read(pids)
     start = time.monotonic()
     yield extra
     wall_s = time.monotonic() - start
+    cpu_after = process_cpu.read(pids)
     extra["workers"] = difference(before, await snapshot(workers), wall_s)
+    extra["cpu"] = process_cpu.shares(cpu_before, cpu_after, wall_s)
     for worker_id, figures in extra["workers"].items():
         progress(f"rate {rate:g}/s  {worker_id}: {describe(figures)}")
+    progress(f"rate {rate:g}/s  CPU (cores busy): {process_cpu.describe(extra['cpu'])}")
 
 
 def describe(figures: dict) -> str:
