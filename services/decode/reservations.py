@@ -60,6 +60,8 @@ class ReservationTable(TransferHandler):
         self._leases = itertools.count(1)
         self._by_id: dict[str, Reservation] = {}  # mutated only on the engine thread
         self._sweeper: asyncio.Task | None = None
+        self._staging: torch.cuda.Stream | None = None
+        """Where KV landing buffers are allocated (CUDA): a stream that runs nothing."""
         self.bytes_received = 0
 
     async def start(self) -> None:
@@ -122,12 +124,20 @@ class ReservationTable(TransferHandler):
             log.warning("refusing KV write for %s: shape %s %s != %s %s", r.reservation_id, header.shape,
                         header.dtype, expected, cache.dtype)
             return None
-        buffer = torch.empty(expected, dtype=cache.dtype, device=cache.device)
-        if buffer.is_cuda:
-            # The caching allocator may hand out memory that kernels still queued on the stream
-            # use (its reuse is stream-ordered); UCX writes outside that order, so wait for them.
-            await asyncio.to_thread(torch.cuda.synchronize, buffer.device)
-        return buffer
+        if not cache.is_cuda:
+            return torch.empty(expected, dtype=cache.dtype, device=cache.device)
+        # UCX writes outside any stream, while the caching allocator gives a freed block back to
+        # the stream that freed it at once (that stream's order protects its own kernels): a block
+        # taken on the engine's stream may still be read by a queued step. Taken on a stream that
+        # runs nothing, it is idle (write() records the engine's use, so the block returns only
+        # after that copy ran), and no step is waited for.
+        with torch.cuda.stream(self._staging_stream(cache.device)):
+            return torch.empty(expected, dtype=cache.dtype, device=cache.device)
+
+    def _staging_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._staging is None:
+            self._staging = torch.cuda.Stream(device)
+        return self._staging
 
     async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
         """Acknowledge the landed payload and queue its copy into the cache. The copy runs on
@@ -145,6 +155,8 @@ class ReservationTable(TransferHandler):
             except KVFenceError as e:
                 log.warning("dropping landed KV: %s", e)
                 return
+            if buffer.is_cuda:  # the copy below reads it on the engine's stream: no reuse before it ran
+                buffer.record_stream(torch.cuda.current_stream(buffer.device))
             engine.write_reserved(r.reservation_id, buffer)
             r.state = ReservationState.FILLED
             self.bytes_received += header.nbytes

@@ -68,7 +68,7 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     spec = cluster_spec(plan_layout("colocated", "cuda", 2, workers.kv_cache_bytes_per_device), workers,
                         tmp_path / "model", tmp_path / "state")
     assert (spec.prefill, spec.decode, spec.mixed, spec.kvstore) == (0, 0, 2, False)
-    assert spec.worker_args == ("--dtype", "bfloat16", "--max-batched-tokens", "2048", "--max-num-seqs", "128",
+    assert spec.worker_args == ("--dtype", "bfloat16", "--max-batched-tokens", "2048", "--max-num-seqs", "256",
                                 "--max-model-len", "8192", "--stream-interval-ms", "20")
     assert spec.worker_name_args == {"mixed-0": ("--device", "cuda:0", "--kv-cache-bytes", str(24 << 30)),
                                      "mixed-1": ("--device", "cuda:1", "--kv-cache-bytes", str(24 << 30))}
@@ -173,10 +173,10 @@ def test_tandem_bench_disagg_runs_this_benchmark():
 
 
 def test_the_estimate_counts_every_cluster_and_rate():
-    preset = PRESETS["gpu-llama3-8b"]  # 6 + 7 rates; 2 layouts; 30 s starts, 10 s rates, 20 s drains
+    preset = PRESETS["gpu-llama3-8b"]  # 6 + 6 rates; 2 layouts; 30 s starts, 10 s rates, 20 s drains
     typical, worst = disagg_bench.estimate_s(preset, 2)
-    assert typical == 4 * (30 + 5) + 26 * (10 + 3)
-    assert worst == 4 * (30 + 5) + 26 * (10 + 20)
+    assert typical == 4 * (30 + 5) + 24 * (10 + 3)
+    assert worst == 4 * (30 + 5) + 24 * (10 + 20)
 
 
 def _entry(rates_attained: list[tuple[float, float]], good: float | None, seed: int = 0) -> dict:

@@ -34,7 +34,9 @@ highest swept rate with >= 90 % attainment (tools/bench/slo.py); then the ratio
 disaggregated goodput / colocated goodput. Goodput is only as fine as the rate grid.
 Each rate's run also stores every worker's engine counters over it (``workers``: steps, mean
 step time, host share, busy share, decode batch ...; tools/bench/worker_counters.py), one line
-per worker on stderr: where step time went, e.g. a decode worker whose steps got slow.
+per worker on stderr: where step time went, e.g. a decode worker whose steps got slow. Beside
+them, ``cpu``: the CPU share of the router, every worker and the load generator (cores busy;
+tools/bench/process_cpu.py), e.g. a router whose one event loop runs out of CPU.
 
 SLO sensitivity: the verdict can turn on the TPOT limit. A mixed worker's decode steps
 slow down as its batch fills with prefill chunks and more sequences, while a decode

@@ -78,8 +78,10 @@ _CPU_WORKERS = WorkerSettings("cpu", "float32", kv_cache_bytes_per_device=256 <<
 # One H100 holding both 8B processes: 2 x 16 GB of weights + 24 GiB of KV (~98K tokens per process).
 # Streams: the tokens of 20 ms go in one message (3-4 at ~6 ms a step), which spares a worker
 # streaming ~100 requests most of its per-message host work; first and last tokens never wait.
+# Batches of up to 256 sequences (vLLM's default): a decode step reads the weights once for the
+# whole batch, so one decode GPU needs a large batch to keep pace with two colocated ones.
 _GPU_WORKERS = WorkerSettings("cuda", "bfloat16", kv_cache_bytes_per_device=24 * GIB, max_model_len=8192,
-                              max_batched_tokens=2048, max_num_seqs=128, prefill_max_batched_tokens=8192,
+                              max_batched_tokens=2048, max_num_seqs=256, prefill_max_batched_tokens=8192,
                               stream_interval_ms=20)
 PRESETS = {p.name: p for p in (
     Preset("cpu-demo", DEMO_MODEL_DIR, None, _CPU_WORKERS,
@@ -89,9 +91,9 @@ PRESETS = {p.name: p for p in (
            ("chatbot", "summarization"), duration_s=8, drain_timeout_s=15, scale=0.1, cluster_start_estimate_s=10),
     Preset("gpu-llama3-8b", None, "llama3-8b", _GPU_WORKERS,
            # rates that cross saturation on two GPUs (one H200 prefills ~6 summaries/s of 4-8K tokens)
-           {"chatbot": WorkloadPlan("chatbot", (16, 24, 32, 40, 48, 56), _GPU_SLO),
-            "code": WorkloadPlan("code", (16, 24, 32, 40, 48, 56), _GPU_SLO),
-            "summarization": WorkloadPlan("summarization", (4, 5, 6, 7, 8, 10, 12), SLO(ttft_ms=3000, tpot_ms=50))},
+           {"chatbot": WorkloadPlan("chatbot", (32, 40, 48, 56, 64, 72), _GPU_SLO),
+            "code": WorkloadPlan("code", (32, 40, 48, 56, 64, 72), _GPU_SLO),
+            "summarization": WorkloadPlan("summarization", (5, 6, 7, 8, 10, 12), SLO(ttft_ms=3000, tpot_ms=50))},
            ("chatbot", "summarization"), duration_s=10, drain_timeout_s=20, scale=1.0, cluster_start_estimate_s=30,
            other_limits=_GPU_OTHER_LIMITS),
     Preset("gpu-llama3-1b", None, "llama3-1b", _GPU_WORKERS,
