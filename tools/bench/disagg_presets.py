@@ -90,7 +90,7 @@ PRESETS = {p.name: p for p in (
             "summarization": WorkloadPlan("summarization", (4, 8, 16), SLO(ttft_ms=2000, tpot_ms=100))},
            ("chatbot", "summarization"), duration_s=8, drain_timeout_s=15, scale=0.1, cluster_start_estimate_s=10),
     Preset("gpu-llama3-8b", None, "llama3-8b", _GPU_WORKERS,
-           # rates that cross saturation on two GPUs (one H200 prefills ~6 summaries/s of 4-8K tokens)
+           # rates that cross saturation on two GPUs (one H200 prefills ~5 summaries/s of 4-8K tokens, sustained)
            {"chatbot": WorkloadPlan("chatbot", (32, 40, 48, 56, 64, 72), _GPU_SLO),
             "code": WorkloadPlan("code", (32, 40, 48, 56, 64, 72), _GPU_SLO),
             "summarization": WorkloadPlan("summarization", (5, 6, 7, 8, 10, 12), SLO(ttft_ms=3000, tpot_ms=50))},
