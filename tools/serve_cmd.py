@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--stream-interval-ms", type=float, default=0.0, metavar="MS",
                    help="workers: send the tokens of each MS milliseconds of a stream in one message "
                         "(first and last tokens at once; default 0: a message per token)")
+    p.add_argument("--gil-switch-interval-ms", type=float, default=0.5, metavar="MS",
+                   help="workers: Python's GIL switch interval (default 0.5; 0 keeps Python's 5 ms): how long "
+                        "the engine thread may wait for the GIL while the event loop streams")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for torch in this process (default: torch's choice)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
@@ -100,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.stream_interval_ms >= 0:
         print(f"tandem: error: --stream-interval-ms must be >= 0, got {args.stream_interval_ms}", file=sys.stderr)
         return _EXIT_BAD_INPUT
+    if not args.gil_switch_interval_ms >= 0:
+        print(f"tandem: error: --gil-switch-interval-ms must be >= 0, got {args.gil_switch_interval_ms}",
+              file=sys.stderr)
+        return _EXIT_BAD_INPUT
     engine = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes,
                           max_model_len=args.max_model_len, decode_graphs=graphs,
                           mixed_graph_tokens=args.mixed_graph_tokens,
@@ -108,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     config = WorkerConfig(role=args.role, model_dir=args.model, etcd_url=args.etcd, cluster=args.cluster,
                           model_name=args.model_name, worker_id=args.id, host=args.host, grpc_port=args.grpc_port,
                           ucx_port=args.ucx_port, engine=engine, drain_grace_s=args.drain_grace,
-                          stream_interval_s=args.stream_interval_ms / 1000)
+                          stream_interval_s=args.stream_interval_ms / 1000,
+                          gil_switch_interval_s=args.gil_switch_interval_ms / 1000)
     asyncio.run(Worker(config).run())
     return 0
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from services.common.registry import Membership, Registration, WorkerInfo
@@ -51,6 +52,8 @@ class Worker:
 
     async def start(self) -> None:
         c = self.config
+        if c.gil_switch_interval_s > 0:
+            sys.setswitchinterval(c.gil_switch_interval_s)
         engine = await asyncio.to_thread(LLMEngine.from_pretrained, c.model_dir, c.engine)
         self.aengine = AsyncEngine(engine, stream_interval_s=c.stream_interval_s)
         await self.aengine.start()

@@ -50,6 +50,12 @@ class WorkerConfig:
     """Token streams: after a message, tokens of the next ``stream_interval_s`` seconds go out
     together in one message (first and last tokens never wait). 0 = a message per token.
     Fewer messages cost the host less, which a worker streaming many requests feels."""
+    gil_switch_interval_s: float = 0.0005
+    """``sys.setswitchinterval`` of the worker process; 0 leaves Python's (5 ms). The engine
+    thread releases the GIL in every torch call (a launch, a copy, a device sync) and must get it
+    back from the event loop, which streams tokens and runs the RPCs: while the loop has Python
+    to run, the engine thread waits up to this long for each of the dozens of calls of a step.
+    A worker streaming a hundred requests at once loses whole milliseconds per step to it at 5 ms."""
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -62,6 +68,8 @@ class WorkerConfig:
             raise ValueError("worker_id may not contain '/'")
         if not self.stream_interval_s >= 0:
             raise ValueError(f"stream_interval_s must be >= 0, got {self.stream_interval_s}")
+        if not self.gil_switch_interval_s >= 0:
+            raise ValueError(f"gil_switch_interval_s must be >= 0, got {self.gil_switch_interval_s}")
 
     @property
     def serves_prefill(self) -> bool:

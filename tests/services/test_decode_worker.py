@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import grpc
 import pytest
@@ -42,6 +43,17 @@ async def decode_worker(etcd):
         await channel.close()
         if not worker.state.draining:
             await worker.drain_and_stop()
+
+
+@pytest.mark.asyncio
+async def test_worker_shortens_the_gil_switch_interval(decode_worker):
+    """The engine thread gets the GIL back from a busy event loop within the configured interval
+    (Python's own is 5 ms), and a negative interval is refused."""
+    worker, _ = decode_worker
+    assert worker.config.gil_switch_interval_s == 0.0005
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    with pytest.raises(ValueError, match="gil_switch_interval_s must be >= 0"):
+        WorkerConfig(role="decode", model_dir=DEMO_MODEL_DIR, etcd_url="http://127.0.0.1:1", gil_switch_interval_s=-1)
 
 
 @pytest.mark.asyncio

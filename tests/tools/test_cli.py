@@ -48,6 +48,12 @@ def test_bad_input_exits_2_with_one_clear_line():
         assert "Traceback" not in done.stderr
 
 
+def test_serve_refuses_a_negative_gil_switch_interval():
+    done = _tandem("serve", "mixed", "--etcd", "http://127.0.0.1:9", "--gil-switch-interval-ms", "-1")
+    assert done.returncode == 2 and "--gil-switch-interval-ms must be >= 0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_generate_url_reports_an_unreachable_router():
     done = _tandem("generate", "--url", "http://127.0.0.1:9", "x")
     assert done.returncode == 2 and "cannot reach" in done.stderr

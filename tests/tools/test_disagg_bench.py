@@ -78,6 +78,9 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     assert (spec.prefill, spec.decode, spec.mixed) == (1, 1, 0)
     assert spec.worker_args[-2:] == ("--torch-threads", "1")
     assert spec.worker_name_args["decode-0"] == ("--device", "cpu", "--kv-cache-bytes", str(128 * MIB))
+    python_default = replace(cpu, gil_switch_interval_ms=0.0)
+    spec = cluster_spec(plan_layout("colocated", "cpu", 0, 1), python_default, tmp_path, tmp_path)
+    assert spec.worker_args[-2:] == ("--gil-switch-interval-ms", "0")
 
 
 def test_the_slo_layout_is_disaggregated_with_the_slo_aware_router_at_the_workloads_ttft(tmp_path):

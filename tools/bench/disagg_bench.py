@@ -187,6 +187,8 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
         common += ["--torch-threads", str(workers.torch_threads)]
     if workers.stream_interval_ms:
         common += ["--stream-interval-ms", f"{workers.stream_interval_ms:g}"]
+    if workers.gil_switch_interval_ms is not None:
+        common += ["--gil-switch-interval-ms", f"{workers.gil_switch_interval_ms:g}"]
     per_worker = {name: ("--device", device, "--kv-cache-bytes", str(layout.kv_cache_bytes[name]))
                   for name, device in layout.devices.items()}
     if workers.prefill_max_batched_tokens is not None:
@@ -375,7 +377,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         raise ValueError(f"--model {args.model}: no config.json there")
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "kv_cache_bytes_per_device", "max_model_len",
                                                "max_batched_tokens", "max_num_seqs", "torch_threads",
-                                               "prefill_max_batched_tokens")
+                                               "prefill_max_batched_tokens", "gil_switch_interval_ms")
                  if getattr(args, k) is not None}
     workloads = tuple(args.workloads.split(",")) if args.workloads else p.workloads
     unknown = [w for w in workloads if w not in p.plans]
@@ -470,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="token budget of prefill workers (default: the preset's, else --max-batched-tokens)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker process")
+    parser.add_argument("--gil-switch-interval-ms", type=float, default=None, metavar="MS",
+                        help="workers' GIL switch interval (default: theirs, 0.5; 0: Python's 5 ms)")
     parser.add_argument("--state-dir", type=Path, default=Path(tempfile.gettempdir()) / "tandem-disagg",
                         help="a fresh cluster state directory per (workload, layout) is made in here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
