@@ -176,10 +176,10 @@ def test_tandem_bench_disagg_runs_this_benchmark():
 
 
 def test_the_estimate_counts_every_cluster_and_rate():
-    preset = PRESETS["gpu-llama3-8b"]  # 6 + 6 rates; 2 layouts; 30 s starts, 10 s rates, 20 s drains
+    preset = PRESETS["gpu-llama3-8b"]  # 7 + 6 rates; 2 layouts; 30 s starts, 10 s rates, 20 s drains
     typical, worst = disagg_bench.estimate_s(preset, 2)
-    assert typical == 4 * (30 + 5) + 24 * (10 + 3)
-    assert worst == 4 * (30 + 5) + 24 * (10 + 20)
+    assert typical == 4 * (30 + 5) + 26 * (10 + 3)
+    assert worst == 4 * (30 + 5) + 26 * (10 + 20)
 
 
 def _entry(rates_attained: list[tuple[float, float]], good: float | None, seed: int = 0) -> dict:
