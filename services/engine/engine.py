@@ -7,12 +7,15 @@
 Memory: the ModelRunner owns the KV cache tensor, the BlockManager owns which blocks
 each request holds, and the scheduler frees a request's blocks when it finishes, is
 aborted or is preempted. A request added with ``hold_kv=True`` keeps its blocks after
-finishing until :meth:`export_kv` or :meth:`release` (how a prefill worker hands KV on).
+finishing until :meth:`export_kv` or :meth:`release`; one added with ``export_kv=True``
+has its KV copied out and its blocks released in the step that finishes it, the copy on
+its last output (how a prefill worker hands KV on: no wait for the next step).
 Not thread-safe: one caller drives ``step()``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -63,6 +66,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._trackers: dict[str, OutputTracker] = {}
         self._held: set[str] = set()
+        self._export_on_finish: set[str] = set()
         self._reserved: dict[str, int] = {}  # request id -> tokens of KV expected
         self.stats = EngineStats()
         log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d", num_blocks, config.block_size,
@@ -83,16 +87,25 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         hold_kv: bool = False,
+        export_kv: bool = False,
         generated: list[int] | tuple[int, ...] = (),
     ) -> None:
         """Queue a request. Raises InvalidRequestError (engine unchanged) on bad input.
+
+        ``hold_kv``: keep the blocks after finishing until :meth:`export_kv` / :meth:`release`.
+        ``export_kv``: the step that finishes the request exports its KV onto the last output
+        (``RequestOutput.kv``) and frees the blocks (full ones stay in the prefix cache).
 
         ``generated``: tokens this request already produced elsewhere (a request resumed on
         another worker); they are computed like the prompt and count towards max_tokens.
         """
         params = params or SamplingParams()
+        if hold_kv and export_kv:
+            raise InvalidRequestError("a request either holds its KV or exports it when it finishes, not both")
         request = self._new_request(request_id, self._encode_prompt(prompt), params, list(generated))
-        self._register(request, hold_kv)
+        self._register(request, hold_kv or export_kv)
+        if export_kv:
+            self._export_on_finish.add(request_id)
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:
@@ -136,6 +149,9 @@ class LLMEngine:
         outputs = []
         for chunk, token, logprob in zip(completing, tokens, logprobs):
             outputs.append(self._append_token(chunk.request, token, logprob))
+        if self._export_on_finish:
+            outputs = [self._with_kv(o) if o.finished and o.request_id in self._export_on_finish else o
+                       for o in outputs]
         self.stats.record(plan, host_s=(launched - start) + (time.perf_counter() - computed),
                           step_s=time.perf_counter() - start)
         return outputs
@@ -307,6 +323,14 @@ class LLMEngine:
         self._requests.pop(request_id, None)
         self._trackers.pop(request_id, None)
         self._held.discard(request_id)
+        self._export_on_finish.discard(request_id)
+
+    def _with_kv(self, out: RequestOutput) -> RequestOutput:
+        """``out`` (a finished request's last output) with the request's KV; its blocks are freed."""
+        try:
+            return dataclasses.replace(out, kv=self.export_kv(out.request_id))
+        finally:
+            self.release(out.request_id)
 
     def _check_import(self, kv: KVExport) -> None:
         if kv.model_fingerprint != self.fingerprint:

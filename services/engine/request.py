@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass, field
 
 from services.engine.errors import InvalidRequestError
+from services.engine.kv_export import KVExport
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_prompt_tokens: int
+    kv: KVExport | None = None
+    """The request's KV, on its last output, for a request added with ``export_kv=True``."""
 
 
 @dataclass(frozen=True)

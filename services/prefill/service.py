@@ -1,10 +1,11 @@
 """The prefill worker's gRPC service.
 
 Prefill(request) runs the prompt (plus any tokens a migrated request already
-generated) through the engine as a one-token request whose blocks are held after it
-finishes; exports their KV as one contiguous tensor; frees the blocks (full ones stay
-in the prefix cache for later prompts); writes the tensor over UCX into the decode
-worker's reservation; and answers with the sampled token. The decode worker only
+generated) through the engine as a one-token request added with ``export_kv``: the
+step that computes it also copies its KV out as one contiguous tensor and frees the
+blocks (full ones stay in the prefix cache for later prompts), so the handoff never
+waits for another step. It writes the tensor over UCX into the decode worker's
+reservation and answers with the sampled token. The decode worker only
 joins the request to its batch after this answer, when the router calls Decode.
 """
 
@@ -22,7 +23,6 @@ from services.common.rpc import abort_with, sampling_params
 from services.common.ucx_transport import KVTransferClient
 from services.common.worker_state import WorkerState
 from services.prefill.store_link import StoreLink
-from services.engine.engine import LLMEngine
 from services.engine.errors import EngineError
 from services.engine.request import FinishReason
 
@@ -54,11 +54,13 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         if self._store is not None:
             await self._store.load_cached_prefix(prompt + generated)
         outputs = [out async for out in self._state.aengine.stream(
-            stream_id, lambda e: e.add_request(stream_id, prompt, one_token, hold_kv=True, generated=generated))]
+            stream_id, lambda e: e.add_request(stream_id, prompt, one_token, export_kv=True, generated=generated))]
         out = outputs[-1]
+        if out.kv is None:
+            raise EngineError(f"request {request.request_id} ended without KV ({out.finish_reason})")
         finished = out.finish_reason is FinishReason.STOP or (
             params.max_tokens is not None and out.num_output_tokens >= params.max_tokens)
-        kv = await self._state.aengine.call(lambda e: _export_and_release(e, stream_id))
+        kv = out.kv
         if self._store is not None:
             self._store.write_behind(prompt + generated, kv)
         compute_ms = (time.perf_counter() - started) * 1000
@@ -81,9 +83,3 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
     async def Stats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
         return await self._state.stats()
 
-
-def _export_and_release(engine: LLMEngine, request_id: str):
-    try:
-        return engine.export_kv(request_id)
-    finally:
-        engine.release(request_id)

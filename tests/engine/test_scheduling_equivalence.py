@@ -96,6 +96,39 @@ def test_prefill_only_request_holds_kv_until_released(model, expected):
     assert tokens == expected[5]
 
 
+def test_export_on_finish_hands_over_the_kv_in_the_finishing_step(model, expected):
+    """``export_kv=True``: the step that finishes the request carries its KV (what export_kv of a
+    held request gives) and frees its blocks; in a batch with other requests, and with chunking."""
+    prompts = _prompts(8)
+    one = SamplingParams(max_tokens=1, temperature=0)
+    engine = small_engine(model, max_num_batched_tokens=40)
+    engine.add_request("other", prompts[0], GREEDY)
+    engine.add_request("p", prompts[5], one, export_kv=True)
+    last = None
+    while last is None:
+        outs = engine.step()
+        assert all(o.kv is None for o in outs if o.request_id != "p" or not o.finished)
+        last = next((o for o in outs if o.request_id == "p"), None)
+    assert last.finished and last.kv is not None and last.kv.num_computed_tokens == len(prompts[5])
+    held = small_engine(model)
+    held.add_request("p", prompts[5], one, hold_kv=True)
+    held.step()
+    assert last.kv.output_token_ids == held.export_kv("p").output_token_ids
+    assert (last.kv.kv == held.export_kv("p").kv).all()
+    assert not engine.release("p")  # nothing left to release: the blocks went back in that step
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    decode = small_engine(model)
+    decode.import_request("p", last.kv, GREEDY)
+    tokens = list(last.kv.output_token_ids)
+    while decode.has_unfinished():
+        tokens += [t for o in decode.step() for t in o.new_token_ids]
+    assert tokens == expected[5]
+    with pytest.raises(InvalidRequestError, match="not both"):
+        engine.add_request("q", prompts[1], one, hold_kv=True, export_kv=True)
+
+
 def test_import_rejects_other_models_and_full_caches(model, checkpoints):
     engine = small_engine(model)
     engine.add_request("r", _prompts(1)[0], GREEDY, hold_kv=True)
