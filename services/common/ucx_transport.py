@@ -39,13 +39,16 @@ decode workers update together.)
 
 Concurrency: the client serialises transfers per endpoint with an ``asyncio.Lock``: the
 payload tag is the same for every transfer on an endpoint, so a second transfer in flight could
-have its payload matched against the first one's header. Transfers to different addresses, and
-from different clients to one server, run concurrently (the server runs one task per connected
-endpoint). Payloads are large, so one transfer at a time per endpoint loses little. What a
-transfer costs beyond a bare send + ack is the receiver's wake-up for the header: ucxx hands
-each completion to the event loop through its progress and notifier threads (~0.15-0.2 ms
-on an H100 host, see BENCHMARKS.md), and the payload receive can only be posted after
-``destination()`` ran. Hence callers batch blocks into large payloads.
+have its payload matched against the first one's header. It keeps up to ``endpoints_per_peer``
+endpoints per address (dialled as concurrent sends need them; a send takes an idle one, else
+the least busy), and the server runs one task per connected endpoint, so that many transfers
+to one decode worker run at once; transfers to different addresses, and from different
+clients, run concurrently too. A transfer's time is mostly the receiver's: ucxx hands each
+completion to the event loop through its progress and notifier threads (~0.15-0.2 ms on an
+idle H100 host, see BENCHMARKS.md), and the payload receive can only be posted after
+``destination()`` ran. A decode worker whose event loop streams a hundred requests answers
+each of those wake-ups late, and one endpoint would queue every prompt's handoff behind the
+previous one's. Callers batch blocks into large payloads.
 
 Failures: any error or timeout on the client drops (aborts) that endpoint, which cancels its
 in-flight sends; the next send reconnects. The payload is on its way as soon as ``send()``
@@ -418,6 +421,8 @@ class _Connection:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     endpoint: object | None = None
+    users: int = 0
+    """Sends holding or waiting for the lock."""
 
     def drop(self) -> None:
         if self.endpoint is not None:
@@ -425,12 +430,19 @@ class _Connection:
             self.endpoint = None
 
 
-class KVTransferClient:
-    """Sends tensors to KVTransferServers; one cached endpoint per address."""
+ENDPOINTS_PER_PEER = 4
+"""Default of KVTransferClient's ``endpoints_per_peer``: transfers in flight to one address."""
 
-    def __init__(self, sender: str) -> None:
+
+class KVTransferClient:
+    """Sends tensors to KVTransferServers; up to ``endpoints_per_peer`` cached endpoints per address."""
+
+    def __init__(self, sender: str, endpoints_per_peer: int = ENDPOINTS_PER_PEER) -> None:
+        if endpoints_per_peer < 1:
+            raise ValueError(f"endpoints_per_peer must be >= 1, got {endpoints_per_peer}")
         self._sender = sender
-        self._connections: dict[str, _Connection] = {}
+        self._endpoints_per_peer = endpoints_per_peer
+        self._pools: dict[str, list[_Connection]] = {}
         self._closed = False
 
     async def send(
@@ -458,7 +470,8 @@ class KVTransferClient:
         started = time.perf_counter()
         if self._closed:
             return TransferResult(False, 0, 0.0, "client closed")
-        conn = self._connections.setdefault(address, _Connection())
+        conn = self._connection(address)
+        conn.users += 1
         try:
             reply = await asyncio.wait_for(self._exchange(conn, address, header, payload), timeout_s)
         except asyncio.TimeoutError:
@@ -470,7 +483,21 @@ class KVTransferClient:
             received = header.nbytes if reply in (_Reply.COMMITTED, _Reply.REFUSED_COMPLETE) else 0
             elapsed = time.perf_counter() - started
             return TransferResult(reply == _Reply.COMMITTED, received, elapsed, _REFUSAL_REASONS.get(reply, ""))
+        finally:
+            conn.users -= 1
         return TransferResult(False, 0, time.perf_counter() - started, reason)
+
+    def _connection(self, address: str) -> _Connection:
+        """An idle endpoint of ``address`` (a connected one first), a new one while the pool has room,
+        else the one with the fewest sends on it."""
+        pool = self._pools.setdefault(address, [])
+        idle = [c for c in pool if c.users == 0]
+        if idle:
+            return min(idle, key=lambda c: c.endpoint is None)
+        if len(pool) < self._endpoints_per_peer:
+            pool.append(_Connection())
+            return pool[-1]
+        return min(pool, key=lambda c: c.users)
 
     async def _exchange(self, conn: _Connection, address: str, header: TransferHeader, payload) -> _Reply:
         async with conn.lock:
@@ -482,14 +509,18 @@ class KVTransferClient:
                 return await _run_dialogue(conn.endpoint, header, payload)
             except BaseException:  # error, timeout or cancellation: the dialogue state is unknown
                 conn.drop()
+                for idle in self._pools.get(address, ()):  # likely as dead (a peer that restarted)
+                    if idle.users == 0:
+                        idle.drop()
                 raise
 
     async def close(self) -> None:
         """Close every endpoint; sends in flight end with ok=False."""
         self._closed = True
-        for conn in self._connections.values():
-            conn.drop()
-        self._connections.clear()
+        for pool in self._pools.values():
+            for conn in pool:
+                conn.drop()
+        self._pools.clear()
 
 
 async def _connect(address: str):

@@ -249,6 +249,27 @@ async def test_concurrent_sends_from_two_clients_land_in_their_own_buffers():
 
 
 @_MODULE_LOOP
+@pytest.mark.parametrize("endpoints", [1, 2])
+async def test_a_slow_transfer_holds_up_others_to_that_peer_only_without_spare_endpoints(endpoints):
+    """A receiver stuck in destination() for one transfer (its event loop busy) delays the next
+    transfer to it on the same endpoint; with a second endpoint that one lands meanwhile."""
+    handler = _Handler()
+    client = KVTransferClient("prefill-0", endpoints_per_peer=endpoints)
+    async with _serving(handler) as (server, address):
+        stalled = asyncio.ensure_future(client.send(address, "stall-0", lease=1, tensor=torch.ones(256)))
+        await asyncio.sleep(0.2)  # its header is in destination() now
+        other = asyncio.ensure_future(client.send(address, "r1", lease=1, tensor=torch.ones(256)))
+        done, _ = await asyncio.wait([other], timeout=1.0)
+        assert bool(done) == (endpoints == 2) and not stalled.done()
+        handler.stall.set()
+        assert (await stalled).ok and (await other).ok
+        assert sorted(handler.committed) == ["r1", "stall-0"]
+    await client.close()
+    with pytest.raises(ValueError, match="endpoints_per_peer"):
+        KVTransferClient("prefill-0", endpoints_per_peer=0)
+
+
+@_MODULE_LOOP
 async def test_peer_gone_fails_within_timeout_then_a_restarted_server_works():
     client = KVTransferClient("prefill-0")
     tensor = _payload(1 << 20, torch.float32, seed=3)
