@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,9 +27,18 @@ from tools import cluster_cmd, kv_cmd, serve_cmd
 from tools.demo import DEMO_MODEL_DIR
 
 _EXIT_BAD_INPUT = 2
+_EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # stdout's reader left (``tandem generate ... | head``): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail too
+        return _EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,

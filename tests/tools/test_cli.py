@@ -48,6 +48,15 @@ def test_bad_input_exits_2_with_one_clear_line():
         assert "Traceback" not in done.stderr
 
 
+def test_generate_into_a_closed_pipe_exits_quietly():
+    """``tandem generate ... | head -c 1``: the reader leaves; no traceback, the shell's SIGPIPE status."""
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "generate", "--max-tokens", "8", "import os"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_serve_refuses_a_negative_gil_switch_interval():
     done = _tandem("serve", "mixed", "--etcd", "http://127.0.0.1:9", "--gil-switch-interval-ms", "-1")
     assert done.returncode == 2 and "--gil-switch-interval-ms must be >= 0" in done.stderr
