@@ -232,6 +232,23 @@ def _layouts() -> dict[str, dict]:
             "disaggregated": _layout_entry("disaggregated", [(150, 6), (300, 6), (900, 6)])}
 
 
+def test_the_table_counts_requests_cut_at_the_drain_deadline_and_those_within_the_limits():
+    layouts = _layouts()
+    runs = layouts["disaggregated"]["runs"]
+    cut = {"ok": False, "error": "timeout: still running 12 s after the send window closed", "e2e_ms": None}
+    runs[0]["requests"][1].update(cut)  # TTFT 150, TPOT 6 so far: within both
+    runs[2]["requests"][2].update(cut)  # TTFT 900: a miss anyway
+    runs[2]["requests"][3].update(cut, ttft_ms=None, tpot_ms=None)  # no token yet
+    runs[1]["requests"][4].update(ok=False, error="client error: reset")  # not a cut
+    slot = {"layouts": layouts, "comparison": compare(layouts)}
+    lines = format_table({"workloads": {"chatbot": slot}}, ["chatbot"]).splitlines()
+    assert "  still running at the drain deadline, counted as misses: disaggregated 3 (1 within both limits so far)" \
+        in lines
+    assert not any("drain deadline" in line for line in
+                   format_table({"workloads": {"chatbot": {"layouts": _layouts(), "comparison": slot["comparison"]}}},
+                                ["chatbot"]).splitlines())
+
+
 def test_a_tight_tpot_limit_flips_the_ratio():
     layouts = _layouts()
     assert compare(layouts)["ratio"] == 0.5  # the headline: TPOT <= 50 ms

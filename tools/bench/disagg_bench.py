@@ -32,6 +32,9 @@ Reported per workload and layout: SLO attainment per rate (the share of *all* re
 meeting both the TTFT and the TPOT limit; failures count as misses) and goodput, the
 highest swept rate with >= 90 % attainment (tools/bench/slo.py); then the ratio
 disaggregated goodput / colocated goodput. Goodput is only as fine as the rate grid.
+Requests still running at the drain deadline count as misses too; the table says how
+many there were per layout and how many had met both limits until then (long outputs
+that the deadline, not the SLO, cut short).
 Each rate's run also stores every worker's engine counters over it (``workers``: steps, mean
 step time, host share, busy share, decode batch ...; tools/bench/worker_counters.py), one line
 per worker on stderr: where step time went, e.g. a decode worker whose steps got slow. Beside

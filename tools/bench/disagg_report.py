@@ -210,6 +210,7 @@ def format_table(report: dict, workloads: list[str]) -> str:
         rows += [_table_row(e) for e in entries]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines += _cut_lines(entries, s["slo"])
         lines += _comparison_lines(slot["comparison"])
         lines += _sensitivity_lines(slot)
         lines.append("")
@@ -224,6 +225,21 @@ def _table_row(entry: dict) -> tuple[str, ...]:
     return (entry["layout"]["name"], workers, "none" if entry["goodput_rate"] is None else f"{entry['goodput_rate']:g}",
             f"{sum(r['summary']['ok'] for r in runs)}/{sum(r['summary']['requests'] for r in runs)}",
             "  ".join(f"{r['rate']:g}: {_pct(r['summary']['slo_attainment'])}" for r in runs))
+
+
+def _cut_lines(entries: list[dict], slo: dict) -> list[str]:
+    """Requests still running at the drain deadline, per layout, and how many of them met both
+    limits up to then (TTFT, and TPOT over the tokens they had streamed): a miss only because the
+    run stopped waiting. Nothing when no layout had any."""
+    parts = []
+    for entry in entries:
+        cut = [r for run in entry["runs"] for r in run.get("requests", ())
+               if not r["ok"] and (r.get("error") or "").startswith("timeout")]
+        within = sum(1 for r in cut if r["ttft_ms"] is not None and r["ttft_ms"] <= slo["ttft_ms"]
+                     and (r["tpot_ms"] is None or r["tpot_ms"] <= slo["tpot_ms"]))
+        if cut:
+            parts.append(f"{entry['layout']['name']} {len(cut)} ({within} within both limits so far)")
+    return ["  still running at the drain deadline, counted as misses: " + ", ".join(parts)] if parts else []
 
 
 def _comparison_lines(comparison: dict | None) -> list[str]:
