@@ -34,7 +34,6 @@ import asyncio
 import datetime
 import itertools
 import multiprocessing
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
