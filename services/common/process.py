@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
 
 
 async def serve_until_signalled(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]],
                                 stop_requested: asyncio.Event) -> None:
-    """``start()``, wait for SIGTERM/SIGINT (or ``stop_requested``), then ``stop()``.
+    """``start()``, wait for SIGTERM/SIGINT (or ``stop_requested``), then ``stop()``. A signal
+    while ``start()`` runs stops the service as soon as it has started; a second one ends the
+    process at once (the default action).
 
     What ``start()`` built lives as long as the process: imported modules, the model, the
     tokenizer's tables (~330K objects for a worker of the demo model). Python's collector
@@ -20,11 +25,20 @@ async def serve_until_signalled(start: Callable[[], Awaitable[None]], stop: Call
     gets there often. Freezing them after ``start()`` leaves the collector only what serving
     creates.
     """
+    loop = asyncio.get_running_loop()
+    started = False
+
+    def on_signal(sig: signal.Signals) -> None:
+        stop_requested.set()
+        if not started:  # stop once started (the service may be registered already); a second signal ends it now
+            log.warning("%s while starting: stopping once started; send it again to exit at once", sig.name)
+            loop.remove_signal_handler(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start(): it registers the service part way through
+        loop.add_signal_handler(sig, on_signal, sig)
     await start()
+    started = True
     gc.collect()
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
     await stop_requested.wait()
     await stop()
