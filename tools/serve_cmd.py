@@ -14,7 +14,6 @@ _EXIT_BAD_INPUT = 2
 _DEFAULT_SSD_BYTES = 10 << 30  # kvstore: SSD tier capacity when --ssd-dir comes without --ssd-bytes
 
 
-
 def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     """The router's policy flags, shared by ``tandem serve router`` and ``tandem up``."""
     p.add_argument("--policy", default="least-loaded", choices=POLICIES,
@@ -25,6 +24,7 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-headroom", type=float, default=None, metavar="FRACTION",
                    help="router, slo-aware: compute a prompt on a decode worker only when the best prefill worker's "
                         "estimated TTFT exceeds this share of the target (default 0.5)")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="run one service (prefill, decode, mixed worker, router, or KV store)")

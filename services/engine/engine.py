@@ -6,16 +6,14 @@
 
 Memory: the ModelRunner owns the KV cache tensor, the BlockManager owns which blocks
 each request holds, and the scheduler frees a request's blocks when it finishes, is
-aborted or is preempted. A request added with ``hold_kv=True`` keeps its blocks after
-finishing until :meth:`export_kv` or :meth:`release`; one added with ``export_kv=True``
-has its KV copied out and its blocks released in the step that finishes it, the copy on
-its last output (how a prefill worker hands KV on: no wait for the next step).
+aborted or is preempted. A request added with ``export_kv=True`` has its KV copied out
+in the step that finishes it, before its blocks are freed, the copy on its last output
+(how a prefill worker hands KV on, without waiting for another step).
 Not thread-safe: one caller drives ``step()``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -30,7 +28,7 @@ from services.engine.kv_export import KVExport
 from services.engine.loader import load_model, model_fingerprint
 from services.engine.model import CausalLM
 from services.engine.model_runner import ModelRunner
-from services.engine.request import Completion, FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
+from services.engine.request import Completion, FinishReason, Request, RequestOutput, SamplingParams
 from services.engine.sampler import SampleInput, sample
 from services.engine.scheduler import Scheduler, SchedulerOutput
 from services.engine.stop_checker import OutputTracker
@@ -65,7 +63,6 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self._requests: dict[str, Request] = {}
         self._trackers: dict[str, OutputTracker] = {}
-        self._held: set[str] = set()
         self._export_on_finish: set[str] = set()
         self._reserved: dict[str, int] = {}  # request id -> tokens of KV expected
         self.stats = EngineStats()
@@ -86,24 +83,20 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         *,
-        hold_kv: bool = False,
         export_kv: bool = False,
         generated: list[int] | tuple[int, ...] = (),
     ) -> None:
         """Queue a request. Raises InvalidRequestError (engine unchanged) on bad input.
 
-        ``hold_kv``: keep the blocks after finishing until :meth:`export_kv` / :meth:`release`.
         ``export_kv``: the step that finishes the request exports its KV onto the last output
-        (``RequestOutput.kv``) and frees the blocks (full ones stay in the prefix cache).
+        (``RequestOutput.kv``) before freeing the blocks (full ones stay in the prefix cache).
 
         ``generated``: tokens this request already produced elsewhere (a request resumed on
         another worker); they are computed like the prompt and count towards max_tokens.
         """
         params = params or SamplingParams()
-        if hold_kv and export_kv:
-            raise InvalidRequestError("a request either holds its KV or exports it when it finishes, not both")
         request = self._new_request(request_id, self._encode_prompt(prompt), params, list(generated))
-        self._register(request, hold_kv or export_kv)
+        self._register(request)
         if export_kv:
             self._export_on_finish.add(request_id)
         self.scheduler.add(request)
@@ -112,9 +105,6 @@ class LLMEngine:
         """Stop a request and free its blocks; False if it is not known (or already done)."""
         request = self._requests.get(request_id)
         if request is None:
-            return False
-        if request.status is RequestStatus.FINISHED:
-            self.release(request_id)
             return False
         request.finish_reason = FinishReason.ABORT
         self.scheduler.finish(request)
@@ -149,9 +139,6 @@ class LLMEngine:
         outputs = []
         for chunk, token, logprob in zip(completing, tokens, logprobs):
             outputs.append(self._append_token(chunk.request, token, logprob))
-        if self._export_on_finish:
-            outputs = [self._with_kv(o) if o.finished and o.request_id in self._export_on_finish else o
-                       for o in outputs]
         self.stats.record(plan, host_s=(launched - start) + (time.perf_counter() - computed),
                           step_s=time.perf_counter() - start)
         return outputs
@@ -174,7 +161,7 @@ class LLMEngine:
     # -- KV export / import ---------------------------------------------------------------
 
     def export_kv(self, request_id: str) -> KVExport:
-        """Copy of the request's computed KV (between steps, for a held or unfinished request)."""
+        """Copy of an unfinished request's computed KV (between steps)."""
         r = self._requests.get(request_id)
         if r is None or r.num_computed_tokens == 0:
             raise InvalidRequestError(f"request {request_id!r} has no KV to export")
@@ -183,16 +170,11 @@ class LLMEngine:
                         r.num_computed_tokens, self.runner.read_blocks(table))
 
     def release(self, request_id: str) -> bool:
-        """Free a reservation, or a held request's blocks once its KV has been exported."""
-        if self._reserved.pop(request_id, None) is not None:
-            self.blocks.free(request_id)
-            return True
-        if request_id in self._held:
-            self.blocks.free(request_id)
-            self._held.discard(request_id)
-            self._forget(request_id)
-            return True
-        return False
+        """Free a reservation that will not be committed; False if there is none."""
+        if self._reserved.pop(request_id, None) is None:
+            return False
+        self.blocks.free(request_id)
+        return True
 
     def load_prefix(self, token_ids: list[int], kv: torch.Tensor) -> int:
         """Put KV computed elsewhere (e.g. fetched from the KV store) into the prefix cache.
@@ -253,7 +235,7 @@ class LLMEngine:
         del self._reserved[request_id]
         request.num_computed_tokens = num_computed_tokens  # computed elsewhere: not a prefix-cache hit
         self.blocks.cache_full_blocks(request_id, request.token_ids, num_computed_tokens)
-        self._register(request, hold_kv=False)
+        self._register(request)
         self.scheduler.add_running(request)
 
     def import_request(self, request_id: str, kv: KVExport, params: SamplingParams | None = None) -> None:
@@ -312,25 +294,15 @@ class LLMEngine:
             request.output_text = self.tokenizer.decode(generated)  # already shown by whoever produced it
         return request
 
-    def _register(self, request: Request, hold_kv: bool) -> None:
+    def _register(self, request: Request) -> None:
         self._requests[request.request_id] = request
         eos = self.model_config.eos_token_ids
         self._trackers[request.request_id] = OutputTracker(request, self.tokenizer, eos)
-        if hold_kv:
-            self._held.add(request.request_id)
 
     def _forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
         self._trackers.pop(request_id, None)
-        self._held.discard(request_id)
         self._export_on_finish.discard(request_id)
-
-    def _with_kv(self, out: RequestOutput) -> RequestOutput:
-        """``out`` (a finished request's last output) with the request's KV; its blocks are freed."""
-        try:
-            return dataclasses.replace(out, kv=self.export_kv(out.request_id))
-        finally:
-            self.release(out.request_id)
 
     def _check_import(self, kv: KVExport) -> None:
         if kv.model_fingerprint != self.fingerprint:
@@ -348,15 +320,14 @@ class LLMEngine:
         tracker = self._trackers[r.request_id]
         r.append_token(token, logprob)
         reason = tracker.on_token(token, self.max_model_len)
+        kv = None
         if reason is not None:
             tracker.on_finish(reason)
             r.finish_reason = reason
-            if r.request_id in self._held:
-                self.scheduler.running.remove(r)
-                r.status = RequestStatus.FINISHED  # blocks stay until export_kv / release
-            else:
-                self.scheduler.finish(r)
-                self._forget(r.request_id)
+            if r.request_id in self._export_on_finish:
+                kv = self.export_kv(r.request_id)  # before finish() frees the blocks
+            self.scheduler.finish(r)
+            self._forget(r.request_id)
         return RequestOutput(
             request_id=r.request_id,
             new_token_ids=[token],
@@ -367,6 +338,7 @@ class LLMEngine:
             num_prompt_tokens=len(r.prompt_token_ids),
             num_output_tokens=r.num_output_tokens,
             num_cached_prompt_tokens=r.num_cached_prompt_tokens,
+            kv=kv,
         )
 
 

@@ -50,6 +50,13 @@ def test_preempted_and_resumed_equals_uninterrupted(model, expected):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def prefill_kv(engine, prompt: list[int]):
+    """The KV of ``prompt`` and its first greedy token, as a prefill worker gets it (one step)."""
+    engine.add_request("prefill", prompt, SamplingParams(max_tokens=1, temperature=0), export_kv=True)
+    (out,) = engine.step()
+    return out.kv
+
+
 def engine_block_bytes(model) -> int:
     probe = small_engine(model)
     return probe.runner.kv_cache[:, :, 0].numel() * probe.runner.kv_cache.element_size()
@@ -59,7 +66,7 @@ def engine_block_bytes(model) -> int:
 def test_exported_kv_continues_exactly(model, expected, steps_before_export):
     prompt = _prompts(8)[2]
     exporter = small_engine(model)
-    exporter.add_request("r", prompt, GREEDY, hold_kv=True)
+    exporter.add_request("r", prompt, GREEDY)
     produced: list[int] = []
     for _ in range(steps_before_export):
         for out in exporter.step():
@@ -67,7 +74,7 @@ def test_exported_kv_continues_exactly(model, expected, steps_before_export):
     kv = exporter.export_kv("r")
     assert kv.output_token_ids == produced
     assert kv.num_computed_tokens == len(prompt) + len(produced) - 1
-    exporter.release("r") if not exporter.abort("r") else None
+    assert exporter.abort("r")
     assert exporter.blocks.num_free_blocks == exporter.blocks.num_blocks
 
     importer = small_engine(model)
@@ -78,27 +85,10 @@ def test_exported_kv_continues_exactly(model, expected, steps_before_export):
     assert produced == expected[2]
 
 
-def test_prefill_only_request_holds_kv_until_released(model, expected):
-    prompt = _prompts(8)[5]
-    engine = small_engine(model)
-    engine.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
-    (out,) = engine.step()
-    assert out.finished and out.finish_reason is FinishReason.LENGTH
-    kv = engine.export_kv("p")
-    assert kv.kv.shape[2] == -(-len(prompt) // 16)
-    engine.release("p")
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    decode = small_engine(model)
-    decode.import_request("p", kv, GREEDY)
-    tokens = list(kv.output_token_ids)
-    while decode.has_unfinished():
-        tokens += [t for o in decode.step() for t in o.new_token_ids]
-    assert tokens == expected[5]
-
-
 def test_export_on_finish_hands_over_the_kv_in_the_finishing_step(model, expected):
-    """``export_kv=True``: the step that finishes the request carries its KV (what export_kv of a
-    held request gives) and frees its blocks; in a batch with other requests, and with chunking."""
+    """``export_kv=True`` (a prefill worker's request): the step that finishes the request carries
+    its KV (what export_kv gives for the same request still running) and frees its blocks; in a
+    batch with other requests, and with chunking."""
     prompts = _prompts(8)
     one = SamplingParams(max_tokens=1, temperature=0)
     engine = small_engine(model, max_num_batched_tokens=40)
@@ -109,13 +99,14 @@ def test_export_on_finish_hands_over_the_kv_in_the_finishing_step(model, expecte
         outs = engine.step()
         assert all(o.kv is None for o in outs if o.request_id != "p" or not o.finished)
         last = next((o for o in outs if o.request_id == "p"), None)
-    assert last.finished and last.kv is not None and last.kv.num_computed_tokens == len(prompts[5])
-    held = small_engine(model)
-    held.add_request("p", prompts[5], one, hold_kv=True)
-    held.step()
-    assert last.kv.output_token_ids == held.export_kv("p").output_token_ids
-    assert (last.kv.kv == held.export_kv("p").kv).all()
-    assert not engine.release("p")  # nothing left to release: the blocks went back in that step
+    assert last.finished and last.finish_reason is FinishReason.LENGTH and last.kv is not None
+    assert last.kv.num_computed_tokens == len(prompts[5]) and last.kv.kv.shape[2] == -(-len(prompts[5]) // 16)
+    running = small_engine(model)
+    running.add_request("p", prompts[5], SamplingParams(max_tokens=2, temperature=0))
+    running.step()
+    assert last.kv.output_token_ids == running.export_kv("p").output_token_ids
+    assert (last.kv.kv == running.export_kv("p").kv).all()
+    assert not engine.abort("p")  # gone with its last output
     while engine.has_unfinished():
         engine.step()
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
@@ -125,13 +116,11 @@ def test_export_on_finish_hands_over_the_kv_in_the_finishing_step(model, expecte
     while decode.has_unfinished():
         tokens += [t for o in decode.step() for t in o.new_token_ids]
     assert tokens == expected[5]
-    with pytest.raises(InvalidRequestError, match="not both"):
-        engine.add_request("q", prompts[1], one, hold_kv=True, export_kv=True)
 
 
 def test_import_rejects_other_models_and_full_caches(model, checkpoints):
     engine = small_engine(model)
-    engine.add_request("r", _prompts(1)[0], GREEDY, hold_kv=True)
+    engine.add_request("r", _prompts(1)[0], GREEDY)
     engine.step()
     kv = engine.export_kv("r")
     other = small_engine(checkpoints("llama", 0))
@@ -200,10 +189,7 @@ def test_resumed_with_generated_tokens_continues_exactly(model, expected):
 
 def test_reservations_are_fenced_and_freed(model, expected):
     prompt = _prompts(8)[4]
-    src = small_engine(model)
-    src.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
-    src.step()
-    kv = src.export_kv("p")
+    kv = prefill_kv(small_engine(model), prompt)
     dst = small_engine(model)
     free = dst.blocks.num_free_blocks
     blocks = dst.reserve("r", kv.num_computed_tokens)
@@ -232,10 +218,7 @@ def test_reservations_are_fenced_and_freed(model, expected):
 def test_loaded_prefix_is_reused_exactly(model, expected):
     i = max(range(8), key=lambda j: len(_prompts(8)[j]))
     prompt = _prompts(8)[i]
-    src = small_engine(model)
-    src.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
-    src.step()
-    kv = src.export_kv("p")
+    kv = prefill_kv(small_engine(model), prompt)
     full_blocks = len(prompt) // 16
     assert full_blocks >= 1
     dst = small_engine(model)
@@ -248,12 +231,7 @@ def test_loaded_prefix_is_reused_exactly(model, expected):
 
 
 def test_imports_beyond_max_num_seqs_wait_for_a_place_and_continue_exactly(model, expected):
-    exports = []
-    for i, prompt in enumerate(_prompts(8)):
-        exporter = small_engine(model)
-        exporter.add_request(f"r{i}", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
-        exporter.step()
-        exports.append(exporter.export_kv(f"r{i}"))
+    exports = [prefill_kv(small_engine(model), prompt) for prompt in _prompts(8)]
     decode = small_engine(model, max_num_seqs=3)
     for i, kv in enumerate(exports):
         decode.import_request(f"r{i}", kv, GREEDY)

@@ -26,9 +26,9 @@ PROMPT = list(range(40, 77))
 def _kv_for(prompt: list[int]):
     """A real prefill: KV of the prompt and its first greedy token, from an in-process engine."""
     engine = LLMEngine.from_pretrained(DEMO_MODEL_DIR, ENGINE)
-    engine.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
-    engine.step()
-    return engine.export_kv("p")
+    engine.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0), export_kv=True)
+    (out,) = engine.step()
+    return out.kv
 
 
 @pytest_asyncio.fixture

@@ -44,7 +44,7 @@ tools/bench/process_cpu.py), e.g. a router whose one event loop runs out of CPU.
 SLO sensitivity: the verdict can turn on the TPOT limit. A mixed worker's decode steps
 slow down as its batch fills with prefill chunks and more sequences, while a decode
 worker's grow less (on one H200 pair, summarization: colocated TPOT median 9 ms at 5
-req/s and 27 ms at 8, disaggregated 6-7 ms throughout), so a loose TPOT limit
+req/s and 24 ms at 8, disaggregated 6-7 ms throughout), so a loose TPOT limit
 favours colocation and a tight one disaggregation. Every request's record is stored, so goodput and the ratio
 are recomputed for other limits from the same requests and rates, without a re-run: for
 each of ``--also-tpot-ms`` (GPU presets: 30,25,20,15 ms; cpu-demo: none) the workload's TTFT

@@ -104,11 +104,10 @@ def first_token_seconds(engine: LLMEngine, prompt: list[int]) -> float:
 def fill_chunks(engine: LLMEngine, prompt: list[int], chunk_tokens: int) -> list[Chunk]:
     """The prefix's chunks as a prefill worker would write them behind."""
     layout = engine_layout(engine, chunk_tokens)
-    engine.add_request("fill", prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
-    while engine.has_unfinished():
-        engine.step()
-    kv = engine.export_kv("fill")
-    engine.release("fill")
+    engine.add_request("fill", prompt, SamplingParams(max_tokens=1, temperature=0), export_kv=True)
+    kv = None
+    while kv is None:
+        kv = next((out.kv for out in engine.step() if out.request_id == "fill" and out.finished), None)
     keys = chunk_hash_chain(prompt, chunk_tokens, layout.salt())
     per_chunk = chunk_tokens // layout.block_size
     return [Chunk(k, layout, payload_from_blocks(kv.kv[:, :, i * per_chunk:(i + 1) * per_chunk]).contiguous())
