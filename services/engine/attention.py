@@ -11,8 +11,9 @@ fused_ops.rope_and_cache together with the rotary embedding); then every
 query attends to all cached positions of its request up to and including its own.
 Requests with a single query token (decode) are attended in one batched call: the
 Triton paged kernel (paged_decode.py) on CUDA, which reads the blocks in place, or SDPA
-over their gathered blocks elsewhere. Multi-token spans (prefill chunks) get one SDPA
-call each.
+over their gathered blocks elsewhere. Multi-token spans (prefill chunks) get one
+variable-length flash call for all of them where it runs (packed_prefill.py: CUDA,
+bf16/fp16), one SDPA call each elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from services.engine.packed_prefill import PackedPrefill, packed_prefill_attention
 from services.engine.paged_decode import paged_decode_attention, triton_available
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
@@ -66,7 +68,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     """[T] int64 cache slot for each new token's key/value."""
     prefills: list[PrefillSpan]
+    """Prompt chunks attended one by one (empty when ``packed`` carries them)."""
     decode: DecodeBatch | None
+    packed: PackedPrefill | None = None
+    """All prompt chunks for one variable-length call (packed_prefill.py), where it runs."""
 
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
@@ -78,6 +83,8 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
         assert out is None, "a decode-only step returns its own output"
         return _decode_attention(q, kv_layer, d)
     out = torch.empty_like(q) if out is None else out
+    if meta.packed is not None:
+        packed_prefill_attention(q, kv_layer, meta.packed, out)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         out[rows] = _prefill_attention(q[rows], kv_layer, span)

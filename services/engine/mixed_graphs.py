@@ -38,6 +38,7 @@ import time
 import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan, paged_attention
+from services.engine.packed_prefill import PackedPrefill
 from services.engine.graph_capture import StaticSteps, capture_graph
 from services.engine.model import CausalLM
 
@@ -78,7 +79,8 @@ class MixedGraphs(StaticSteps):
             self._capture_all()
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int], prefills: list[PrefillSpan],
-            decode: DecodeBatch | None, sample_rows: torch.Tensor) -> torch.Tensor:
+            decode: DecodeBatch | None, sample_rows: torch.Tensor,
+            packed: PackedPrefill | None = None) -> torch.Tensor:
         """Logits [len(sample_rows), vocab] for a step of n <= max_tokens tokens, laid out as
         attention.AttentionMetadata describes them."""
         n = len(token_ids)
@@ -91,7 +93,7 @@ class MixedGraphs(StaticSteps):
         self._pad(n, size)
         self.launched_at = time.perf_counter()
         self._ints.copy_(self._host_ints, non_blocking=True)
-        meta = AttentionMetadata(slot_mapping=self._ints[_SLOTS, :n], prefills=prefills, decode=decode)
+        meta = AttentionMetadata(slot_mapping=self._ints[_SLOTS, :n], prefills=prefills, decode=decode, packed=packed)
         graphs = self._graphs.get(size)
         for piece in range(self.num_layers + 1):
             if graphs:

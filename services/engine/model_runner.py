@@ -21,6 +21,7 @@ from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpa
 from services.engine.decode_graphs import DecodeGraphs, graph_safe
 from services.engine.mixed_graphs import MixedGraphs
 from services.engine.model import CausalLM
+from services.engine.packed_prefill import PackedPrefill, pack_prefills, packed_prefill_usable
 from services.engine.scheduler import SchedulerOutput
 
 
@@ -39,6 +40,8 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         self.launched_at = 0.0
         """perf_counter() when the last step's inputs were built and its model work began."""
+        self.packed_prefill = packed_prefill_usable(device, dtype, c.num_heads, c.num_kv_heads, c.head_dim)
+        """Attend a step's prompt chunks in one call per layer (packed_prefill.py); set where it runs."""
 
     def enable_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
         """Run decode-only steps of up to ``max_batch`` requests on static buffers, captured as
@@ -92,13 +95,13 @@ class ModelRunner:
             return self._execute_other(out, block_tables)
 
     def _execute_other(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
-        ids, positions, slots, prefills, decode, sample_rows = self._prepare(out, block_tables)
+        ids, positions, slots, prefills, packed, decode, sample_rows = self._prepare(out, block_tables)
         mixed = self.mixed_graphs
         if mixed is not None and len(ids) <= mixed.max_tokens:
-            logits = mixed.run(ids, positions, slots, prefills, decode, sample_rows)
+            logits = mixed.run(ids, positions, slots, prefills, decode, sample_rows, packed)
             self.launched_at = mixed.launched_at
             return logits
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=prefills, decode=decode)
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=prefills, decode=decode, packed=packed)
         input_ids, positions_ = self._tensor(ids), self._tensor(positions)
         self.launched_at = time.perf_counter()
         hidden = self.model(input_ids, positions_, self.kv_cache, meta)
@@ -130,6 +133,7 @@ class ModelRunner:
         pos: list[int] = []
         slots: list[int] = []
         prefills: list[PrefillSpan] = []
+        spans: list[tuple[int, int, int, list[int]]] = []  # for the packed call
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
@@ -145,6 +149,8 @@ class ModelRunner:
                 decode_rows.append(row)
                 decode_tables.append(table[: -(-end // bs)])
                 decode_lens.append(end)
+            elif self.packed_prefill:
+                spans.append((row, chunk.num_tokens, end, table))
             else:
                 blocks = torch.tensor(table[: -(-end // bs)], dtype=torch.long, device=self.device)
                 prefills.append(PrefillSpan(row, chunk.num_tokens, end, blocks))
@@ -159,7 +165,8 @@ class ModelRunner:
                 block_tables=self._tensor(padded),
                 context_lens=self._tensor(decode_lens),
             )
-        return ids, pos, slots, prefills, decode, self._tensor(sample_rows)
+        packed: PackedPrefill | None = pack_prefills(spans, bs, self.device) if spans else None
+        return ids, pos, slots, prefills, packed, decode, self._tensor(sample_rows)
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -11,6 +11,9 @@ What a server's steps cost that the end-to-end benchmarks only show blurred:
                    tokens in one step, against the decode-only step (CUDA graph) and
                    the prompt alone; each step with the mixed-step graph pieces
                    (mixed_graphs.py) and fully eager
+  prompt-batches   k prompts of n tokens in one step (a prefill worker's step under
+                   load), their attention packed into one call per layer
+                   (packed_prefill.py, where it runs) against one call per prompt
 
 Steps are built by hand (requests, block tables) and run through ModelRunner.execute,
 so scheduling and sampling are left out; times are medians over --repeats runs after one
@@ -102,7 +105,8 @@ def blocks_needed(args: argparse.Namespace) -> int:
     lengths = sum(-(-n // BLOCK_SIZE) for n in distinct_lengths(args.lengths, args.min_len, args.max_len, args.seed))
     decodes = max(args.batches) * -(-args.context // BLOCK_SIZE)
     prompts = sum(-(-n // BLOCK_SIZE) for n in args.prompt_tokens)
-    return lengths + decodes + prompts + 8
+    batched = sum(k * -(-n // BLOCK_SIZE) for k, n in args.prompt_batches)
+    return lengths + decodes + prompts + batched + 8
 
 
 def time_step(runner: ModelRunner, chunks: list[ScheduledChunk], tables: dict, repeats: int,
@@ -183,6 +187,36 @@ def run_mixed(runner: ModelRunner, maker: StepMaker, args: argparse.Namespace) -
     return rows
 
 
+@contextlib.contextmanager
+def packed_attention(runner: ModelRunner, packed: bool):
+    saved, runner.packed_prefill = runner.packed_prefill, packed
+    try:
+        yield
+    finally:
+        runner.packed_prefill = saved
+
+
+def run_prompt_batches(runner: ModelRunner, maker: StepMaker, args: argparse.Namespace) -> list[dict]:
+    """Per k x n: the step with each prompt attended alone, and packed where that runs here."""
+    rows = []
+    median = statistics.median
+    packable = runner.packed_prefill
+    for k, n in args.prompt_batches:
+        chunks = [maker.prompt(maker.request(n)) for _ in range(k)]
+        with packed_attention(runner, False):
+            per_prompt = median(time_step(runner, chunks, maker.tables, args.repeats))
+        packed = None
+        if packable:
+            with packed_attention(runner, True):
+                packed = median(time_step(runner, chunks, maker.tables, args.repeats))
+        pieces = runner.mixed_graphs is not None and k * n <= runner.mixed_graphs.max_tokens
+        rows.append({"prompts": k, "prompt_tokens": n, "tokens": k * n, "per_prompt_s": per_prompt,
+                     "packed_s": packed, "in_pieces": pieces})
+        shown = "not available here" if packed is None else f"{packed * 1e3:.1f} ms"
+        log(f"prompt batch {k} x {n}: one call per prompt {per_prompt * 1e3:.1f} ms, packed {shown}")
+    return rows
+
+
 def build_runner(args: argparse.Namespace) -> tuple[ModelRunner, int]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = TINY_LLAMA if args.tiny else LLAMA3_8B
@@ -192,7 +226,8 @@ def build_runner(args: argparse.Namespace) -> tuple[ModelRunner, int]:
     with default_dtype(dtype):
         model = build_model(mc, hf_model.state_dict().items(), args.dtype, args.device)
     del hf_model
-    max_len = max(args.max_len, args.context + 1, max(args.prompt_tokens)) + BLOCK_SIZE
+    max_len = max(args.max_len, args.context + 1, max(args.prompt_tokens),
+                  max(n for _, n in args.prompt_batches)) + BLOCK_SIZE
     model.init_rotary(max_len)
     runner = ModelRunner(model, blocks_needed(args), BLOCK_SIZE, dtype, device)
     capture = device.type == "cuda"
@@ -215,7 +250,27 @@ def format_tables(report: dict) -> str:
         lines.append(f"{r['batch']:>4}{r['prompt_tokens']:>6}{r['decode_s'] * 1e3:>9.1f}{r['prompt_s'] * 1e3:>9.1f}"
                      f"{r['mixed_s'] * 1e3:>9.1f}{r['mixed_eager_s'] * 1e3:>9.1f}"
                      f"{r['mixed_eager_s'] / r['mixed_s']:>13.2f}{'yes' if r['in_pieces'] else 'no':>8}")
+    lines += ["", "k prompts of n tokens in one step: attention one call per prompt vs. packed (ms)",
+              f"{'k':>4}{'n':>6}{'tokens':>8}{'per prompt':>12}{'packed':>9}{'ratio':>7}{'packed tok/s':>14}"
+              f"{'pieces':>8}"]
+    for r in report["prompt_batches"]:
+        packed = r["packed_s"]
+        cells = ("n/a", "", "") if packed is None else (
+            f"{packed * 1e3:.1f}", f"{r['per_prompt_s'] / packed:.2f}", f"{r['tokens'] / packed:,.0f}")
+        lines.append(f"{r['prompts']:>4}{r['prompt_tokens']:>6}{r['tokens']:>8}{r['per_prompt_s'] * 1e3:>12.1f}"
+                     f"{cells[0]:>9}{cells[1]:>7}{cells[2]:>14}{'yes' if r['in_pieces'] else 'no':>8}")
     return "\n".join(lines)
+
+
+def _prompt_batches(text: str) -> list[tuple[int, int]]:
+    """'6x340,16x128' -> [(6, 340), (16, 128)]"""
+    try:
+        pairs = [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KxN,KxN... (prompts x tokens), got {text!r}") from None
+    if any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected KxN,KxN... (prompts x tokens), got {text!r}")
+    return pairs
 
 
 def _ints(text: str) -> list[int]:
@@ -235,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=_ints, default=[32, 128, 384, 1024, 3000], metavar="N1,N2",
                    help="prompt tokens in a mixed step")
     p.add_argument("--context", type=int, default=1024, help="context of each decoding request")
+    p.add_argument("--prompt-batches", type=_prompt_batches, default=[(6, 340), (16, 128), (24, 340), (4, 2000)],
+                   metavar="KxN,...", help="k prompts of n tokens in one step")
     p.add_argument("--mixed-graph-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a toy model and short prompts (checks the path on CPU)")
@@ -247,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.min_len, args.max_len, args.context = min(args.min_len, 20), min(args.max_len, 200), min(args.context, 64)
         args.prompt_tokens = sorted({min(n, 100) for n in args.prompt_tokens})
+        args.prompt_batches = list(dict.fromkeys((min(k, 4), min(n, 50)) for k, n in args.prompt_batches))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: CUDA is not available (use --device cpu --tiny to check the path)", file=sys.stderr)
         return 2
-    if min(args.batches + args.prompt_tokens) < 1 or args.min_len < 2 or args.max_len < args.min_len \
+    if min(args.batches + args.prompt_tokens + [v for pair in args.prompt_batches for v in pair]) < 1 or args.min_len < 2 or args.max_len < args.min_len \
             or args.lengths < 1 or args.repeats < 1 or args.mixed_graph_tokens < 0:
         print("error: batches, prompt tokens, lengths and repeats must be >= 1 and min-len <= max-len",
               file=sys.stderr)
@@ -263,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {"benchmark": "steps", "started_at": started, "environment": env,
                   "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "prefill_lengths": run_prefill_lengths(runner, maker, args),
-                  "mixed": run_mixed(runner, maker, args)}
+                  "mixed": run_mixed(runner, maker, args),
+                  "prompt_batches": run_prompt_batches(runner, maker, args)}
     print(format_tables(report))
     name = f"steps_{'tiny' if args.tiny else 'llama3-8b'}_{slug(env['device_name'])}"
     log(f"wrote {write_result(args.out or RESULTS_DIR / f'{name}.json', report)}")
