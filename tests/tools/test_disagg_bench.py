@@ -176,10 +176,10 @@ def test_tandem_bench_disagg_runs_this_benchmark():
 
 
 def test_the_estimate_counts_every_cluster_and_rate():
-    preset = PRESETS["gpu-llama3-8b"]  # 7 + 6 rates; 2 layouts; 30 s starts, 10 s rates, 20 s drains
+    preset = PRESETS["gpu-llama3-8b"]  # 8 + 6 rates; 2 layouts; 30 s starts, 10 s rates, 20 s drains
     typical, worst = disagg_bench.estimate_s(preset, 2)
-    assert typical == 4 * (30 + 5) + 26 * (10 + 3)
-    assert worst == 4 * (30 + 5) + 26 * (10 + 20)
+    assert typical == 4 * (30 + 5) + 28 * (10 + 3)
+    assert worst == 4 * (30 + 5) + 28 * (10 + 20)
 
 
 def _entry(rates_attained: list[tuple[float, float]], good: float | None, seed: int = 0) -> dict:
@@ -408,3 +408,10 @@ def test_other_worker_counts_get_their_own_results_file(tmp_path):
     assert found == {2: "disagg_gpu-llama3-8b_nvidia-h200.json", 4: "disagg_gpu-llama3-8b_nvidia-h200-x4.json"}
     with pytest.raises(ValueError, match="no gpu-llama3-8b results"):
         disagg_report.existing_results_path(tmp_path, gpu, 3)
+
+
+def test_ratio_text_names_a_layout_that_met_a_limit_nowhere_once():
+    item = {"goodput": {"colocated": 56, "disaggregated": None, "disaggregated-slo": 56}, "ratio": None,
+            "ratios": {"disaggregated": None, "disaggregated-slo": 1.0}}
+    assert disagg_report._ratio_text(item, {"colocated": 64, "disaggregated-slo": 64}) == \
+        "disaggregated met it at no swept rate; disaggregated-slo 1.00x"

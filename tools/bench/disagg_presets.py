@@ -93,8 +93,8 @@ PRESETS = {p.name: p for p in (
            ("chatbot", "summarization"), duration_s=8, drain_timeout_s=15, scale=0.1, cluster_start_estimate_s=10),
     Preset("gpu-llama3-8b", None, "llama3-8b", _GPU_WORKERS,
            # rates that cross saturation on two GPUs (one H200 prefills ~5 summaries/s of 4-8K tokens, sustained)
-           {"chatbot": WorkloadPlan("chatbot", (40, 48, 56, 64, 72, 80, 88), _GPU_SLO),
-            "code": WorkloadPlan("code", (40, 48, 56, 64, 72, 80, 88), _GPU_SLO),
+           {"chatbot": WorkloadPlan("chatbot", (56, 64, 72, 80, 88, 96, 104, 112), _GPU_SLO),
+            "code": WorkloadPlan("code", (56, 64, 72, 80, 88, 96, 104, 112), _GPU_SLO),
             "summarization": WorkloadPlan("summarization", (5, 6, 7, 8, 10, 12), SLO(ttft_ms=3000, tpot_ms=50))},
            ("chatbot", "summarization"), duration_s=10, drain_timeout_s=20, scale=1.0, cluster_start_estimate_s=30,
            other_limits=_GPU_OTHER_LIMITS),

@@ -277,7 +277,11 @@ def _ratio_text(item: dict, tops: dict[str, float]) -> str:
     """The ratios to colocated, each marked as a bound where a layout met the SLO at its highest rate."""
     ratios = item.get("ratios", {"disaggregated": item["ratio"]})
     texts = [_one_ratio_text(item, name, ratio, tops) for name, ratio in ratios.items()]
-    return texts[0] if len(texts) == 1 else "; ".join(f"{name} {text}" for name, text in zip(ratios, texts))
+    if len(texts) == 1:
+        return texts[0]
+    # a missing ratio's text names the layouts that met the limit nowhere itself
+    return "; ".join(text if ratio is None and text != "-" else f"{name} {text}"
+                     for (name, ratio), text in zip(ratios.items(), texts))
 
 
 def _one_ratio_text(item: dict, name: str, ratio: float | None, tops: dict[str, float]) -> str:
