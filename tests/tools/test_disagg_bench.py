@@ -135,13 +135,15 @@ def test_a_random_checkpoint_is_written_once(tmp_path, monkeypatch):
 def test_flags_override_the_preset():
     args = disagg_bench.build_parser().parse_args([
         "--preset", "gpu-llama3-8b", "--workloads", "summarization", "--rates", "0.5,1", "--duration", "7",
-        "--tpot-slo-ms", "80", "--kv-cache-bytes", "1000", "--max-num-seqs", "16", "--random-shape", "llama3-1b"])
+        "--tpot-slo-ms", "80", "--kv-cache-bytes", "1000", "--max-num-seqs", "16", "--random-shape", "llama3-1b",
+        "--stream-interval-ms", "50"])
     preset = resolve_preset(args)
     assert preset.workloads == ("summarization",) and preset.random_shape == "llama3-1b"
     assert preset.plans["summarization"].rates == (0.5, 1.0)
     assert preset.plans["summarization"].slo == SLO(ttft_ms=3000, tpot_ms=80)
     assert (preset.duration_s, preset.workers.kv_cache_bytes_per_device, preset.workers.max_num_seqs) == (7, 1000, 16)
     assert preset.workers.max_batched_tokens == 2048  # not given: the preset's
+    assert preset.workers.stream_interval_ms == 50
     assert preset.other_limits == OtherLimits(tpot_ms=(30, 25, 20, 15))  # the GPU presets'
 
 
@@ -162,6 +164,7 @@ def test_other_limits_default_to_the_presets(argv, other):
     (["--duration", "0"], "must be > 0"),
     (["--also-tpot-ms", "20,x"], "--also-tpot-ms must be comma-separated milliseconds, got '20,x'"),
     (["--also-ttft-ms", "0"], "--also-ttft-ms must be > 0"),
+    (["--stream-interval-ms", "-1"], "--stream-interval-ms must be >= 0"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

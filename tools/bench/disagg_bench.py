@@ -380,7 +380,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         raise ValueError(f"--model {args.model}: no config.json there")
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "kv_cache_bytes_per_device", "max_model_len",
                                                "max_batched_tokens", "max_num_seqs", "torch_threads",
-                                               "prefill_max_batched_tokens", "gil_switch_interval_ms")
+                                               "prefill_max_batched_tokens", "gil_switch_interval_ms",
+                                               "stream_interval_ms")
                  if getattr(args, k) is not None}
     workloads = tuple(args.workloads.split(",")) if args.workloads else p.workloads
     unknown = [w for w in workloads if w not in p.plans]
@@ -396,6 +397,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
             raise ValueError(f"unknown layout {name!r}; choose from {', '.join(LAYOUTS)}")
     if min(p.duration_s, p.drain_timeout_s, p.scale, p.workers.kv_cache_bytes_per_device) <= 0:
         raise ValueError("--duration, --drain-timeout, --scale and --kv-cache-bytes must be > 0")
+    if p.workers.stream_interval_ms < 0:
+        raise ValueError("--stream-interval-ms must be >= 0")
     return p
 
 
@@ -477,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker process")
     parser.add_argument("--gil-switch-interval-ms", type=float, default=None, metavar="MS",
                         help="workers' GIL switch interval (default: theirs, 0.5; 0: Python's 5 ms)")
+    parser.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
+                        help="workers' stream window: a stream's tokens within MS of its last message go out "
+                             "as one (default: the preset's; 0: one message per step)")
     parser.add_argument("--state-dir", type=Path, default=Path(tempfile.gettempdir()) / "tandem-disagg",
                         help="a fresh cluster state directory per (workload, layout) is made in here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
