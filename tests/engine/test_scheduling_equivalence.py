@@ -6,6 +6,8 @@ import random
 
 import pytest
 
+from proto.tandem.v1 import tandem_pb2 as pb
+from services.common.worker_state import engine_counters
 from services.engine.errors import CapacityError, InvalidRequestError
 from services.engine.request import FinishReason, SamplingParams
 from tests.engine.conftest import small_engine
@@ -46,6 +48,8 @@ def test_preempted_and_resumed_equals_uninterrupted(model, expected):
     engine = small_engine(model, kv_cache_bytes=12 * engine_block_bytes(model), max_num_batched_tokens=64)
     completions = engine.generate(_prompts(8), GREEDY)
     assert engine.stats.preemptions > 0
+    # a worker's Stats RPC reports them (tandem bench's worker counters read it)
+    assert pb.WorkerStats(**engine_counters(engine)).preemptions == engine.stats.preemptions
     assert [c.token_ids for c in completions] == expected
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 

@@ -17,6 +17,8 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
                         about 0 on a prefill worker)
   prefill_tokens_per_s  prompt work computed / wall time
   messages_per_s        token messages handed to the worker's streams / wall time
+  preemptions           requests preempted for KV room (freed, to be recomputed): a decode
+                        worker computing prompt work is recomputing them
 A figure whose divisor is zero (no steps, no step time) is None.
 
 Beside them, ``run["cpu"]``: the CPU share of every cluster process and of the load generator
@@ -43,7 +45,7 @@ ENGINE_ROLES = ("prefill", "decode", "mixed")
 STATS_TIMEOUT_S = 2.0
 """A worker that takes longer to answer is recorded as missing: the bench does not wait on it."""
 FIGURES = ("steps", "mean_step_ms", "host_share", "busy", "mean_decode_batch", "prefill_tokens_per_s",
-           "messages_per_s")
+           "messages_per_s", "preemptions")
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ def _figures(old: pb.WorkerStats, new: pb.WorkerStats, wall_s: float) -> dict:
             "busy": _ratio(step_s, wall_s, 3),
             "mean_decode_batch": _ratio(decode_tokens, steps, 2),
             "prefill_tokens_per_s": _ratio(new.prefill_tokens - old.prefill_tokens, wall_s, 1),
-            "messages_per_s": _ratio(new.stream_messages - old.stream_messages, wall_s, 1)}
+            "messages_per_s": _ratio(new.stream_messages - old.stream_messages, wall_s, 1),
+            "preemptions": new.preemptions - old.preemptions}
 
 
 def _ratio(part: float, whole: float, digits: int) -> float | None:
@@ -140,7 +143,7 @@ def describe(figures: dict) -> str:
             f"host {_shown(figures['host_share'], '.0%')}, busy {_shown(figures['busy'], '.0%')}, "
             f"decode batch {_shown(figures['mean_decode_batch'], '.1f')}, "
             f"prefill {_shown(figures['prefill_tokens_per_s'], '.0f')} tok/s, "
-            f"{_shown(figures['messages_per_s'], '.1f')} messages/s")
+            f"{_shown(figures['messages_per_s'], '.1f')} messages/s, {figures['preemptions']} preemptions")
 
 
 def _shown(value: float | None, spec: str) -> str:
