@@ -126,23 +126,15 @@ def time_step(runner: ModelRunner, chunks: list[ScheduledChunk], tables: dict, r
 
 
 @contextlib.contextmanager
-def sdpa_backends(backends: list[SDPBackend]):
-    """Let the engine's CUDA prefill attention choose among ``backends`` for a while."""
-    saved = attention._CUDA_SDPA_BACKENDS
-    attention._CUDA_SDPA_BACKENDS = backends
+def swapped(owner: object, name: str, value):
+    """``owner.<name>`` set to ``value`` for a while: the engine's CUDA prefill attention kernels
+    (``attention._CUDA_SDPA_BACKENDS``), the runner's graph pieces or its packed attention."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        attention._CUDA_SDPA_BACKENDS = saved
-
-
-@contextlib.contextmanager
-def without_pieces(runner: ModelRunner):
-    saved, runner.mixed_graphs = runner.mixed_graphs, None
-    try:
-        yield
-    finally:
-        runner.mixed_graphs = saved
+        setattr(owner, name, saved)
 
 
 def run_prefill_lengths(runner: ModelRunner, maker: StepMaker, args: argparse.Namespace) -> list[dict]:
@@ -153,7 +145,7 @@ def run_prefill_lengths(runner: ModelRunner, maker: StepMaker, args: argparse.Na
     lengths = distinct_lengths(args.lengths, args.min_len, args.max_len, args.seed)
     requests = {n: maker.request(n) for n in lengths}
     for mode, backends in modes:
-        with sdpa_backends(backends):
+        with swapped(attention, "_CUDA_SDPA_BACKENDS", backends):
             for n in lengths:
                 chunk = [maker.prompt(requests[n])]
                 cold = time_step(runner, chunk, maker.tables, 1, warm_up=False)[0]
@@ -178,22 +170,13 @@ def run_mixed(runner: ModelRunner, maker: StepMaker, args: argparse.Namespace) -
                    "prompt_s": median(time_step(runner, prompt, maker.tables, args.repeats)),
                    "mixed_s": median(time_step(runner, decodes + prompt, maker.tables, args.repeats)),
                    "in_pieces": runner.mixed_graphs is not None and b + n <= runner.mixed_graphs.max_tokens}
-            with without_pieces(runner):
+            with swapped(runner, "mixed_graphs", None):
                 row["prompt_eager_s"] = median(time_step(runner, prompt, maker.tables, args.repeats))
                 row["mixed_eager_s"] = median(time_step(runner, decodes + prompt, maker.tables, args.repeats))
             rows.append(row)
             log(f"mixed B={b} n={n}: decode {decode_s * 1e3:.1f} ms, prompt {row['prompt_s'] * 1e3:.1f} ms, "
                 f"mixed {row['mixed_s'] * 1e3:.1f} ms (eager {row['mixed_eager_s'] * 1e3:.1f} ms)")
     return rows
-
-
-@contextlib.contextmanager
-def packed_attention(runner: ModelRunner, packed: bool):
-    saved, runner.packed_prefill = runner.packed_prefill, packed
-    try:
-        yield
-    finally:
-        runner.packed_prefill = saved
 
 
 def run_prompt_batches(runner: ModelRunner, maker: StepMaker, args: argparse.Namespace) -> list[dict]:
@@ -203,11 +186,11 @@ def run_prompt_batches(runner: ModelRunner, maker: StepMaker, args: argparse.Nam
     packable = runner.packed_prefill
     for k, n in args.prompt_batches:
         chunks = [maker.prompt(maker.request(n)) for _ in range(k)]
-        with packed_attention(runner, False):
+        with swapped(runner, "packed_prefill", False):
             per_prompt = median(time_step(runner, chunks, maker.tables, args.repeats))
         packed = None
         if packable:
-            with packed_attention(runner, True):
+            with swapped(runner, "packed_prefill", True):
                 packed = median(time_step(runner, chunks, maker.tables, args.repeats))
         pieces = runner.mixed_graphs is not None and k * n <= runner.mixed_graphs.max_tokens
         rows.append({"prompts": k, "prompt_tokens": n, "tokens": k * n, "per_prompt_s": per_prompt,
