@@ -49,19 +49,21 @@ def pack_prefills(spans: list[tuple[int, int, int, list[int]]], block_size: int,
                   device: torch.device) -> PackedPrefill:
     """``spans``: per prompt chunk (first row in the batch, query tokens, context_len after the
     step, block table), in batch order."""
-    rows: list[int] = []
     slots: list[int] = []
     cu_q, cu_k = [0], [0]
     offsets = range(block_size)
-    for row, num_tokens, context_len, table in spans:
-        rows.extend(range(row, row + num_tokens))
+    for _, num_tokens, context_len, table in spans:
         nb = -(-context_len // block_size)
         slots.extend([b * block_size + o for b in table[:nb] for o in offsets][:context_len])
         cu_q.append(cu_q[-1] + num_tokens)
         cu_k.append(cu_k[-1] + context_len)
-    contiguous = rows[-1] - rows[0] + 1 == len(rows)
+    first = spans[0][0]
+    if all(row == first + start for (row, *_), start in zip(spans, cu_q)):  # no decode rows between chunks
+        rows: slice | torch.Tensor = slice(first, first + cu_q[-1])
+    else:
+        rows = torch.tensor([r for row, n, *_ in spans for r in range(row, row + n)], dtype=torch.long, device=device)
     return PackedPrefill(
-        rows=slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, dtype=torch.long, device=device),
+        rows=rows,
         kv_index=torch.tensor(slots, dtype=torch.long, device=device),
         cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
         cu_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
@@ -77,8 +79,7 @@ def packed_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, packed: Pa
     keys = kv_layer[0].flatten(0, 1).index_select(0, packed.kv_index)
     values = kv_layer[1].flatten(0, 1).index_select(0, packed.kv_index)
     rows = packed.rows
-    q_rows = q[rows]
-    result = _flash_varlen(q_rows, keys, values, packed)
+    result = _flash_varlen(q[rows], keys, values, packed)
     if isinstance(rows, slice):
         out[rows] = result
     else:
@@ -107,17 +108,16 @@ def _probe(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_head
     """Two chunks, one after a cached prefix (5 queries over 12 keys) and one whole (7 over 7),
     against SDPA with an explicit bottom-right causal mask."""
     try:
-        with torch.device(device):
-            gen = torch.Generator(device=device).manual_seed(0)
-            q = torch.randn(12, num_heads, head_dim, dtype=dtype, generator=gen, device=device)
-            k = torch.randn(19, num_kv_heads, head_dim, dtype=dtype, generator=gen, device=device)
-            v = torch.randn(19, num_kv_heads, head_dim, dtype=dtype, generator=gen, device=device)
-            packed = PackedPrefill(slice(0, 12), torch.arange(19, device=device),
-                                   torch.tensor([0, 5, 12], dtype=torch.int32, device=device),
-                                   torch.tensor([0, 12, 19], dtype=torch.int32, device=device), 7, 12)
-            got = _flash_varlen(q, k, v, packed)
-            want = torch.cat([_reference(q[:5], k[:12], v[:12]), _reference(q[5:], k[12:], v[12:])])
-            ok = torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(12, num_heads, head_dim, dtype=dtype, generator=gen, device=device)
+        k = torch.randn(19, num_kv_heads, head_dim, dtype=dtype, generator=gen, device=device)
+        v = torch.randn(19, num_kv_heads, head_dim, dtype=dtype, generator=gen, device=device)
+        packed = PackedPrefill(slice(0, 12), torch.arange(19, device=device),
+                               torch.tensor([0, 5, 12], dtype=torch.int32, device=device),
+                               torch.tensor([0, 12, 19], dtype=torch.int32, device=device), 7, 12)
+        got = _flash_varlen(q, k, v, packed)
+        want = torch.cat([_reference(q[:5], k[:12], v[:12]), _reference(q[5:], k[12:], v[12:])])
+        ok = torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     except (RuntimeError, TypeError, NotImplementedError) as e:
         log.info("packed prefill attention not available on %s (%s): one attention call per prompt chunk", device, e)
         return False
