@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import signal
+import urllib.request
 
 from router.client import AsyncClient
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.request import SamplingParams
-from services.common.registry import read_cluster
-from tests.integration.cluster import local_cluster, worker_stats
+from tests.integration.cluster import local_cluster
 from tools.demo import DEMO_MODEL_DIR
 
 
-async def _until_busy(state, worker_id: str) -> None:
-    """Wait until the worker is computing a prompt (the router then counts it as in flight there)."""
-    workers = {w.worker_id: w for w in (await read_cluster(state.etcd_url, state.cluster))[0]}
+async def _until_in_flight(http_url: str, n: int) -> None:
+    """Wait until the router serves ``n`` requests: it picks a request's workers, and counts its prompt
+    as queued there, in the same step that counts the request."""
     for _ in range(2000):
-        stats = await worker_stats(workers[worker_id].grpc_address, "prefill")
-        if stats.running_requests or stats.waiting_requests:
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"{http_url}/metrics", timeout=10).read())
+        if f"tandem_requests_in_flight {float(n)}" in text.decode():
             return
         await asyncio.sleep(0.005)
-    raise AssertionError(f"{worker_id} never got the long prompt")
+    raise AssertionError(f"the router never had {n} request(s) in flight")
+
+
+@contextlib.contextmanager
+def _stopped(pid: int):
+    """The process is stopped (SIGSTOP) inside: what is sent to it waits, unanswered."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def test_shared_prefixes_land_on_one_prefill_worker_and_reuse_its_cache(tmp_path):
@@ -35,11 +48,13 @@ def test_shared_prefixes_land_on_one_prefill_worker_and_reuse_its_cache(tmp_path
 
     async def main():
         async with AsyncClient(state.grpc_address) as client:
-            # An unrelated long prompt occupies prefill-0 (idle ties go to the lowest id), so the
-            # first shared-prefix prompt is routed to prefill-1 ...
-            busy = asyncio.create_task(client.generate(other * 6, max_tokens=1, temperature=0))
-            await _until_busy(state, "prefill-0")
-            results = [await client.generate(prompts[0], max_tokens=6, temperature=0)]
+            # An unrelated long prompt is routed to prefill-0 (idle ties go to the lowest id), which is
+            # stopped, so the prompt stays queued there while the first shared-prefix prompt is routed:
+            # that one goes to prefill-1 ...
+            with _stopped(state.processes["prefill-0"]):
+                busy = asyncio.create_task(client.generate(other * 6, max_tokens=1, temperature=0))
+                await _until_in_flight(state.http_url, 1)
+                results = [await client.generate(prompts[0], max_tokens=6, temperature=0)]
             await busy
             # ... and the rest follow it there although both workers are idle now (least-loaded
             # would pick prefill-0 again).
