@@ -9,9 +9,11 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 
-from tools.bench import disagg_bench, disagg_report
-from tools.bench.disagg_bench import LAYOUTS, PRESETS, OtherLimits, cluster_spec, plan_layout, resolve_preset
+from tools.bench import disagg_bench, disagg_report, kv_budget
+from tools.bench.disagg_bench import (LAYOUTS, PRESETS, OtherLimits, cluster_spec, fit_kv, plan_layout,
+                                     resolve_preset)
 from tools.bench.disagg_report import compare, format_table, sensitivity_slos, slo_sensitivity, write_report
 from tools.bench.slo import SLO, RequestRecord, goodput, summarize
 
@@ -70,8 +72,8 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     assert (spec.prefill, spec.decode, spec.mixed, spec.kvstore) == (0, 0, 2, False)
     assert spec.worker_args == ("--dtype", "bfloat16", "--max-batched-tokens", "2048", "--max-num-seqs", "256",
                                 "--max-model-len", "8192", "--stream-interval-ms", "20")
-    assert spec.worker_name_args == {"mixed-0": ("--device", "cuda:0", "--kv-cache-bytes", str(24 << 30)),
-                                     "mixed-1": ("--device", "cuda:1", "--kv-cache-bytes", str(24 << 30))}
+    # each alone on its GPU: the engines size their caches from the memory left after the weights
+    assert spec.worker_name_args == {"mixed-0": ("--device", "cuda:0"), "mixed-1": ("--device", "cuda:1")}
     cpu = PRESETS["cpu-demo"].workers
     spec = cluster_spec(plan_layout("disaggregated", "cpu", 0, cpu.kv_cache_bytes_per_device), cpu,
                         tmp_path / "model", tmp_path / "state")
@@ -81,6 +83,31 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     python_default = replace(cpu, gil_switch_interval_ms=0.0)
     spec = cluster_spec(plan_layout("colocated", "cpu", 0, 1), python_default, tmp_path, tmp_path)
     assert spec.worker_args[-2:] == ("--gil-switch-interval-ms", "0")
+
+
+def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 1000)
+    (tmp_path / "config.json").write_text("{}")  # not weights
+    assert kv_budget.weight_bytes(tmp_path) == 1000
+    alone = plan_layout("disaggregated", "cuda", 2, None)
+    assert fit_kv(alone, tmp_path, free_bytes=lambda: pytest.fail("alone: nothing to measure")) == alone
+    assert cluster_spec(alone, PRESETS["gpu-llama3-8b"].workers, tmp_path, tmp_path).worker_name_args == {
+        "prefill-0": ("--device", "cuda:0", "--max-batched-tokens", "8192"), "decode-0": ("--device", "cuda:1")}
+    shared = fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, free_bytes=lambda: [10_000])
+    assert shared.kv_cache_bytes == {"mixed-0": (9000 - 2000) // 2, "mixed-1": (9000 - 2000) // 2}
+    # three workers on two GPUs: the two on cuda:0 share it, the one on cuda:1 sizes its own cache
+    three = fit_kv(plan_layout("disaggregated", "cuda", 2, None, workers=3, prefill_workers=1), tmp_path,
+                   free_bytes=lambda: [5000, 1])
+    assert three.kv_cache_bytes == {"prefill-0": 1250, "decode-0": None, "decode-1": 1250}
+    with pytest.raises(ValueError, match=r"do not fit cuda:0 .*--kv-cache-bytes"):
+        fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, free_bytes=lambda: [2000])
+    given = plan_layout("colocated", "cuda", 1, 4000)  # a budget on the command line is kept
+    assert fit_kv(given, tmp_path, free_bytes=lambda: [1]).kv_cache_bytes == {"mixed-0": 2000, "mixed-1": 2000}
+
+
+def test_free_device_memory_is_read_in_a_child_process():
+    free = kv_budget.free_device_bytes()
+    assert len(free) == torch.cuda.device_count() and all(f > 0 for f in free)
 
 
 def test_the_slo_layout_is_disaggregated_with_the_slo_aware_router_at_the_workloads_ttft(tmp_path):

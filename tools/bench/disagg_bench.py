@@ -17,7 +17,10 @@ Same number of worker processes on the same devices in both layouts. ``--workers
 (default 2) and ``--prefill-workers P`` (default N // 2) set other sizes and prefill :
 decode ratios: worker i runs on cuda:(i mod visible GPUs), e.g. 3 prefill + 1 decode
 against 4 mixed on four GPUs. ``--kv-cache-bytes`` is a budget per device: processes
-sharing a device get an equal share each. A mixed
+sharing a device get an equal share each. The GPU presets name none: a worker alone on its
+GPU lets its engine take the memory left after its weights, workers sharing one split what
+is free less their weights (tools/bench/kv_budget.py); each run stores the cache size every
+worker got (``kv_tokens``). A mixed
 worker prefills and decodes in one continuous batch (chunked prefill up to
 ``--max-batched-tokens``), so a long prompt stretches the decode steps of everything it
 shares the batch with; the disaggregated layout removes that interference and pays a KV
@@ -106,10 +109,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from tools.bench import serve_bench, worker_counters
+from tools.bench import kv_budget, serve_bench, worker_counters
 from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Preset, WorkerSettings, WorkloadPlan
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
                                        merge_entry, read_report, recompute, reported_workloads, results_path,
@@ -136,8 +140,9 @@ class Layout:
     name: str
     devices: dict[str, str]
     """Worker name (``mixed-0``, ``prefill-0`` ...) -> device."""
-    kv_cache_bytes: dict[str, int]
-    """Worker name -> its KV cache budget."""
+    kv_cache_bytes: dict[str, int | None]
+    """Worker name -> its KV cache budget; None: its engine sizes the cache from the memory free
+    after its weights (a GPU worker alone on its device; tools/bench/kv_budget.py)."""
     gpus_visible: int
     policy: str = "least-loaded"
     """The router's policy; ``slo-aware`` gets the workload's TTFT SLO as its target."""
@@ -155,12 +160,13 @@ class Layout:
                 "shared_device": len(set(self.devices.values())) < len(self.devices), "router_policy": self.policy}
 
 
-def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int, workers: int = 2,
+def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int | None, workers: int = 2,
                 prefill_workers: int | None = None) -> Layout:
     """``workers`` processes: all mixed (colocated), or ``prefill_workers`` prefill (default
     half) and the rest decode (both disaggregated layouts; ``disaggregated-slo`` routes with
     the slo-aware policy). Worker i runs on cuda:(i mod visible GPUs), so with as many GPUs as
-    workers each has its own; processes sharing a device split its KV budget evenly."""
+    workers each has its own; processes sharing a device split its KV budget evenly. No budget
+    (None): every worker's stays None until ``fit_kv`` sizes those sharing a GPU."""
     assert name in LAYOUTS, name
     prefill = workers // 2 if prefill_workers is None else prefill_workers
     if workers < 2 or not 1 <= prefill < workers:
@@ -176,8 +182,8 @@ def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int, wor
     else:
         devices = [f"cuda:{i % gpu_count}" for i in range(workers)]
     sharing = Counter(devices)
-    return Layout(name, dict(zip(names, devices)), {n: kv_cache_bytes // sharing[d] for n, d in zip(names, devices)},
-                  gpu_count, "slo-aware" if name == "disaggregated-slo" else "least-loaded")
+    budgets = {n: None if kv_cache_bytes is None else kv_cache_bytes // sharing[d] for n, d in zip(names, devices)}
+    return Layout(name, dict(zip(names, devices)), budgets, gpu_count, "slo-aware" if name == "disaggregated-slo" else "least-loaded")
 
 
 def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state_dir: Path,
@@ -192,8 +198,10 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
         common += ["--stream-interval-ms", f"{workers.stream_interval_ms:g}"]
     if workers.gil_switch_interval_ms is not None:
         common += ["--gil-switch-interval-ms", f"{workers.gil_switch_interval_ms:g}"]
-    per_worker = {name: ("--device", device, "--kv-cache-bytes", str(layout.kv_cache_bytes[name]))
-                  for name, device in layout.devices.items()}
+    per_worker = {name: ("--device", device) for name, device in layout.devices.items()}
+    for name, budget in layout.kv_cache_bytes.items():
+        if budget is not None:
+            per_worker[name] += ("--kv-cache-bytes", str(budget))
     if workers.prefill_max_batched_tokens is not None:
         for name in per_worker:
             if name.startswith("prefill-"):
@@ -229,7 +237,8 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
     good = goodput([(run["rate"], run["summary"]["slo_attainment"]) for run in result["runs"]])
     return {"layout": layout.to_json(), "settings": settings(preset, plan, model_dir, len(layout.devices)), "goodput_rate": good,
             "cluster_start_s": round(start_s, 1), "started_at": started_at, "finished_at": _now(),
-            "environment": serve_bench.environment(), "server": result["server"], "runs": result["runs"]}
+            "environment": serve_bench.environment(), "server": result["server"], "kv_tokens": result["kv_tokens"],
+            "runs": result["runs"]}
 
 
 def serve_args(url: str, model_dir: Path, plan: WorkloadPlan, preset: Preset) -> argparse.Namespace:
@@ -256,8 +265,11 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int, s
         await client.close()
     engines = await worker_counters.engine_workers(state.etcd_url, state.cluster)
     processes = {name: pid for name, pid in state.processes.items() if name != "etcd"}
-    return await serve_bench.run_benchmark(
+    kv_tokens = {w.worker_id: w.total_kv_blocks * w.block_size for w in engines}
+    log("KV cache (tokens): " + ", ".join(f"{name} {tokens}" for name, tokens in kv_tokens.items()))
+    result = await serve_bench.run_benchmark(
         args, slo, lambda rate: worker_counters.counted(engines, rate, log, processes))
+    return {**result, "kv_tokens": kv_tokens}
 
 
 def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) -> dict:
@@ -310,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         return report_only(args, preset)
     log(estimate_text(preset, len(layouts), args.scratch))
     model_dir = prepare_model(preset, args.scratch)
+    try:
+        layouts = [fit_kv(layout, model_dir) for layout in layouts]
+    except (ValueError, RuntimeError) as e:
+        print(f"tandem bench disagg: error: {e}", file=sys.stderr)
+        return _EXIT_RUN_FAILED
     path = args.results_file or results_path(args.results_dir, preset, args.workers)
     args.state_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -328,6 +345,16 @@ def main(argv: list[str] | None = None) -> int:
             write_plot(report, workload, path.with_name(f"{path.stem}_{workload}_attainment.png"))
     log(f"results in {path}")
     return 0
+
+
+def fit_kv(layout: Layout, model_dir: Path, free_bytes: Callable[[], list[int]] = kv_budget.free_device_bytes) -> Layout:
+    """``layout`` with a KV budget for each GPU worker that shares its device and has none yet
+    (measured free memory less the weights, split evenly); workers alone keep None."""
+    unsized = {n: d for n, d in layout.devices.items() if layout.kv_cache_bytes[n] is None}
+    if len(set(unsized.values())) == len(unsized):  # each alone on its device: the engines size the caches
+        return layout
+    budgets = kv_budget.shared_device_budgets(layout.devices, kv_budget.weight_bytes(model_dir), free_bytes())
+    return replace(layout, kv_cache_bytes={n: b if b is not None else budgets[n] for n, b in layout.kv_cache_bytes.items()})
 
 
 def plan_layouts(preset: Preset, names: list[str], workers: int = 2, prefill_workers: int | None = None) -> list[Layout]:
@@ -395,7 +422,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     for name in args.layouts.split(","):
         if name not in LAYOUTS:
             raise ValueError(f"unknown layout {name!r}; choose from {', '.join(LAYOUTS)}")
-    if min(p.duration_s, p.drain_timeout_s, p.scale, p.workers.kv_cache_bytes_per_device) <= 0:
+    kv = p.workers.kv_cache_bytes_per_device
+    if min(p.duration_s, p.drain_timeout_s, p.scale) <= 0 or (kv is not None and kv <= 0):
         raise ValueError("--duration, --drain-timeout, --scale and --kv-cache-bytes must be > 0")
     if p.workers.stream_interval_ms < 0:
         raise ValueError("--stream-interval-ms must be >= 0")
@@ -467,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--kv-cache-bytes", dest="kv_cache_bytes_per_device", metavar="BYTES", type=int, default=None,
-                        help="KV budget per device (split between the worker processes sharing it)")
+                        help="KV budget per device (split between the worker processes sharing it; GPU presets: "
+                             "none, the memory free after the weights)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2,
                         help="worker processes per layout (default 2), one per GPU while GPUs last")

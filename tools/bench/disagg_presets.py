@@ -13,7 +13,6 @@ from tools.demo import DEMO_MODEL_DIR
 
 LLAMA32_1B = LlamaShape(2048, 8192, 16, 32, 8, 128256, 500000.0)
 RANDOM_SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-1b": LLAMA32_1B}
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -23,8 +22,9 @@ class WorkerSettings:
     device: str
     """``cpu`` or ``cuda`` (layouts pick cuda:0 / cuda:1)."""
     dtype: str
-    kv_cache_bytes_per_device: int
-    """The processes sharing a device split it evenly."""
+    kv_cache_bytes_per_device: int | None
+    """The processes sharing a device split it evenly; None: sized from the GPU's memory
+    (tools/bench/kv_budget.py)."""
     max_model_len: int | None
     max_batched_tokens: int
     max_num_seqs: int
@@ -77,12 +77,15 @@ _GPU_OTHER_LIMITS = OtherLimits(tpot_ms=(30, 25, 20, 15))
 _CPU_SLO, _GPU_SLO = SLO(ttft_ms=1000, tpot_ms=100), SLO(ttft_ms=500, tpot_ms=50)
 _CPU_WORKERS = WorkerSettings("cpu", "float32", kv_cache_bytes_per_device=256 << 20, max_model_len=None,
                               max_batched_tokens=512, max_num_seqs=64, torch_threads=1)
-# One H100 holding both 8B processes: 2 x 16 GB of weights + 24 GiB of KV (~98K tokens per process).
+# KV: the memory the GPUs have (tools/bench/kv_budget.py). A worker alone on an H200 gets ~110 GiB
+# (~900K tokens of Llama-3-8B); both 8B processes on one H100 split ~40 GiB. A fixed 24 GiB per
+# device had capped the one decode worker of a GPU pair at ~196K tokens (~150-190 chatbot
+# streams) while two mixed workers had twice that.
 # Streams: the tokens of 20 ms go in one message (3-4 at ~6 ms a step), which spares a worker
 # streaming ~100 requests most of its per-message host work; first and last tokens never wait.
 # Batches of up to 256 sequences (vLLM's default): a decode step reads the weights once for the
 # whole batch, so one decode GPU needs a large batch to keep pace with two colocated ones.
-_GPU_WORKERS = WorkerSettings("cuda", "bfloat16", kv_cache_bytes_per_device=24 * GIB, max_model_len=8192,
+_GPU_WORKERS = WorkerSettings("cuda", "bfloat16", kv_cache_bytes_per_device=None, max_model_len=8192,
                               max_batched_tokens=2048, max_num_seqs=256, prefill_max_batched_tokens=8192,
                               stream_interval_ms=20)
 PRESETS = {p.name: p for p in (

@@ -1,0 +1,63 @@
+"""KV cache budgets for ``tandem bench disagg`` workers when the preset sizes them from the GPU.
+
+A preset either names a KV budget per device (bytes; the processes on a device split it
+evenly) or leaves it to the memory there (``kv_cache_bytes_per_device`` None):
+
+  worker alone on its GPU   no ``--kv-cache-bytes``: its engine takes 90 % of the memory
+                            free after its weights (services/engine/engine.py), the most it can
+  k workers sharing a GPU   each gets (0.9 x free - k x weights) / k, free memory measured
+                            before any of them starts: engines sizing themselves at start-up
+                            would each see whatever the others had taken by then
+
+Free memory is read in a child process, so this process holds no CUDA context on the
+devices the workers will use.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+FREE_MEMORY_FRACTION = 0.9
+"""As the engine's own default: the rest is for activations, CUDA graphs and the CUDA context."""
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_PROBE_TIMEOUT_S = 120.0
+_GIB = 1 << 30
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the checkpoint's weight files (what one worker loads onto its device)."""
+    return sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+
+
+def free_device_bytes() -> list[int]:
+    """Free memory of every visible CUDA device, in bytes, read by a child process."""
+    code = "import json, torch; print(json.dumps([torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S)
+    if out.returncode != 0:
+        raise RuntimeError(f"could not read the GPUs' free memory: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]) -> dict[str, int | None]:
+    """Worker name -> KV bytes: None for a worker alone on its device (its engine sizes the cache),
+    an equal share of what is left after everyone's weights for workers sharing one.
+    ValueError when the weights alone do not fit a shared device."""
+    sharing = Counter(devices.values())
+    budgets: dict[str, int | None] = {}
+    for name, device in devices.items():
+        k = sharing[device]
+        if k == 1 or not device.startswith("cuda"):
+            budgets[name] = None
+            continue
+        index = int(device.partition(":")[2] or 0)
+        left = int(FREE_MEMORY_FRACTION * free[index]) - k * weights
+        if left <= 0:
+            raise ValueError(f"{k} workers' weights ({k} x {weights / _GIB:.1f} GiB) do not fit {device} "
+                             f"({free[index] / _GIB:.1f} GiB free); give a KV budget with --kv-cache-bytes "
+                             "or use more GPUs")
+        budgets[name] = left // k
+    return budgets
