@@ -40,6 +40,19 @@ def _dot_of_bf16_values(self, a, b, *args):
 
 InterpreterBuilder.create_dot = _dot_of_bf16_values
 
+# A loop bound the kernel loaded (a context length) becomes a Python int through the
+# interpreter's __index__, which older Triton (3.6) takes as int() of a one-element array:
+# NumPy 2.4 refuses that. Later Triton squeezes the array first; do the same.
+from triton.runtime import interpreter
+
+_patch_lang_tensor = interpreter._patch_lang_tensor
+
+def _patch_lang_tensor_with_scalar_index(tensor, scope):
+    _patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+interpreter._patch_lang_tensor = _patch_lang_tensor_with_scalar_index
+
 results = []
 for kwargs in torch.load(sys.argv[1]):
     result = paged_decode_attention(**kwargs)
