@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import multiprocessing
+import os
 import random
+import signal
+import time
 
 import pytest
 
 from tests.integration.cluster import local_cluster
 from tools.bench import serve_bench
+from tools.bench.client_processes import (ClientPool, ClientProcessError, SendSettings, deal_round_robin,
+                                          merge)
+from tools.bench.serve_clients import LoadClient, Progress
 from tools.bench.slo import SLO, RequestRecord, attainment, goodput, percentile, summarize
 from tools.bench.workloads import WORKLOADS, BenchRequest, TraceError, fit_lengths, load_trace, synthetic_requests
 from tools.demo import DEMO_MODEL_DIR
@@ -140,10 +148,25 @@ def test_trace_errors_name_the_line(tmp_path, lines, message):
 
 def test_bad_arguments_exit_2(capsys):
     for argv in (["--url", "http://x"], ["--url", "http://x", "--rate", "0"],
-                 ["--url", "http://x", "--sweep-rates", "1,a"], ["--url", "http://x", "--rate", "1", "--scale", "0"]):
+                 ["--url", "http://x", "--sweep-rates", "1,a"], ["--url", "http://x", "--rate", "1", "--scale", "0"],
+                 ["--url", "http://x", "--rate", "1", "--client-processes", "0"]):
         with pytest.raises(SystemExit) as e:
             serve_bench.main(argv)
         assert e.value.code == 2, argv
+
+
+def test_requests_are_dealt_round_robin_and_merged_in_plan_order():
+    requests = [BenchRequest((10 + i,), 2) for i in range(7)]
+    arrivals = [0.5 * i for i in range(7)]
+    shares = deal_round_robin(arrivals, requests, 3)
+    assert [s.indices for s in shares] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [s.arrivals for s in shares] == [[0.0, 1.5, 3.0], [0.5, 2.0], [1.0, 2.5]]
+    assert [[r.prompt[0] for r in s.requests] for s in shares] == [[10, 13, 16], [11, 14], [12, 15]]
+    assert [s.indices for s in deal_round_robin(arrivals[:1], requests[:1], 2)] == [[0], []]
+    parts = [[_rec(i, 1.0, 1.0) for i in s.indices] for s in shares]
+    assert [r.index for r in merge(parts, 7)] == list(range(7))
+    with pytest.raises(AssertionError):
+        merge(parts[:2], 7)  # a process's records missing
 
 
 # -- against a real cluster ------------------------------------------------------------------
@@ -208,3 +231,69 @@ def test_trace_replay_and_drain_timeout(cluster, tmp_path):
     assert report["runs"][0]["summary"]["timeouts"] == 1
     assert report["runs"][0]["summary"]["slo_attainment"] == 2 / 3
     assert report["workload"] == "trace-t" and not list(tmp_path.glob("*.png"))
+
+
+def _check_from_client_processes(report: dict, rate: float, duration: float, seed: int) -> None:
+    """Every planned request has exactly one record, under its plan index, sent at its arrival
+    time on the common clock (a client process on another clock would be seconds off)."""
+    run = next(r for r in report["runs"] if r["rate"] == rate)
+    planned = serve_bench.poisson_arrivals(rate, duration, int(2 * rate * duration), seed)
+    reqs = run["requests"]
+    assert [r["index"] for r in reqs] == list(range(len(planned)))
+    assert [r["scheduled_s"] for r in reqs] == [round(a, 6) for a in planned]
+    lags = [r["sent_s"] - r["scheduled_s"] for r in reqs]
+    assert all(-0.001 < lag < 0.5 for lag in lags), lags
+    _check_all_ok(report, rate, duration, seed)
+
+
+def test_http_sweep_from_two_client_processes(cluster, tmp_path):
+    report = _run(tmp_path, cluster.http_url, "--sweep-rates", "2,4", "--duration", "2", "--client-processes", "2",
+                  "--seed", "21", "--no-plots")  # seeds of their own (no prompt the other tests sent): 6 and 8 requests
+    _check_from_client_processes(report, 2, 2, seed=21)
+    _check_from_client_processes(report, 4, 2, seed=22)
+    assert report["config"]["client_processes"] == 2
+    assert multiprocessing.active_children() == []  # stopped, and nothing left behind
+
+
+def test_grpc_run_from_two_client_processes(cluster, tmp_path):
+    report = _run(tmp_path, f"grpc://{cluster.grpc_address}", "--rate", "4", "--duration", "2",
+                  "--client-processes", "2", "--seed", "24", "--no-plots")  # 12 requests
+    _check_from_client_processes(report, 4, 2, seed=24)
+    assert report["config"]["client_processes"] == 2
+    assert multiprocessing.active_children() == []
+
+
+def test_a_client_process_that_raises_or_dies_fails_the_call_and_the_others_stop(cluster):
+    async def model() -> str:
+        client = LoadClient.for_url(cluster.http_url)
+        try:
+            return (await client.info("")).model
+        finally:
+            await client.close()
+
+    async def raises():  # each process's first info() call fails
+        await ClientPool.start(SendSettings(cluster.http_url, "no-such-model", 0.0, 5.0), 2)
+
+    async def dies(name: str):
+        pool = await ClientPool.start(SendSettings(cluster.http_url, name, 0.0, 5.0), 2)
+        try:
+            requests = [BenchRequest((100 + i, 200 + i), 2) for i in range(3)]
+            await pool.deal([0.0, 0.05, 0.1], requests)
+            records = await pool.run(time.perf_counter() + 0.2)
+            assert [(r.index, r.ok) for r in records] == [(0, True), (1, True), (2, True)]
+            assert pool.progress() == Progress(3, 3, 0)  # the processes' last counts, summed
+            await pool.deal([0.0, 0.0], requests[:2])  # the next rate, same processes
+            [victim] = [p for p in multiprocessing.active_children() if p.name == "tandem-bench-client-1"]
+            os.kill(victim.pid, signal.SIGKILL)
+            await pool.run(time.perf_counter() + 0.2)
+        finally:
+            await pool.close()
+
+    with pytest.raises(ClientProcessError, match=r"client process \d \(pid \d+\) failed: RuntimeError: the server "
+                                                 r"does not serve 'no-such-model'"):
+        asyncio.run(raises())
+    assert multiprocessing.active_children() == []
+    with pytest.raises(ClientProcessError, match=r"client process 1 \(pid \d+\) exited \(exit code -9\) before it "
+                                                 r"answered"):
+        asyncio.run(dies(asyncio.run(model())))
+    assert multiprocessing.active_children() == []

@@ -127,3 +127,22 @@ def test_counted_fills_the_run_entry_and_logs_a_line_per_worker_and_the_cpu_shar
     assert 0.3 < extra["cpu"]["load-generator"] < 1.5
     assert lines[0] == "rate 2/s  decode-0: no counters (its Stats did not answer)"
     assert lines[1].startswith("rate 2/s  CPU (cores busy): router -, load-generator ")
+
+
+def test_a_named_child_of_the_load_generator_is_not_counted_in_it():
+    # a busy cluster process started by this one (so its child), named as the router
+    named = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    async def main():
+        await asyncio.sleep(0.3)  # past its start-up
+        async with counted([], 1.0, lambda _: None, {"router": named.pid}) as extra:
+            await asyncio.sleep(1.0)  # this process itself idles
+        return extra
+
+    try:
+        extra = asyncio.run(main())
+    finally:
+        named.kill()
+        named.wait()
+    assert 0.3 < extra["cpu"]["router"] <= 1.1
+    assert extra["cpu"]["load-generator"] < 0.1

@@ -1,7 +1,8 @@
 """Open-loop serving benchmark against a running tandem cluster: ``tandem bench serve``.
 
     tandem bench serve --url http://127.0.0.1:8000 --workload chatbot --rate 4 --duration 30 \\
-        [--ttft-slo-ms 1000 --tpot-slo-ms 100] [--scale 0.1] [--sweep-rates 1,2,4,8] [--trace F.jsonl]
+        [--ttft-slo-ms 1000 --tpot-slo-ms 100] [--scale 0.1] [--sweep-rates 1,2,4,8] [--trace F.jsonl] \\
+        [--client-processes 2]
 
 A run: arrivals are drawn first (Poisson at ``--rate``: exponential gaps from a seeded
 generator, inside ``--duration`` seconds, at most ``--max-requests``; or a trace's
@@ -11,6 +12,15 @@ own task, kept in a list). When the send window has closed the outstanding reque
 get ``--drain-timeout`` seconds; those still running are cancelled and count as failed
 ("timeout"). Every second a progress line goes to stderr. A sweep (``--sweep-rates``)
 runs each rate in turn with seed + i for the i-th rate, and reports goodput.
+
+``--client-processes N`` (N > 1) sends from N client processes instead of this one, for
+rates at which one event loop falls behind (the load generator's CPU share nears a core,
+and its own lag shows up in the client-side latencies): they are started once per sweep,
+each with its own event loop and connection; per rate the plan is made here as usual,
+planned request i goes to process i mod N, and all of them start the send window at
+the same moment. Their records, merged in plan order, are what one process makes: one
+per planned request, times relative to the common start (tools/bench/client_processes.py).
+Warm-up requests still go out from here.
 
 Prompts are random token ids, so requests share no prefix; but the same --seed sent
 again to the same cluster hits its prefix cache and flatters TTFT. Each record keeps
@@ -38,16 +48,17 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import aiohttp
 import grpc
 
-from tools.bench import plots
+from tools.bench import client_processes, plots
+from tools.bench.client_processes import ClientPool, SendSettings
 from tools.bench.git_info import git_commit, git_dirty
-from tools.bench.serve_clients import LoadClient, Measurement
+from tools.bench.serve_clients import LoadClient, Measurement, Progress, send_open_loop, to_record
 from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, goodput, summarize
 from tools.bench.workloads import (ARRIVALS_STREAM, MIN_TOKEN_ID, WARMUP_STREAM, WORKLOADS, BenchRequest, TraceError,
                                   describe_workloads, load_trace, seeded_rng, synthetic_requests)
@@ -111,7 +122,7 @@ async def drive(client: LoadClient, plan: RunPlan, model: str, temperature: floa
     """Send the plan open-loop, drain, cancel the stragglers; one record per planned request."""
     # What exists now (earlier rates' records, the client) is moved out of the collector's view
     # while the plan runs: a full collection walking it can hold the sender up (arrivals went
-    # out up to ~0.3 s late on a GPU run); given back after.
+    # out up to ~0.3 s late on a GPU run); given back after. Client processes do the same.
     gc.collect()
     gc.freeze()
     try:
@@ -124,69 +135,38 @@ async def _drive(client: LoadClient, plan: RunPlan, model: str, temperature: flo
                  drain_timeout_s: float) -> list[RequestRecord]:
     start = time.perf_counter()
     measurements: list[Measurement] = []
-    tasks: list[asyncio.Task] = []
-    progress = asyncio.create_task(_progress(plan, measurements, start))
-    try:
-        for arrival, req in zip(plan.arrivals, plan.requests):
-            delay = start + arrival - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            m = Measurement(time.perf_counter())
-            measurements.append(m)
-            tasks.append(asyncio.create_task(client.send(req, m, model, temperature)))
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=drain_timeout_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-    finally:
-        for task in tasks:
-            task.cancel()
-        progress.cancel()
-        await asyncio.gather(progress, *tasks, return_exceptions=True)
-    for task, m in zip(tasks, measurements):
-        _settle(task, m, drain_timeout_s)
-    return [_record(i, plan.arrivals[i], req, m, start)
+    async with _progress_logged(plan, lambda: Progress.of(measurements), start):
+        await send_open_loop(client, plan.arrivals, plan.requests, start, measurements, model, temperature,
+                             drain_timeout_s)
+    return [to_record(i, plan.arrivals[i], req, m, start)
             for i, (req, m) in enumerate(zip(plan.requests, measurements))]
 
 
-def _settle(task: asyncio.Task, m: Measurement, drain_timeout_s: float) -> None:
-    """Give every request that did not end by itself an error."""
-    if task.cancelled():
-        if m.error is None and m.end is None:
-            m.error = f"timeout: still running {drain_timeout_s:g} s after the send window closed"
-    elif task.exception() is not None:
-        m.error = f"client error: {task.exception()!r}"
-    elif m.end is None and m.error is None:
-        m.error = "the request ended without a result"
+async def drive_processes(pool: ClientPool, plan: RunPlan) -> list[RequestRecord]:
+    """``drive`` from the pool's client processes, once the plan is dealt to them
+    (``pool.deal``): one record per planned request, in plan order, as ``drive`` makes."""
+    start = time.perf_counter() + client_processes.START_MARGIN_S
+    async with _progress_logged(plan, pool.progress, start):
+        return await pool.run(start)
 
 
-def _record(index: int, scheduled_s: float, req: BenchRequest, m: Measurement, run_start: float) -> RequestRecord:
-    ttft = None if m.first_token is None else (m.first_token - m.start) * 1000
-    tpot = None
-    if m.first_token is not None and m.tokens >= 2:
-        tpot = (m.last_token - m.first_token) * 1000 / (m.tokens - 1)
-    ok = m.error is None and m.end is not None
-    return RequestRecord(
-        index=index, scheduled_s=round(scheduled_s, 6), sent_s=round(m.start - run_start, 6),
-        input_len=m.input_len or req.input_len, output_len_requested=req.output_len, output_len=m.tokens,
-        ttft_ms=_us(ttft), tpot_ms=_us(tpot), e2e_ms=None if m.end is None else _us((m.end - m.start) * 1000),
-        ok=ok, error=m.error, server_ttft_ms=m.server_ttft_ms, cached_prompt_tokens=m.cached_tokens,
-        workers=m.workers)
+@contextlib.asynccontextmanager
+async def _progress_logged(plan: RunPlan, counts: Callable[[], Progress], start: float) -> AsyncIterator[None]:
+    """A progress line every ``_PROGRESS_INTERVAL_S`` while the block runs."""
+    task = asyncio.create_task(_progress(plan, counts, start))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
-def _us(ms: float | None) -> float | None:
-    """Milliseconds kept to the microsecond (the clock's useful resolution here)."""
-    return None if ms is None else round(ms, 3)
-
-
-async def _progress(plan: RunPlan, measurements: list[Measurement], start: float) -> None:
+async def _progress(plan: RunPlan, counts: Callable[[], Progress], start: float) -> None:
     while True:
         await asyncio.sleep(_PROGRESS_INTERVAL_S)
-        done = sum(1 for m in measurements if m.end is not None and m.error is None)
-        failed = sum(1 for m in measurements if m.error is not None)
-        log(f"rate {plan.rate:g}/s  t={time.perf_counter() - start:5.1f}s  sent {len(measurements)}/"
-            f"{len(plan.arrivals)}  completed {done}  failed {failed}  in-flight {len(measurements) - done - failed}")
+        c = counts()
+        log(f"rate {plan.rate:g}/s  t={time.perf_counter() - start:5.1f}s  sent {c.sent}/{len(plan.arrivals)}  "
+            f"completed {c.completed}  failed {c.failed}  in-flight {c.sent - c.completed - c.failed}")
 
 
 async def warm_up(client: LoadClient, model: str, count: int, seed: int, vocab: int) -> None:
@@ -209,13 +189,20 @@ async def run_benchmark(args: argparse.Namespace, slo: SLO,
                         observe: Callable[[float], contextlib.AbstractAsyncContextManager[dict]] | None = None) -> dict:
     """Run every rate of ``args.rates`` in turn. ``observe(rate)``, if given, is entered around
     each run's requests (send window and drain); the dict it yields, filled by the time it exits,
-    is added to that run's entry (``tandem bench disagg``: the workers' engine counters)."""
+    is added to that run's entry (``tandem bench disagg``: the workers' engine counters). With
+    ``args.client_processes`` > 1 the requests go out from that many client processes, started
+    once for the whole sweep (tools/bench/client_processes.py); warm-up stays in this process."""
     client = LoadClient.for_url(args.url)
+    pool: ClientPool | None = None
     try:
         info = await client.info(args.model_name)
         max_context = min(args.max_context or info.max_context, info.max_context)
         vocab = args.vocab_size or vocab_from_model_dir(args.model) or DEFAULT_VOCAB_SIZE
         log(f"{info.model} at {args.url}: context {max_context} tokens, prompt ids in [10, {vocab})")
+        if args.client_processes > 1:
+            settings = SendSettings(args.url, info.model, args.temperature, args.drain_timeout)
+            pool = await ClientPool.start(settings, args.client_processes)
+            log(f"{args.client_processes} client processes connected")
         runs = []
         for i, rate in enumerate(args.rates):
             trace = None
@@ -230,12 +217,19 @@ async def run_benchmark(args: argparse.Namespace, slo: SLO,
             timing = "at the trace's timestamps" if plan.requests and plan.requests[0].arrival_s is not None \
                 else f"at {rate:g}/s"
             log(f"{len(plan.arrivals)} requests {timing} within {args.duration:g} s")
+            if pool is not None:  # outside observe: only the send window and drain are measured
+                await pool.deal(plan.arrivals, plan.requests)
             started = _now()
             async with observe(rate) if observe else contextlib.nullcontext({}) as observed:
-                records = await drive(client, plan, info.model, args.temperature, args.drain_timeout)
+                if pool is None:
+                    records = await drive(client, plan, info.model, args.temperature, args.drain_timeout)
+                else:
+                    records = await drive_processes(pool, plan)
             runs.append({"rate": rate, "seed": plan.seed, "started_at": started, "finished_at": _now(),
                          "summary": summarize(records, slo), **observed, "requests": [asdict(r) for r in records]})
     finally:
+        if pool is not None:
+            await pool.close()
         await client.close()
     return {"server": {"model": info.model, "max_context": max_context, "vocab_size": vocab}, "runs": runs}
 
@@ -301,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ttft-slo-ms", type=float, default=None)
     parser.add_argument("--tpot-slo-ms", type=float, default=None)
     parser.add_argument("--warmup", type=int, default=1, help="short unrecorded requests first (default 1)")
+    parser.add_argument("--client-processes", type=int, default=1, metavar="N",
+                        help="send from N processes, each with its own event loop and connection, the requests "
+                             "dealt round-robin (default 1: from this process); for rates at which the load "
+                             "generator's own CPU share nears a core")
     parser.add_argument("--label", default=None, help="result name suffix (default: from --url)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-plots", action="store_true")
@@ -332,6 +330,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--model {args.model}: no config.json there")
     if args.max_context is not None and args.max_context < 3:
         parser.error("--max-context must be >= 3")
+    if args.client_processes < 1:
+        parser.error(f"--client-processes must be >= 1, got {args.client_processes}")
     args.workload_name = f"trace-{_slug(args.trace.stem)}" if args.trace else args.workload
     args.label = _slug(args.label) if args.label else default_label(args.url)
 

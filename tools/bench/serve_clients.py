@@ -10,6 +10,12 @@ exact, and write what they see into the request's :class:`Measurement` as it arr
 (so a request cancelled at the drain deadline keeps what it had). One client serves a
 whole run: one aiohttp session (connection pool without a practical limit: open loop
 means many requests in flight) or one gRPC channel (HTTP/2 streams).
+
+``send_open_loop`` sends a list of requests through one client, each at its arrival time
+and as its own task, drains, cancels the stragglers and settles every request's
+``Measurement``; ``to_record`` turns one into the ``RequestRecord`` the report stores. The
+benchmark's own process uses them (``serve_bench.drive``), and so does every client
+process of ``--client-processes`` (client_processes.py) on its share of the requests.
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import grpc
 
-from router.client import AsyncClient, Completion
+from tools.bench.slo import RequestRecord
 from tools.bench.workloads import BenchRequest
+
+if TYPE_CHECKING:
+    from router.client import AsyncClient
 
 _CONNECT_TIMEOUT_S = 30.0
 _INFO_TIMEOUT_S = 30.0
@@ -177,11 +187,17 @@ def _error_message(text: str) -> str:
 
 
 class GrpcLoadClient(LoadClient):
+    # router.client imports torch (through services.common.rpc): it is imported where this class
+    # uses it, not with the module, so that a process sending over HTTP (a --client-processes
+    # one) starts without torch
+
     def __init__(self, address: str):
         self._address = address
         self._client: AsyncClient | None = None
 
     def _stub(self) -> AsyncClient:
+        from router.client import AsyncClient
+
         if self._client is None:  # grpc.aio channels bind to the running loop
             self._client = AsyncClient(self._address)
         return self._client
@@ -191,6 +207,8 @@ class GrpcLoadClient(LoadClient):
         return _pick_model([(m.id, m.max_model_len) for m in models], model)
 
     async def send(self, req: BenchRequest, m: Measurement, model: str, temperature: float) -> None:
+        from router.client import Completion
+
         prompt = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
         try:
             async for item in self._stub().stream(prompt, model, max_tokens=req.output_len,
@@ -210,3 +228,84 @@ class GrpcLoadClient(LoadClient):
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+# -- sending a run ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counts of one run so far, for the progress line."""
+
+    sent: int
+    completed: int
+    """Ended without an error."""
+    failed: int
+
+    @staticmethod
+    def of(measurements: list[Measurement]) -> "Progress":
+        completed = sum(1 for m in measurements if m.end is not None and m.error is None)
+        failed = sum(1 for m in measurements if m.error is not None)
+        return Progress(len(measurements), completed, failed)
+
+
+async def send_open_loop(client: LoadClient, arrivals: list[float], requests: list[BenchRequest], start: float,
+                         measurements: list[Measurement], model: str, temperature: float,
+                         drain_timeout_s: float) -> None:
+    """Send ``requests[j]`` at ``start + arrivals[j]`` (``time.perf_counter`` seconds) without
+    waiting for earlier ones, each as its own task; once all are sent the outstanding ones get
+    ``drain_timeout_s`` and the rest are cancelled. One measurement per sent request is appended
+    to ``measurements`` as it goes out (a progress reader may count them meanwhile); when this
+    returns every one of them is settled (see ``settle``)."""
+    tasks: list[asyncio.Task] = []
+    try:
+        for arrival, req in zip(arrivals, requests):
+            delay = start + arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            m = Measurement(time.perf_counter())
+            measurements.append(m)
+            tasks.append(asyncio.create_task(client.send(req, m, model, temperature)))
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task, m in zip(tasks, measurements):
+        settle(task, m, drain_timeout_s)
+
+
+def settle(task: asyncio.Task, m: Measurement, drain_timeout_s: float) -> None:
+    """Give every request that did not end by itself an error."""
+    if task.cancelled():
+        if m.error is None and m.end is None:
+            m.error = f"timeout: still running {drain_timeout_s:g} s after the send window closed"
+    elif task.exception() is not None:
+        m.error = f"client error: {task.exception()!r}"
+    elif m.end is None and m.error is None:
+        m.error = "the request ended without a result"
+
+
+def to_record(index: int, scheduled_s: float, req: BenchRequest, m: Measurement, run_start: float) -> RequestRecord:
+    """The stored record of planned request ``index``; its times relative to ``run_start``, the
+    start of the send window (``time.perf_counter`` seconds)."""
+    ttft = None if m.first_token is None else (m.first_token - m.start) * 1000
+    tpot = None
+    if m.first_token is not None and m.tokens >= 2:
+        tpot = (m.last_token - m.first_token) * 1000 / (m.tokens - 1)
+    ok = m.error is None and m.end is not None
+    return RequestRecord(
+        index=index, scheduled_s=round(scheduled_s, 6), sent_s=round(m.start - run_start, 6),
+        input_len=m.input_len or req.input_len, output_len_requested=req.output_len, output_len=m.tokens,
+        ttft_ms=_us(ttft), tpot_ms=_us(tpot), e2e_ms=None if m.end is None else _us((m.end - m.start) * 1000),
+        ok=ok, error=m.error, server_ttft_ms=m.server_ttft_ms, cached_prompt_tokens=m.cached_tokens,
+        workers=m.workers)
+
+
+def _us(ms: float | None) -> float | None:
+    """Milliseconds kept to the microsecond (the clock's useful resolution here)."""
+    return None if ms is None else round(ms, 3)

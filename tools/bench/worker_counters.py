@@ -22,7 +22,9 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
 A figure whose divisor is zero (no steps, no step time) is None.
 
 Beside them, ``run["cpu"]``: the CPU share of every cluster process and of the load generator
-over the same wall time (tools/bench/process_cpu.py).
+over the same wall time, each with its live descendant processes but without those named on
+their own (tools/bench/process_cpu.py): the load generator's share includes its client
+processes (``tandem bench serve --client-processes``).
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ async def counted(workers: list[WorkerInfo], rate: float, progress: Callable[[st
     """Around one run of ``run_benchmark`` (its ``observe`` hook): yields a dict that holds, once
     the run ended, ``{"workers": difference(...), "cpu": {name: share}}``, and logs one line per
     worker and one with the CPU shares. ``cpu`` covers ``processes`` (name -> pid: the cluster's
-    router and workers) and this process, the load generator, as ``load-generator``
-    (tools/bench/process_cpu.py)."""
+    router and workers) and this process, the load generator, as ``load-generator``, each with
+    its descendants (tools/bench/process_cpu.py). A process this one started that is left out of
+    ``processes`` counts as part of the load generator."""
     extra: dict = {}
     pids = {**(processes or {}), "load-generator": os.getpid()}
     before, cpu_before = await snapshot(workers), process_cpu.read(pids)
