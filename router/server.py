@@ -4,6 +4,10 @@ Watches etcd membership, serves the gRPC Generation API and the OpenAI-compatibl
 HTTP API, and registers itself in etcd (role ``router``) so ``tandem status`` shows it.
 On SIGTERM it stops taking requests, lets in-flight streams finish within the grace
 period, and exits 0.
+
+One router may run as several such processes on the same ports (``--processes N``,
+router/supervisor.py): each binds with SO_REUSEPORT (``share_ports``), registers under its
+own id, and writes its metrics to the directory the processes share (``metrics_dir``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from router.frontend import Frontend
 from router.grpc_api import GenerationService
 from router.http_api import build_http_app
+from router.metrics import RouterMetrics
 from router.router import Router, RouterConfig
 from services.common.registry import Membership, Registration, WorkerInfo
 from services.common.process import serve_until_signalled
-from services.common.rpc import new_server, set_serving
+from services.common.rpc import SERVER_OPTIONS, SHARED_PORT_SERVER_OPTIONS, new_server, set_serving
 from services.engine.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -50,10 +55,20 @@ class RouterServerConfig:
     drain_grace_s: float = 30.0
     max_body_bytes: int = 4 << 20
     """Largest HTTP request body accepted (413 beyond)."""
+    share_ports: bool = False
+    """Bind both ports with SO_REUSEPORT, next to the other processes of this router (the
+    kernel spreads new connections over them). False: a port in use is an error."""
+    metrics_dir: Path | None = None
+    """The multiprocess metrics directory the processes of this router share (see
+    router/metrics.py); None: this process's own registry."""
 
     def __post_init__(self) -> None:
         if not self.router_id:
-            object.__setattr__(self, "router_id", f"router-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+            object.__setattr__(self, "router_id", default_router_id())
+
+
+def default_router_id() -> str:
+    return f"router-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
 class RouterServer:
@@ -76,9 +91,10 @@ class RouterServer:
         self.membership = Membership(c.etcd_url, c.cluster)
         await self.membership.start()
         tokenizer = TextTokenizer.from_model_dir(c.model_dir) if c.model_dir else None
-        self.router = Router(self.membership, self._router_config)
+        self.router = Router(self.membership, self._router_config, metrics=RouterMetrics(c.metrics_dir))
         self.frontend = Frontend(self.router, tokenizer)
-        self.server, port, self.health = new_server(c.host, c.grpc_port)
+        grpc_options = SHARED_PORT_SERVER_OPTIONS if c.share_ports else SERVER_OPTIONS
+        self.server, port, self.health = new_server(c.host, c.grpc_port, grpc_options)
         pb_grpc.add_GenerationServicer_to_server(GenerationService(self.frontend), self.server)
         await self.server.start()
         await set_serving(self.health, ["tandem.v1.Generation"], True)
@@ -86,7 +102,7 @@ class RouterServer:
         app = build_http_app(self.frontend, c.model_dir, c.max_body_bytes)
         self._runner = web.AppRunner(app, shutdown_timeout=c.drain_grace_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, c.host, c.http_port)
+        site = web.TCPSite(self._runner, c.host, c.http_port, reuse_port=c.share_ports)
         await site.start()
         http_port = self._runner.addresses[0][1]
         self.http_url = f"http://{c.host}:{http_port}"

@@ -3,11 +3,11 @@
     tandem generate [--url URL | --model DIR] [--max-tokens N] [--temperature T] [--top-p P]
                     [--top-k K] [--seed S] [--stop STR] [--dtype D] [--device D] PROMPT
     tandem up [--model DIR] [--prefill N] [--decode M] [--mixed K] [--http-port P] [--grpc-port G]
-              [--etcd URL]
+              [--etcd URL] [--router-processes R]
     tandem down
     tandem status
     tandem kv stats|clear
-    tandem serve prefill|decode|mixed|router --etcd URL [...]
+    tandem serve prefill|decode|mixed|router --etcd URL [...]     (router: [--processes N])
     tandem bench engine|roofline|steps|serve|disagg [...]
 
 ``generate`` runs the engine in-process (the built-in demo model unless ``--model``)

@@ -43,6 +43,8 @@ def add_parsers(sub) -> None:
     up.add_argument("--kvstore-ssd-bytes", type=int, default=8 << 30,
                     help="the store's SSD tier, kept in <state dir>/kvstore across down / up")
     add_policy_arguments(up)
+    up.add_argument("--router-processes", type=int, default=1, metavar="N",
+                    help="run the router as N processes on the same ports (default 1)")
     up.add_argument("--timeout", type=float, default=_UP_TIMEOUT_S, help="seconds to wait for readiness")
     for name, help_text in (("down", "stop the local cluster"), ("status", "show the cluster's workers")):
         p = sub.add_parser(name, help=help_text)
@@ -78,6 +80,9 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     if not args.stream_interval_ms >= 0:
         _say(f"error: --stream-interval-ms must be >= 0, got {args.stream_interval_ms}")
         return _EXIT_BAD_INPUT
+    if args.router_processes < 1:
+        _say(f"error: --router-processes must be >= 1, got {args.router_processes}")
+        return _EXIT_BAD_INPUT
     worker_args = ["--device", args.device, "--dtype", args.dtype]
     if args.kv_cache_bytes:
         worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
@@ -89,7 +94,8 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     spec = ClusterSpec(model_dir=args.model.resolve(), state_dir=state_dir, prefill=args.prefill,
                        decode=args.decode, mixed=args.mixed, http_port=args.http_port, grpc_port=args.grpc_port,
                        etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args),
-                       policy=args.policy, router_args=tuple(router_args), kvstore=not args.no_kvstore,
+                       policy=args.policy, router_args=tuple(router_args), router_processes=args.router_processes,
+                       kvstore=not args.no_kvstore,
                        kvstore_args=("--cpu-bytes", str(args.kvstore_cpu_bytes), "--ssd-bytes",
                                      str(args.kvstore_ssd_bytes)))
     state = start_cluster(spec, args.timeout, progress=_say)

@@ -2,7 +2,7 @@
 
     tandem up ─┬─ etcd (private, unless an external URL is given)
                ├─ N prefill, M decode, K mixed workers   (tandem serve <role>)
-               └─ router                                 (tandem serve router)
+               └─ router                                 (tandem serve router [--processes R])
 
 Every child runs in its own session (so it outlives ``tandem up`` and a Ctrl-C in the
 shell that started it), logs to ``<state_dir>/logs/<name>.log``, and is listed with its
@@ -52,6 +52,9 @@ class ClusterSpec:
     """The router's routing policy."""
     router_args: tuple[str, ...] = ()
     """Extra ``tandem serve router`` arguments (e.g. the slo-aware policy's ``--ttft-slo-ms``)."""
+    router_processes: int = 1
+    """Processes the router runs as (``--processes``; > 1: a supervisor and that many children,
+    registered as ``router-0`` ...; ``processes["router"]`` is the supervisor)."""
     kvstore: bool = True
     """Start a KV store (its SSD tier in ``<state_dir>/kvstore``, kept across down / up)."""
     kvstore_args: tuple[str, ...] = ("--cpu-bytes", str(1 << 30), "--ssd-bytes", str(8 << 30))
@@ -60,6 +63,8 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.mixed) < 0:
             raise ValueError("worker counts must be >= 0")
+        if self.router_processes < 1:
+            raise ValueError(f"router processes must be >= 1, got {self.router_processes}")
         if self.mixed == 0 and (self.prefill == 0 or self.decode == 0):
             raise ValueError("a cluster needs a mixed worker, or at least one prefill and one decode worker")
         unknown = sorted(set(self.worker_name_args) - set(self.worker_names()))
@@ -113,7 +118,8 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
             state.processes[name] = _spawn(spec, name, args, state)
         state.processes["router"] = _spawn(spec, "router", [
             "serve", "router", "--id", "router", "--model", str(spec.model_dir), "--http-port", str(spec.http_port),
-            "--grpc-port", str(spec.grpc_port), "--policy", spec.policy, *spec.router_args], state)
+            "--grpc-port", str(spec.grpc_port), "--policy", spec.policy, "--processes", str(spec.router_processes),
+            *spec.router_args], state)
         state.save(spec.state_dir)
         _wait_ready(spec, state, timeout_s, progress)
     except BaseException:
@@ -179,7 +185,7 @@ def _wait_ready(spec: ClusterSpec, state: ClusterState, timeout_s: float, progre
         except Exception:  # etcd not answering yet
             workers = []
         ready = [w for w in workers if w.role in ("prefill", "decode", "mixed")]
-        router_up = any(w.role == "router" for w in workers)
+        router_up = sum(w.role == "router" for w in workers) >= spec.router_processes
         store_up = not spec.kvstore or any(w.role == "kvstore" for w in workers)
         if len(ready) != last:
             progress(f"{len(ready)}/{expected} workers ready" + (", router ready" if router_up else ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def add_parser(sub) -> None:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for torch in this process (default: torch's choice)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="router: serve from N processes on the same ports (SO_REUSEPORT), under a supervisor "
+                        "(default 1)")
+    p.add_argument("--share-ports", action="store_true", help=argparse.SUPPRESS)  # a child of that supervisor
     p.add_argument("--cpu-bytes", type=int, default=1 << 30, help="kvstore: CPU tier capacity (0: no CPU tier)")
     p.add_argument("--ssd-dir", type=Path, default=None, help="kvstore: directory of the SSD tier (kept across "
                    "restarts; default: no SSD tier)")
@@ -75,20 +80,10 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.torch_threads)
     if args.role == "router":
-        from router.policy import make_policy
-        from router.router import RouterConfig
-        from router.server import RouterServer, RouterServerConfig
-
-        try:
-            policy = make_policy(args.policy, args.ttft_slo_ms, args.slo_headroom)
-        except ValueError as e:
-            print(f"tandem: error: {e}", file=sys.stderr)
-            return _EXIT_BAD_INPUT
-        config = RouterServerConfig(etcd_url=args.etcd, model_dir=args.model, cluster=args.cluster, host=args.host,
-                                    grpc_port=args.grpc_port, http_port=args.http_port, router_id=args.id,
-                                    drain_grace_s=args.drain_grace)
-        asyncio.run(RouterServer(config, RouterConfig(policy=policy)).run())
-        return 0
+        return _run_router(args)
+    if args.processes != 1:
+        print("tandem: error: --processes applies to the router only", file=sys.stderr)
+        return _EXIT_BAD_INPUT
     if args.role == "kvstore":
         return _run_kvstore(args)
     from services.common.worker import Worker
@@ -119,6 +114,51 @@ def run(args: argparse.Namespace) -> int:
                           gil_switch_interval_s=args.gil_switch_interval_ms / 1000)
     asyncio.run(Worker(config).run())
     return 0
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    from router.policy import make_policy
+    from router.router import RouterConfig
+    from router.server import RouterServer, RouterServerConfig
+    from router.supervisor import METRICS_DIR_ENV
+
+    if args.processes < 1:
+        print(f"tandem: error: --processes must be >= 1, got {args.processes}", file=sys.stderr)
+        return _EXIT_BAD_INPUT
+    try:
+        policy = make_policy(args.policy, args.ttft_slo_ms, args.slo_headroom)
+    except ValueError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return _EXIT_BAD_INPUT
+    if args.processes > 1:
+        return _supervise_routers(args)
+    metrics_dir = os.environ.get(METRICS_DIR_ENV)  # set by the supervisor for its children
+    config = RouterServerConfig(etcd_url=args.etcd, model_dir=args.model, cluster=args.cluster, host=args.host,
+                                grpc_port=args.grpc_port, http_port=args.http_port, router_id=args.id,
+                                drain_grace_s=args.drain_grace, share_ports=args.share_ports,
+                                metrics_dir=Path(metrics_dir) if metrics_dir else None)
+    asyncio.run(RouterServer(config, RouterConfig(policy=policy)).run())
+    return 0
+
+
+def _supervise_routers(args: argparse.Namespace) -> int:
+    from router.server import default_router_id
+    from router.supervisor import PortUnavailableError, RouterSupervisor, SupervisorConfig
+
+    child_args = [*(["-v"] if args.verbose else []), "serve", "router", "--model", str(args.model),
+                  "--policy", args.policy, "--drain-grace", str(args.drain_grace)]
+    for flag, value in (("--ttft-slo-ms", args.ttft_slo_ms), ("--slo-headroom", args.slo_headroom),
+                        ("--torch-threads", args.torch_threads)):
+        if value is not None:
+            child_args += [flag, str(value)]
+    config = SupervisorConfig(processes=args.processes, router_id=args.id or default_router_id(),
+                              etcd_url=args.etcd, cluster=args.cluster, host=args.host, grpc_port=args.grpc_port,
+                              http_port=args.http_port, child_args=tuple(child_args))
+    try:
+        return asyncio.run(RouterSupervisor(config).run())
+    except PortUnavailableError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return _EXIT_BAD_INPUT
 
 
 def _run_kvstore(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ so `tandem up`, Kubernetes probes and the router can all ask the same question.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,7 +28,12 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
-SERVER_OPTIONS = CHANNEL_OPTIONS + (("grpc.http2.min_ping_interval_without_data_ms", 5_000),)
+_BASE_SERVER_OPTIONS = CHANNEL_OPTIONS + (("grpc.http2.min_ping_interval_without_data_ms", 5_000),)
+# gRPC sets SO_REUSEPORT on Linux unless told otherwise, so a second server would share a
+# port in use instead of failing to bind it. Every server binds its port alone, except the
+# processes of one router (router/supervisor.py), which listen on the same ports on purpose.
+SERVER_OPTIONS = _BASE_SERVER_OPTIONS + (("grpc.so_reuseport", 0),)
+SHARED_PORT_SERVER_OPTIONS = _BASE_SERVER_OPTIONS + (("grpc.so_reuseport", 1),)
 
 
 def sampling_params(options: pb.SamplingOptions, seed: int | None = None) -> SamplingParams:
@@ -66,12 +71,17 @@ async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> Non
     await context.abort(code, str(error))
 
 
-def new_server(bind_host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A grpc.aio server bound to host:port (0 = any free port), with the health service."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    bound = server.add_insecure_port(f"{bind_host}:{port}")
+def new_server(bind_host: str, port: int, options: Sequence[tuple[str, int]] = SERVER_OPTIONS
+               ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A grpc.aio server bound to host:port (0 = any free port), with the health service.
+    ``options``: SERVER_OPTIONS (the port must be free) or SHARED_PORT_SERVER_OPTIONS."""
+    server = grpc.aio.server(options=options)
+    try:
+        bound = server.add_insecure_port(f"{bind_host}:{port}")
+    except RuntimeError:  # grpc.aio raises where the sync server returns 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC to {bind_host}:{port}")
+        raise OSError(f"cannot bind gRPC to {bind_host}:{port} (in use?)")
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, bound, health_servicer
