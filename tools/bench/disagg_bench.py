@@ -42,7 +42,7 @@ Each rate's run also stores every worker's engine counters over it (``workers``:
 step time, host share, busy share, decode batch ...; tools/bench/worker_counters.py), one line
 per worker on stderr: where step time went, e.g. a decode worker whose steps got slow. Beside
 them, ``cpu``: the CPU share of the router, every worker and the load generator (cores busy;
-tools/bench/process_cpu.py), e.g. a router whose one event loop runs out of CPU.
+tools/bench/process_cpu.py; etcd's too), e.g. a router whose one event loop runs out of CPU.
 
 SLO sensitivity: the verdict can turn on the TPOT limit. A mixed worker's decode steps
 slow down as its batch fills with prefill chunks and more sequences, while a decode
@@ -264,7 +264,9 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int, s
     finally:
         await client.close()
     engines = await worker_counters.engine_workers(state.etcd_url, state.cluster)
-    processes = {name: pid for name, pid in state.processes.items() if name != "etcd"}
+    # etcd too: it is a child of this process, and a named process is not counted in the load
+    # generator's share (process_cpu.read)
+    processes = dict(state.processes)
     kv_tokens = {w.worker_id: w.total_kv_blocks * w.block_size for w in engines}
     log("KV cache (tokens): " + ", ".join(f"{name} {tokens}" for name, tokens in kv_tokens.items()))
     result = await serve_bench.run_benchmark(
