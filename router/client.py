@@ -16,7 +16,7 @@ UNAVAILABLE when no workers can serve).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -82,8 +82,8 @@ class _Assembler:
 
 
 class AsyncClient:
-    def __init__(self, address: str):
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def __init__(self, address: str, channel_options: Sequence[tuple[str, int]] = CHANNEL_OPTIONS):
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     async def __aenter__(self) -> "AsyncClient":

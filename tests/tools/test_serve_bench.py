@@ -16,7 +16,7 @@ from tests.integration.cluster import local_cluster
 from tools.bench import serve_bench
 from tools.bench.client_processes import (ClientPool, ClientProcessError, SendSettings, deal_round_robin,
                                           merge)
-from tools.bench.serve_clients import LoadClient, Progress
+from tools.bench.serve_clients import LoadClient, Measurement, Progress
 from tools.bench.slo import SLO, RequestRecord, attainment, goodput, percentile, summarize
 from tools.bench.workloads import WORKLOADS, BenchRequest, TraceError, fit_lengths, load_trace, synthetic_requests
 from tools.demo import DEMO_MODEL_DIR
@@ -149,7 +149,8 @@ def test_trace_errors_name_the_line(tmp_path, lines, message):
 def test_bad_arguments_exit_2(capsys):
     for argv in (["--url", "http://x"], ["--url", "http://x", "--rate", "0"],
                  ["--url", "http://x", "--sweep-rates", "1,a"], ["--url", "http://x", "--rate", "1", "--scale", "0"],
-                 ["--url", "http://x", "--rate", "1", "--client-processes", "0"]):
+                 ["--url", "http://x", "--rate", "1", "--client-processes", "0"],
+                 ["--url", "http://x", "--rate", "1", "--connections", "0"]):
         with pytest.raises(SystemExit) as e:
             serve_bench.main(argv)
         assert e.value.code == 2, argv
@@ -261,6 +262,42 @@ def test_grpc_run_from_two_client_processes(cluster, tmp_path):
     _check_from_client_processes(report, 4, 2, seed=24)
     assert report["config"]["client_processes"] == 2
     assert multiprocessing.active_children() == []
+
+
+def _established_to(port: int) -> int:
+    """TCP connections on this host in state ESTABLISHED whose remote end is ``port`` (Linux)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    count += 1
+    return count
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_a_grpc_client_opens_its_connections_up_front_and_rotates_requests_over_them(cluster, connections):
+    port = int(cluster.grpc_address.rsplit(":", 1)[1])
+
+    async def main() -> tuple[int, list[bool]]:
+        client = LoadClient.for_url(f"grpc://{cluster.grpc_address}", connections)
+        before = _established_to(port)
+        try:
+            info = await client.info("")
+            opened = _established_to(port) - before
+            ok = []
+            for i in range(2 * connections):
+                m = Measurement(time.perf_counter())
+                await client.send(BenchRequest((100 + i, 200, 300), 2), m, info.model, 0.0)
+                ok.append(m.error is None and m.tokens == 2)
+            assert _established_to(port) - before == opened  # requests reuse the connections
+            return opened, ok
+        finally:
+            await client.close()
+
+    opened, ok = asyncio.run(main())
+    assert opened == connections and all(ok)
 
 
 def test_a_client_process_that_raises_or_dies_fails_the_call_and_the_others_stop(cluster):

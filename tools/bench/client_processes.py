@@ -77,6 +77,8 @@ class SendSettings:
     model: str
     temperature: float
     drain_timeout_s: float
+    connections: int = 1
+    """gRPC connections per process (LoadClient.for_url)."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,7 @@ def _child_main(slot: int, settings: SendSettings, conn: Connection, counters: c
 
 
 async def _serve(slot: int, settings: SendSettings, conn: Connection, counters: ctypes.Array) -> None:
-    client = LoadClient.for_url(settings.url)
+    client = LoadClient.for_url(settings.url, settings.connections)
     try:
         await client.info(settings.model)
         conn.send(("ready", None))

@@ -20,7 +20,10 @@ each with its own event loop and connection; per rate the plan is made here as u
 planned request i goes to process i mod N, and all of them start the send window at
 the same moment. Their records, merged in plan order, are what one process makes: one
 per planned request, times relative to the common start (tools/bench/client_processes.py).
-Warm-up requests still go out from here.
+Warm-up requests still go out from here. ``--connections K`` (gRPC) gives each sending
+process K connections to rotate its requests over: a router running as several processes
+(``tandem serve router --processes N``) is handed connections, not requests, so one
+connection loads one of its processes only.
 
 Prompts are random token ids, so requests share no prefix; but the same --seed sent
 again to the same cluster hits its prefix cache and flatters TTFT. Each record keeps
@@ -192,7 +195,7 @@ async def run_benchmark(args: argparse.Namespace, slo: SLO,
     is added to that run's entry (``tandem bench disagg``: the workers' engine counters). With
     ``args.client_processes`` > 1 the requests go out from that many client processes, started
     once for the whole sweep (tools/bench/client_processes.py); warm-up stays in this process."""
-    client = LoadClient.for_url(args.url)
+    client = LoadClient.for_url(args.url, args.connections)
     pool: ClientPool | None = None
     try:
         info = await client.info(args.model_name)
@@ -200,7 +203,7 @@ async def run_benchmark(args: argparse.Namespace, slo: SLO,
         vocab = args.vocab_size or vocab_from_model_dir(args.model) or DEFAULT_VOCAB_SIZE
         log(f"{info.model} at {args.url}: context {max_context} tokens, prompt ids in [10, {vocab})")
         if args.client_processes > 1:
-            settings = SendSettings(args.url, info.model, args.temperature, args.drain_timeout)
+            settings = SendSettings(args.url, info.model, args.temperature, args.drain_timeout, args.connections)
             pool = await ClientPool.start(settings, args.client_processes)
             log(f"{args.client_processes} client processes connected")
         runs = []
@@ -299,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send from N processes, each with its own event loop and connection, the requests "
                              "dealt round-robin (default 1: from this process); for rates at which the load "
                              "generator's own CPU share nears a core")
+    parser.add_argument("--connections", type=int, default=1, metavar="K",
+                        help="gRPC: connections per sending process, requests rotated over them (default 1); "
+                             "a router with --processes N gets work only over the connections it accepted")
     parser.add_argument("--label", default=None, help="result name suffix (default: from --url)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-plots", action="store_true")
@@ -332,6 +338,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--max-context must be >= 3")
     if args.client_processes < 1:
         parser.error(f"--client-processes must be >= 1, got {args.client_processes}")
+    if args.connections < 1:
+        parser.error(f"--connections must be >= 1, got {args.connections}")
     args.workload_name = f"trace-{_slug(args.trace.stem)}" if args.trace else args.workload
     args.label = _slug(args.label) if args.label else default_label(args.url)
 

@@ -86,10 +86,12 @@ class Measurement:
 
 class LoadClient(abc.ABC):
     @staticmethod
-    def for_url(url: str) -> "LoadClient":
+    def for_url(url: str, connections: int = 1) -> "LoadClient":
+        """``connections``: gRPC connections to rotate requests over (HTTP opens one per request
+        in flight anyway)."""
         if url.startswith(("http://", "https://")):
             return HttpLoadClient(url.rstrip("/"))
-        return GrpcLoadClient(url.removeprefix("grpc://"))
+        return GrpcLoadClient(url.removeprefix("grpc://"), connections)
 
     @abc.abstractmethod
     async def info(self, model: str) -> ServerInfo:
@@ -191,20 +193,34 @@ class GrpcLoadClient(LoadClient):
     # uses it, not with the module, so that a process sending over HTTP (a --client-processes
     # one) starts without torch
 
-    def __init__(self, address: str):
+    # One channel is one TCP connection, and a router running as several processes on one port
+    # (tandem serve router --processes N) is handed connections, not requests: to load all of
+    # them a client needs several. Channels with equal arguments share a connection in gRPC's
+    # global subchannel pool; each of these has a pool of its own.
+    def __init__(self, address: str, connections: int = 1):
+        if connections < 1:
+            raise ValueError(f"connections must be >= 1, got {connections}")
         self._address = address
-        self._client: AsyncClient | None = None
+        self._connections = connections
+        self._clients: list[AsyncClient] = []
+        self._next = 0
 
     def _stub(self) -> AsyncClient:
         from router.client import AsyncClient
+        from services.common.rpc import CHANNEL_OPTIONS
 
-        if self._client is None:  # grpc.aio channels bind to the running loop
-            self._client = AsyncClient(self._address)
-        return self._client
+        if not self._clients:  # grpc.aio channels bind to the running loop
+            options = CHANNEL_OPTIONS if self._connections == 1 else \
+                CHANNEL_OPTIONS + (("grpc.use_local_subchannel_pool", 1),)
+            self._clients = [AsyncClient(self._address, options) for _ in range(self._connections)]
+        self._next = (self._next + 1) % len(self._clients)
+        return self._clients[self._next]
 
     async def info(self, model: str) -> ServerInfo:
-        models = await asyncio.wait_for(self._stub().models(), _INFO_TIMEOUT_S)
-        return _pick_model([(m.id, m.max_model_len) for m in models], model)
+        """Asked over every connection, so that all of them are open before the first request."""
+        replies = await asyncio.wait_for(asyncio.gather(*(self._stub().models() for _ in range(self._connections))),
+                                         _INFO_TIMEOUT_S)
+        return _pick_model([(m.id, m.max_model_len) for m in replies[0]], model)
 
     async def send(self, req: BenchRequest, m: Measurement, model: str, temperature: float) -> None:
         from router.client import Completion
@@ -226,8 +242,8 @@ class GrpcLoadClient(LoadClient):
             m.finish("error", f"gRPC {e.code().name}: {e.details()}")
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        for client in self._clients:
+            await client.close()
 
 
 # -- sending a run ---------------------------------------------------------------------------
