@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tools.bench import disagg_bench, disagg_report, kv_budget
-from tools.bench.disagg_bench import (LAYOUTS, PRESETS, OtherLimits, cluster_spec, fit_kv, plan_layout,
+from tools.bench.disagg_bench import (LAYOUTS, PRESETS, Harness, OtherLimits, cluster_spec, fit_kv, plan_layout,
                                      resolve_preset)
 from tools.bench.disagg_report import compare, format_table, sensitivity_slos, slo_sensitivity, write_report
 from tools.bench.slo import SLO, RequestRecord, goodput, summarize
@@ -172,6 +172,23 @@ def test_flags_override_the_preset():
     assert preset.workers.max_batched_tokens == 2048  # not given: the preset's
     assert preset.workers.stream_interval_ms == 50
     assert preset.other_limits == OtherLimits(tpot_ms=(30, 25, 20, 15))  # the GPU presets'
+
+
+def test_the_router_and_load_generator_sizes_reach_the_cluster_and_the_sweep(tmp_path):
+    assert PRESETS["cpu-demo"].harness == Harness()  # one of each on a 2-core machine
+    gpu = resolve_preset(disagg_bench.build_parser().parse_args(["--preset", "gpu-llama3-8b", "--connections", "3"]))
+    assert gpu.harness == Harness(router_processes=2, client_processes=2, connections=3)
+    spec = cluster_spec(plan_layout("colocated", "cuda", 2, None), gpu.workers, tmp_path, tmp_path,
+                        harness=gpu.harness)
+    assert spec.router_processes == 2
+    plan = gpu.plans["chatbot"]
+    args = disagg_bench.serve_args("grpc://127.0.0.1:1", tmp_path, plan, gpu)
+    assert (args.client_processes, args.connections) == (2, 3)
+    settings = disagg_bench.settings(gpu, plan, tmp_path, 2)
+    assert (settings["router_processes"], settings["client_processes"], settings["connections"]) == (2, 2, 3)
+    with pytest.raises(SystemExit) as e:
+        disagg_bench.main(["--preset", "cpu-demo", "--router-processes", "0"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("argv,other", [
@@ -377,8 +394,8 @@ def test_cpu_run_of_every_layout(tmp_path, capsys):
     results = tmp_path / "results"
     argv = ["--preset", "cpu-demo", "--workloads", "chatbot", "--scale", "0.05", "--rates", "2,4", "--duration",
             "4", "--drain-timeout", "20", "--state-dir", str(tmp_path / "state"), "--results-dir", str(results),
-            "--also-tpot-ms", "1000"]
-    assert disagg_bench.main(argv) == 0
+            "--also-tpot-ms", "1000", "--router-processes", "2", "--client-processes", "2", "--connections", "2"]
+    assert disagg_bench.main(argv) == 0  # the GPU presets' router and load generator, in processes of their own
     [path] = results.glob("disagg_cpu-demo_*.json")
     report = json.loads(path.read_text())
     slot = report["workloads"]["chatbot"]
@@ -389,7 +406,9 @@ def test_cpu_run_of_every_layout(tmp_path, capsys):
         assert roles == (["mixed", "mixed"] if name == "colocated" else ["decode", "prefill"])
         assert entry["layout"]["router_policy"] == ("slo-aware" if name == "disaggregated-slo" else "least-loaded")
         assert [run["rate"] for run in entry["runs"]] == [2, 4]
+        assert (entry["settings"]["router_processes"], entry["settings"]["client_processes"]) == (2, 2)
         for run in entry["runs"]:
+            assert run["cpu"]["router"] > 0 and run["cpu"]["load-generator"] > 0  # with their child processes
             s = run["summary"]
             assert s["ok"] == s["requests"] > 0 and s["failed"] == 0
             assert 0 <= s["slo_attainment"] <= 1

@@ -43,6 +43,11 @@ step time, host share, busy share, decode batch ...; tools/bench/worker_counters
 per worker on stderr: where step time went, e.g. a decode worker whose steps got slow. Beside
 them, ``cpu``: the CPU share of the router, every worker and the load generator (cores busy;
 tools/bench/process_cpu.py; etcd's too), e.g. a router whose one event loop runs out of CPU.
+The router and the load generator are the same for every layout and sized so as not to be
+the limit (the preset's ``harness``: ``--router-processes``, ``--client-processes``,
+``--connections``; the GPU presets run two router processes on the cluster's ports and two
+load generator processes with 4 gRPC connections each, the CPU preset one of each). Their
+CPU shares include their child processes.
 
 SLO sensitivity: the verdict can turn on the TPOT limit. A mixed worker's decode steps
 slow down as its batch fills with prefill chunks and more sequences, while a decode
@@ -114,7 +119,7 @@ from typing import Callable
 import torch
 
 from tools.bench import kv_budget, serve_bench, worker_counters
-from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Preset, WorkerSettings, WorkloadPlan
+from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Harness, Preset, WorkerSettings, WorkloadPlan
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
                                        merge_entry, read_report, recompute, reported_workloads, results_path,
                                        write_plot, write_report)
@@ -187,7 +192,7 @@ def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int | No
 
 
 def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state_dir: Path,
-                 ttft_slo_ms: float | None = None) -> ClusterSpec:
+                 ttft_slo_ms: float | None = None, harness: Harness = Harness()) -> ClusterSpec:
     common = ["--dtype", workers.dtype, "--max-batched-tokens", str(workers.max_batched_tokens),
               "--max-num-seqs", str(workers.max_num_seqs)]
     if workers.max_model_len is not None:
@@ -214,7 +219,7 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
     return ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=layout.count("prefill"),
                        decode=layout.count("decode"), mixed=layout.count("mixed"), http_port=free_port(),
                        grpc_port=free_port(), worker_args=tuple(common), worker_name_args=per_worker, kvstore=False,
-                       policy=layout.policy, router_args=router_args)
+                       policy=layout.policy, router_args=router_args, router_processes=harness.router_processes)
 
 
 # -- running -------------------------------------------------------------------------------
@@ -223,7 +228,7 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
 def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Path, state_root: Path) -> dict:
     """Start a fresh cluster of ``layout``, sweep ``plan``'s rates, stop it; one result entry."""
     state_dir = Path(tempfile.mkdtemp(prefix=f"{plan.workload}-{layout.name}-", dir=state_root))
-    spec = cluster_spec(layout, preset.workers, model_dir, state_dir, plan.slo.ttft_ms)
+    spec = cluster_spec(layout, preset.workers, model_dir, state_dir, plan.slo.ttft_ms, preset.harness)
     log(f"{plan.workload} / {layout.name}: starting {layout.describe()} (state in {state_dir}, kept if it fails)")
     started_at, start = _now(), time.monotonic()
     state = start_cluster(spec, _CLUSTER_START_TIMEOUT_S, progress=log)
@@ -246,7 +251,8 @@ def serve_args(url: str, model_dir: Path, plan: WorkloadPlan, preset: Preset) ->
     args = serve_bench.build_parser().parse_args([
         "--url", url, "--workload", plan.workload, "--duration", str(preset.duration_s),
         "--drain-timeout", str(preset.drain_timeout_s), "--scale", str(preset.scale), "--seed", str(preset.seed),
-        "--model", str(model_dir), "--warmup", "0"])  # warm-up: _warm_up_and_sweep, over every worker
+        "--model", str(model_dir), "--warmup", "0",  # warm-up: _warm_up_and_sweep, over every worker
+        "--client-processes", str(preset.harness.client_processes), "--connections", str(preset.harness.connections)])
     args.rates = list(plan.rates)  # what serve_bench derives from --sweep-rates
     return args
 
@@ -279,7 +285,7 @@ def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) 
     return {"model": str(model_dir), "random_shape": preset.random_shape, **asdict(preset.workers), "workers": workers,
             "workload": plan.workload, "rates": list(plan.rates), "slo": asdict(plan.slo),
             "duration_s": preset.duration_s, "drain_timeout_s": preset.drain_timeout_s, "scale": preset.scale,
-            "seed": preset.seed, "transport": "grpc"}
+            "seed": preset.seed, "transport": "grpc", **asdict(preset.harness)}
 
 
 def estimate_s(preset: Preset, layouts: int) -> tuple[float, float]:
@@ -417,7 +423,10 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     if unknown:
         raise ValueError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(p.plans)}")
     plans = {w: _override_plan(p.plans[w], args) for w in workloads}
+    harness = {k: getattr(args, k) for k in ("router_processes", "client_processes", "connections")
+               if getattr(args, k) is not None}
     p = replace(p, workers=replace(p.workers, **overrides), plans=plans, workloads=workloads,
+                harness=replace(p.harness, **harness),
                 other_limits=_other_limits(args, p.other_limits),
                 **{k: getattr(args, k) for k in ("duration_s", "drain_timeout_s", "scale", "seed")
                    if getattr(args, k) is not None})
@@ -514,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
                         help="workers' stream window: a stream's tokens within MS of its last message go out "
                              "as one (default: the preset's; 0: one message per step)")
+    parser.add_argument("--router-processes", type=int, default=None, metavar="N",
+                        help="router processes on the cluster's ports (default: the preset's; GPU presets 2)")
+    parser.add_argument("--client-processes", type=int, default=None, metavar="N",
+                        help="load generator processes (default: the preset's; GPU presets 2)")
+    parser.add_argument("--connections", type=int, default=None, metavar="K",
+                        help="gRPC connections per load generator process (default: the preset's; GPU presets 4)")
     parser.add_argument("--state-dir", type=Path, default=Path(tempfile.gettempdir()) / "tandem-disagg",
                         help="a fresh cluster state directory per (workload, layout) is made in here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)

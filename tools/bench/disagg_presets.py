@@ -41,6 +41,24 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class Harness:
+    """The router and the load generator: the same for both layouts, and sized so that neither
+    is the limit. One router process streams ~100 chatbot req/s from one core at most."""
+
+    router_processes: int = 1
+    """``tandem serve router --processes``."""
+    client_processes: int = 1
+    """``tandem bench serve --client-processes``."""
+    connections: int = 1
+    """``tandem bench serve --connections``: gRPC connections per client process (a router
+    process gets work only over the connections it accepted)."""
+
+    def __post_init__(self) -> None:
+        if min(self.router_processes, self.client_processes, self.connections) < 1:
+            raise ValueError("--router-processes, --client-processes and --connections must be >= 1")
+
+
+@dataclass(frozen=True)
 class WorkloadPlan:
     workload: str
     rates: tuple[float, ...]
@@ -69,6 +87,7 @@ class Preset:
     seed: int = 0
     other_limits: OtherLimits = OtherLimits()
     """The SLO sensitivity report's limits (``--also-tpot-ms`` / ``--also-ttft-ms``)."""
+    harness: Harness = Harness()
 
 
 # Decode steps of a mixed worker slow down as its batch fills (TPOT ~6 ms -> ~20 ms at 24
@@ -88,6 +107,10 @@ _CPU_WORKERS = WorkerSettings("cpu", "float32", kv_cache_bytes_per_device=256 <<
 _GPU_WORKERS = WorkerSettings("cuda", "bfloat16", kv_cache_bytes_per_device=None, max_model_len=8192,
                               max_batched_tokens=2048, max_num_seqs=256, prefill_max_batched_tokens=8192,
                               stream_interval_ms=20)
+# At 96-112 chatbot req/s on two H200s one router process used 0.8-1.1 cores and the load
+# generator 0.6-0.8 (averaged over send window and drain): both near their limit. Two of
+# each, with 4 connections per client process (8 spread over the 2 router processes).
+_GPU_HARNESS = Harness(router_processes=2, client_processes=2, connections=4)
 PRESETS = {p.name: p for p in (
     Preset("cpu-demo", DEMO_MODEL_DIR, None, _CPU_WORKERS,
            {"chatbot": WorkloadPlan("chatbot", (16, 32, 64), _CPU_SLO),
@@ -100,11 +123,11 @@ PRESETS = {p.name: p for p in (
             "code": WorkloadPlan("code", (56, 64, 72, 80, 88, 96, 104, 112), _GPU_SLO),
             "summarization": WorkloadPlan("summarization", (5, 6, 7, 8, 10, 12), SLO(ttft_ms=3000, tpot_ms=50))},
            ("chatbot", "summarization"), duration_s=10, drain_timeout_s=20, scale=1.0, cluster_start_estimate_s=30,
-           other_limits=_GPU_OTHER_LIMITS),
+           other_limits=_GPU_OTHER_LIMITS, harness=_GPU_HARNESS),
     Preset("gpu-llama3-1b", None, "llama3-1b", _GPU_WORKERS,
            {"chatbot": WorkloadPlan("chatbot", (2, 4, 8, 12, 16), _GPU_SLO),
             "code": WorkloadPlan("code", (2, 4, 8, 12, 16), _GPU_SLO),
             "summarization": WorkloadPlan("summarization", (1, 2, 4, 6, 8), SLO(ttft_ms=3000, tpot_ms=50))},
            ("chatbot", "summarization"), duration_s=20, drain_timeout_s=30, scale=1.0, cluster_start_estimate_s=45,
-           other_limits=_GPU_OTHER_LIMITS),
+           other_limits=_GPU_OTHER_LIMITS, harness=_GPU_HARNESS),
 )}
