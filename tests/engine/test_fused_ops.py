@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from services.engine import fused_ops
 from services.engine.model_config import RopeConfig
 from services.engine.rope import RotaryEmbedding
+from tests.engine.triton_interpreter import patch_interpreter
 
 _MODULE = "tests.engine.test_fused_ops"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -166,34 +167,11 @@ def _run_triton_cases(device: str) -> dict[str, dict[str, dict[str, torch.Tensor
 # --------------------------------------------------------------------------- the interpreter subprocess
 
 
-def _round_bf16_to_nearest_even_in_interpreter() -> None:
-    """The interpreter (triton 3.x) truncates float32 -> bfloat16 (``create_fp_trunc`` reaches
-    ``_convert_float`` without a rounding mode), where the GPU's cvt.rn.bf16.f32 and torch round
-    to nearest even. Every fused op rounds to bfloat16 between steps, so without this each
-    rounding is biased by up to an ulp. Patches the conversion to round as the GPU does."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    assert hasattr(interpreter, "_convert_float"), "triton's interpreter changed: revisit this patch"
-    convert = interpreter._convert_float
-
-    def convert_rounding(data, src_dtype, dst_dtype, rounding_mode):
-        if not (src_dtype == tl.float32 and dst_dtype == tl.bfloat16):
-            return convert(data, src_dtype, dst_dtype, rounding_mode)
-        bits = np.ascontiguousarray(data).view(np.uint32)
-        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x40)
-        return np.where(np.isnan(bits.view(np.float32)), quiet_nan, rounded).astype(np.uint16)
-
-    interpreter._convert_float = convert_rounding
-
-
 def _interpreter_main(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     kernel_type = type(fused_ops._rms_norm_kernel).__name__
     assert kernel_type == "InterpretedFunction", f"kernels were decorated as {kernel_type}, not interpreted"
-    _round_bf16_to_nearest_even_in_interpreter()
+    patch_interpreter()
     torch.save(_run_triton_cases("cpu"), out_path)
 
 

@@ -25,34 +25,10 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _RUN_IN_INTERPRETER = """
 import sys, torch
-import triton.language as tl
-from triton.runtime.interpreter import InterpreterBuilder
+from tests.engine.triton_interpreter import patch_interpreter
 from services.engine.paged_decode import paged_decode_attention
 
-# The interpreter keeps bfloat16 as uint16 bit patterns and its tl.dot multiplies those
-# (triton-lang/triton#11584, bf16 is unsupported there). Give it the values instead, as the
-# GPU does: bf16 products are exact in float32.
-_interpreter_dot = InterpreterBuilder.create_dot
-
-def _dot_of_bf16_values(self, a, b, *args):
-    a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
-    return _interpreter_dot(self, a, b, *args)
-
-InterpreterBuilder.create_dot = _dot_of_bf16_values
-
-# A loop bound the kernel loaded (a context length) becomes a Python int through the
-# interpreter's __index__, which older Triton (3.6) takes as int() of a one-element array:
-# NumPy 2.4 refuses that. Later Triton squeezes the array first; do the same.
-from triton.runtime import interpreter
-
-_patch_lang_tensor = interpreter._patch_lang_tensor
-
-def _patch_lang_tensor_with_scalar_index(tensor, scope):
-    _patch_lang_tensor(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-interpreter._patch_lang_tensor = _patch_lang_tensor_with_scalar_index
-
+patch_interpreter()
 results = []
 for kwargs in torch.load(sys.argv[1]):
     result = paged_decode_attention(**kwargs)
