@@ -46,8 +46,9 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 def graph_safe(model: CausalLM) -> bool:
-    """Whether the model's decode forward can be captured: MoE routing picks experts on the
-    host (``torch.unique(...).tolist()``), so MoE models decode eagerly."""
+    """Whether the model's decode forward is captured: not for MoE models. Their prompt steps
+    learn the routing on the host (moe.Experts.loop); their decode steps on CUDA keep it on the
+    device (fused_moe.py) and could be captured, which is not enabled yet."""
     return model.config.moe is None
 
 

@@ -3,7 +3,8 @@
 Expert weights are stacked per layer as transformers 5.x holds them in memory:
 ``experts.gate_up_proj`` [E, 2 * I, H] and ``experts.down_proj`` [E, H, I]. The
 loader stacks per-expert checkpoint tensors (``experts.<e>.w1`` / ``gate_proj`` ...)
-into these.
+into these. On CUDA a decode-sized step runs the experts as two grouped matrix products
+on the device (fused_moe.py); prompt steps and CPU loop over the chosen experts.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine.fused_moe import fused_experts, fused_moe_usable
 from services.engine.layers import MLP
 from services.engine.model_config import ModelConfig
 
@@ -24,6 +26,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; expert_ids, weights: [T, K] -> [T, H] weighted sum of the chosen experts."""
+        if fused_moe_usable(x, expert_ids.numel(), self.gate_up_proj.shape[0]):
+            return fused_experts(x, self.gate_up_proj, self.down_proj, expert_ids, weights)
+        return self.loop(x, expert_ids, weights)
+
+    def loop(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One pass per chosen expert over its tokens; learns the choice on the host."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for expert in torch.unique(expert_ids).tolist():
             token_idx, slot = torch.where(expert_ids == expert)
