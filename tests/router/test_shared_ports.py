@@ -35,6 +35,7 @@ def test_a_grpc_port_in_use_is_refused_unless_both_servers_share_it():
         assert same_port == shared_port
         with pytest.raises(OSError):  # a third that does not share
             new_server(_HOST, shared_port, SERVER_OPTIONS)
+        await a.start()  # both serve: the kernel may hand the connection below to either
         await b.start()
         async with grpc.aio.insecure_channel(f"{_HOST}:{shared_port}") as ch:
             reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
