@@ -8,7 +8,7 @@
     tandem status
     tandem kv stats|clear
     tandem serve prefill|decode|mixed|router --etcd URL [...]     (router: [--processes N])
-    tandem bench engine|roofline|steps|serve|disagg [...]
+    tandem bench engine|roofline|steps|moe|serve|disagg [...]
 
 ``generate`` runs the engine in-process (the built-in demo model unless ``--model``)
 and streams only the completion text to stdout; logs go to stderr. Bad input exits
@@ -81,8 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     kv_cmd.add_parser(sub)
 
     # add_help=False: `tandem bench serve --help` reaches the benchmark's own parser
-    bench = sub.add_parser("bench", help="benchmarks (`tandem bench engine|roofline|steps|serve|disagg --help`)", add_help=False)
-    bench.add_argument("target", choices=["engine", "roofline", "steps", "serve", "disagg"])
+    bench = sub.add_parser("bench", help="benchmarks (`tandem bench engine|roofline|steps|moe|serve|disagg --help`)", add_help=False)
+    bench.add_argument("target", choices=["engine", "roofline", "steps", "moe", "serve", "disagg"])
     return parser
 
 
@@ -142,6 +142,10 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from tools.bench import step_bench
 
         return step_bench.main(rest)
+    if args.target == "moe":
+        from tools.bench import moe_bench
+
+        return moe_bench.main(rest)
     if args.target == "disagg":
         from tools.bench import disagg_bench
 
