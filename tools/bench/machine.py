@@ -4,6 +4,7 @@ file-name part."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -58,3 +59,8 @@ def write_result(path: Path, report: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def args_json(args: argparse.Namespace) -> dict:
+    """A benchmark's command-line arguments as JSON values (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -36,7 +36,7 @@ import torch
 from services.engine import fused_moe
 from services.engine.moe import Experts
 from tools.bench.engine_bench import _sync
-from tools.bench.machine import environment, slug, write_result
+from tools.bench.machine import args_json, environment, slug, write_result
 from tools.bench.random_models import default_dtype
 from tools.bench.roofline_bench import measure_bandwidth
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                                  None if args.fused_impl == "auto" else args.fused_impl)]
     report = {"benchmark": "moe", "started_at": started, "environment": env, "bandwidth_gb_s": round(bandwidth / 1e9, 1),
               "shapes": [asdict(SHAPES[n]) for n in names],
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
+              "args": args_json(args), "rows": rows}
     print(format_table(report))
     name = f"moe_{'-'.join(names)}_{slug(env['device_name'])}"
     log(f"wrote {write_result(args.out or RESULTS_DIR / f'{name}.json', report)}")

@@ -48,7 +48,7 @@ from services.engine.model_runner import ModelRunner
 from services.engine.request import Request, SamplingParams
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 from tools.bench.engine_bench import _sync
-from tools.bench.machine import environment, slug, write_result
+from tools.bench.machine import args_json, environment, slug, write_result
 from tools.bench.random_models import LLAMA3_8B, TINY_LLAMA, default_dtype, random_hf_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     maker = StepMaker(vocab)
     with torch.inference_mode():
         report = {"benchmark": "steps", "started_at": started, "environment": env,
-                  "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "args": args_json(args),
                   "prefill_lengths": run_prefill_lengths(runner, maker, args),
                   "mixed": run_mixed(runner, maker, args),
                   "prompt_batches": run_prompt_batches(runner, maker, args)}
