@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from services.engine.errors import InvalidRequestError
-from services.engine.kv_export import KVExport
+
+if TYPE_CHECKING:  # a type only here: the gRPC client (router.client) loads without torch
+    from services.engine.kv_export import KVExport
 
 
 @dataclass(frozen=True)

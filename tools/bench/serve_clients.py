@@ -25,16 +25,13 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import aiohttp
 import grpc
 
+from router.client import AsyncClient, Completion
+from services.common.rpc import CHANNEL_OPTIONS
 from tools.bench.slo import RequestRecord
 from tools.bench.workloads import BenchRequest
-
-if TYPE_CHECKING:
-    from router.client import AsyncClient
 
 _CONNECT_TIMEOUT_S = 30.0
 _INFO_TIMEOUT_S = 30.0
@@ -189,10 +186,6 @@ def _error_message(text: str) -> str:
 
 
 class GrpcLoadClient(LoadClient):
-    # router.client imports torch (through services.common.rpc): it is imported where this class
-    # uses it, not with the module, so that a process sending over HTTP (a --client-processes
-    # one) starts without torch
-
     # One channel is one TCP connection, and a router running as several processes on one port
     # (tandem serve router --processes N) is handed connections, not requests: to load all of
     # them a client needs several. Channels with equal arguments share a connection in gRPC's
@@ -206,9 +199,6 @@ class GrpcLoadClient(LoadClient):
         self._next = 0
 
     def _stub(self) -> AsyncClient:
-        from router.client import AsyncClient
-        from services.common.rpc import CHANNEL_OPTIONS
-
         if not self._clients:  # grpc.aio channels bind to the running loop
             options = CHANNEL_OPTIONS if self._connections == 1 else \
                 CHANNEL_OPTIONS + (("grpc.use_local_subchannel_pool", 1),)
@@ -223,8 +213,6 @@ class GrpcLoadClient(LoadClient):
         return _pick_model([(m.id, m.max_model_len) for m in replies[0]], model)
 
     async def send(self, req: BenchRequest, m: Measurement, model: str, temperature: float) -> None:
-        from router.client import Completion
-
         prompt = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
         try:
             async for item in self._stub().stream(prompt, model, max_tokens=req.output_len,
