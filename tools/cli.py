@@ -8,7 +8,7 @@
     tandem status
     tandem kv stats|clear
     tandem serve prefill|decode|mixed|router --etcd URL [...]     (router: [--processes N])
-    tandem bench engine|roofline|steps|moe|serve|disagg [...]
+    tandem bench engine|roofline|decode-profile|steps|moe|serve|disagg [...]
 
 ``generate`` runs the engine in-process (the built-in demo model unless ``--model``)
 and streams only the completion text to stdout; logs go to stderr. Bad input exits
@@ -18,6 +18,7 @@ with status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -81,8 +82,9 @@ def _build_parser() -> argparse.ArgumentParser:
     kv_cmd.add_parser(sub)
 
     # add_help=False: `tandem bench serve --help` reaches the benchmark's own parser
-    bench = sub.add_parser("bench", help="benchmarks (`tandem bench engine|roofline|steps|moe|serve|disagg --help`)", add_help=False)
-    bench.add_argument("target", choices=["engine", "roofline", "steps", "moe", "serve", "disagg"])
+    bench = sub.add_parser("bench", help=f"benchmarks (`tandem bench {'|'.join(_BENCHMARKS)} --help`)",
+                           add_help=False)
+    bench.add_argument("target", choices=list(_BENCHMARKS))
     return parser
 
 
@@ -129,30 +131,14 @@ def _generate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCHMARKS = {"engine": "engine_bench", "roofline": "roofline_bench", "decode-profile": "decode_profile",
+               "steps": "step_bench", "moe": "moe_bench", "serve": "serve_bench", "disagg": "disagg_bench"}
+"""``tandem bench TARGET`` -> the module of tools.bench that runs it (imported only when asked for)."""
+
+
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    if args.target == "serve":
-        from tools.bench import serve_bench
-
-        return serve_bench.main(rest)
-    if args.target == "roofline":
-        from tools.bench import roofline_bench
-
-        return roofline_bench.main(rest)
-    if args.target == "steps":
-        from tools.bench import step_bench
-
-        return step_bench.main(rest)
-    if args.target == "moe":
-        from tools.bench import moe_bench
-
-        return moe_bench.main(rest)
-    if args.target == "disagg":
-        from tools.bench import disagg_bench
-
-        return disagg_bench.main(rest)
-    from tools.bench import engine_bench
-
-    return engine_bench.main(rest)
+    module = importlib.import_module(f"tools.bench.{_BENCHMARKS[args.target]}")
+    return module.main(rest)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-graphs", choices=("auto", "eager", "off"), default=None,
                    help="decode steps from CUDA graphs: auto (default; off for prefill workers, which do not "
                         "decode), eager, off")
+    p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
+                   help="launch each decode step before the previous one's tokens are read back: auto "
+                        "(default: on CUDA), on, off")
     p.add_argument("--mixed-graph-tokens", type=int, default=2048, metavar="N",
                    help="steps with prompt chunks of up to N tokens run as per-layer CUDA graph pieces around "
                         "eager attention, under the --decode-graphs mode (0 = always eager)")
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         return _EXIT_BAD_INPUT
     engine = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes,
                           max_model_len=args.max_model_len, decode_graphs=graphs,
-                          mixed_graph_tokens=args.mixed_graph_tokens,
+                          overlap_decode=args.overlap_decode, mixed_graph_tokens=args.mixed_graph_tokens,
                           scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                                     max_num_batched_tokens=args.max_batched_tokens))
     config = WorkerConfig(role=args.role, model_dir=args.model, etcd_url=args.etcd, cluster=args.cluster,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from services.engine.scheduler import SchedulerConfig
 
 DECODE_GRAPH_MODES = ("auto", "eager", "off")
+OVERLAP_MODES = ("auto", "on", "off")
 _MAX_GRAPH_BATCH = 256
 
 
@@ -31,6 +32,10 @@ class EngineConfig:
     """Steps that are not decode-only (prompt chunks, with or without decodes) of up to this many
     tokens run as per-layer graph pieces around eager attention (mixed_graphs.py), under the
     same ``decode_graphs`` mode; 0 = always eager. Capped by the scheduler's token budget."""
+    overlap_decode: str = "auto"
+    """Launch each decode step before the previous one's tokens are read back, its input ids
+    taken on the device (overlap.py): ``auto`` = on CUDA, ``on`` = wherever decode steps run
+    on the static buffers (CPU too: how it is tested), ``off``. Needs ``decode_graphs`` on."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -42,6 +47,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.decode_graphs not in DECODE_GRAPH_MODES:
             raise ValueError(f"decode_graphs must be one of {', '.join(DECODE_GRAPH_MODES)}, got {self.decode_graphs!r}")
+        if self.overlap_decode not in OVERLAP_MODES:
+            raise ValueError(f"overlap_decode must be one of {', '.join(OVERLAP_MODES)}, got {self.overlap_decode!r}")
         if self.mixed_graph_tokens < 0:
             raise ValueError(f"mixed_graph_tokens must be >= 0, got {self.mixed_graph_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -8,16 +8,24 @@ small batches (a 32-layer model launches ~600 kernels per step).
 
 Static buffers, sized for the largest captured batch and the longest context:
 
-    ints          [4, max_batch] int64   rows: token ids, positions, KV slots, context lengths
+    ints          [5, max_batch] int64   rows: token ids, positions, KV slots, context lengths,
+                                         and where a fed row's token id comes from (below)
     block_tables  [max_batch, max_blocks] int32
     logits        [size, vocab] float32  (one output per captured size)
 
 A step of B one-token chunks uses the smallest captured size >= B. Rows past B are
 padding: they write their (meaningless) key/value into the sink block, a cache block
 the block manager never hands out, and attend to it alone. Inputs are written into
-one pinned host buffer and copied with ``non_blocking``: the host does not wait for
-the GPU before it launches the replay. The buffer is rewritten only after the previous
-step's logits were read, so an earlier copy cannot still be in flight.
+pinned host buffers and copied with ``non_blocking``: the host does not wait for the
+GPU before it launches the replay. There are two sets, used in turn: a step's inputs may
+be written while the step before it is still queued (decode steps one ahead of their
+results), and the set is not rewritten before the step that last used it has finished,
+whose results were read by then, so an earlier copy cannot still be in flight.
+
+A step may take the token ids of its first k rows from a device tensor instead of the
+host (``fed``: the previous step's sampled tokens, not yet read back, when decode steps
+run one ahead of their results; overlap.py): after the inputs' copy, one gather outside
+the graph writes ``fed.tokens[fed.rows]`` over those rows' ids.
 
 ``capture=False`` runs the same static-buffer forward eagerly (no graphs): how the
 padding and sink logic is tested on CPU.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +45,16 @@ from services.engine.model import CausalLM
 
 log = logging.getLogger(__name__)
 
-_IDS, _POSITIONS, _SLOTS, _LENS = range(4)
+_IDS, _POSITIONS, _SLOTS, _LENS, _SOURCES = range(5)
+
+
+@dataclass(frozen=True)
+class FedTokens:
+    """Token ids that are on the device only: row i of the step reads ``tokens[rows[i]]``."""
+
+    tokens: torch.Tensor
+    """[N] int64 on the step's device (the previous step's sampled tokens)."""
+    rows: list[int]
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -65,32 +83,42 @@ class DecodeGraphs(StaticSteps):
         self.max_blocks = -(-max_model_len // block_size)
         device = kv_cache.device
         pin = device.type == "cuda"
-        self._host_ints = torch.zeros(4, self.max_batch, dtype=torch.int64, pin_memory=pin)
-        self._host_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.int32, pin_memory=pin)
-        self._np_ints = self._host_ints.numpy()
-        self._np_tables = self._host_tables.numpy()
-        self._ints = torch.zeros(4, self.max_batch, dtype=torch.int64, device=device)
+        # two sets of host inputs, used in turn (see the module docstring)
+        self._host_ints = [torch.zeros(5, self.max_batch, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._host_tables = [torch.zeros(self.max_batch, self.max_blocks, dtype=torch.int32, pin_memory=pin)
+                             for _ in range(2)]
+        self._turn = 0
+        self._ints = torch.zeros(5, self.max_batch, dtype=torch.int64, device=device)
         self._tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.int32, device=device)
         if capture:
             self._capture_all()
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [B, vocab] for B one-token chunks (B <= max_batch)."""
+            block_tables: list[list[int]], fed: FedTokens | None = None) -> torch.Tensor:
+        """Logits [B, vocab] for B one-token chunks (B <= max_batch); with ``fed``, the first
+        ``len(fed.rows)`` rows take their token ids from the device (their ``token_ids`` are
+        placeholders)."""
         b = len(token_ids)
         self.steps += 1
         size = next(s for s in self.sizes if s >= b)
-        ints, tables = self._np_ints, self._np_tables
+        self._turn ^= 1
+        host_ints, host_tables = self._host_ints[self._turn], self._host_tables[self._turn]
+        ints, tables = host_ints.numpy(), host_tables.numpy()
         ints[_IDS, :b] = token_ids
         ints[_POSITIONS, :b] = positions
         ints[_SLOTS, :b] = slots
         ints[_LENS, :b] = context_lens
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table
-        self._pad(b, size)
+        k = len(fed.rows) if fed is not None else 0
+        if k:
+            ints[_SOURCES, :k] = fed.rows
+        self._pad(ints, tables, b, size)
         self.launched_at = time.perf_counter()
-        self._ints.copy_(self._host_ints, non_blocking=True)
-        self._tables.copy_(self._host_tables, non_blocking=True)
+        self._ints.copy_(host_ints, non_blocking=True)
+        self._tables[:size].copy_(host_tables[:size], non_blocking=True)
+        if fed is not None and fed.rows:  # after the copy, in stream order: over the placeholders
+            torch.index_select(fed.tokens, 0, self._ints[_SOURCES, :k], out=self._ints[_IDS, :k])
         if self._graphs:
             graph, logits = self._graphs[size]
             graph.replay()
@@ -100,13 +128,12 @@ class DecodeGraphs(StaticSteps):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _pad(self, start: int, end: int) -> None:
-        ints = self._np_ints
+    def _pad(self, ints, tables, start: int, end: int) -> None:
         ints[_IDS, start:end] = 0
         ints[_POSITIONS, start:end] = 0
         ints[_SLOTS, start:end] = self.sink_block * self.block_size
         ints[_LENS, start:end] = 1
-        self._np_tables[start:end, 0] = self.sink_block
+        tables[start:end, 0] = self.sink_block
 
     @torch.inference_mode()
     def _forward(self, size: int) -> torch.Tensor:
@@ -118,9 +145,10 @@ class DecodeGraphs(StaticSteps):
 
     def _capture_all(self) -> None:
         start = time.perf_counter()
-        self._pad(0, self.max_batch)
-        self._ints.copy_(self._host_ints)
-        self._tables.copy_(self._host_tables)
+        host_ints, host_tables = self._host_ints[0], self._host_tables[0]
+        self._pad(host_ints.numpy(), host_tables.numpy(), 0, self.max_batch)
+        self._ints.copy_(host_ints)
+        self._tables.copy_(host_tables)
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
             graph, logits = capture_graph(lambda: self._forward(size), pool)

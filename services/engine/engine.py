@@ -9,6 +9,12 @@ each request holds, and the scheduler frees a request's blocks when it finishes,
 aborted or is preempted. A request added with ``export_kv=True`` has its KV copied out
 in the step that finishes it, before its blocks are freed, the copy on its last output
 (how a prefill worker hands KV on, without waiting for another step).
+
+Decode steps may run one ahead of their results (overlap.py, ``EngineConfig.overlap_decode``):
+a step() then launches the next decode step before it reads the tokens of the one in
+flight, and returns those. Between steps one decode step may be in flight, its positions
+already counted as computed; ``export_kv`` reads it back first (its outputs come with the
+next step()).
 Not thread-safe: one caller drives ``step()``.
 """
 
@@ -23,14 +29,17 @@ import torch
 
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
+from services.engine.decode_graphs import FedTokens
+from services.engine.engine_stats import EngineStats
 from services.engine.errors import CapacityError, InvalidRequestError
 from services.engine.kv_export import KVExport
 from services.engine.loader import load_model, model_fingerprint
 from services.engine.model import CausalLM
 from services.engine.model_runner import ModelRunner
+from services.engine.overlap import LaunchedStep, TokenReadback, rows_ahead
 from services.engine.request import Completion, FinishReason, Request, RequestOutput, SamplingParams
-from services.engine.sampler import SampleInput, sample
-from services.engine.scheduler import Scheduler, SchedulerOutput
+from services.engine.sampler import SampleInput, logprobs_list, sample, sample_on_device
+from services.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from services.engine.stop_checker import OutputTracker
 from services.engine.tokenizer import TextTokenizer
 
@@ -66,6 +75,12 @@ class LLMEngine:
         self._export_on_finish: set[str] = set()
         self._reserved: dict[str, int] = {}  # request id -> tokens of KV expected
         self.stats = EngineStats()
+        self._overlap = _overlap_enabled(config.overlap_decode, self.runner)
+        self._readback = TokenReadback(config.graph_batch_limit(), device) if self._overlap else None
+        self._launched: LaunchedStep | None = None
+        """A decode step launched ahead whose tokens have not been read (overlap only)."""
+        self._settled: list[RequestOutput] = []
+        """Outputs of a launched step read between steps, returned by the next step()."""
         log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d", num_blocks, config.block_size,
                  self.max_model_len)
 
@@ -112,16 +127,24 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._launched is not None or bool(self._settled)
 
     # -- stepping ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch; returns what each scheduled request produced."""
+        if self._settled:
+            outputs, self._settled = self._settled, []
+            return outputs
+        if self._launched is not None:
+            return self._step_ahead()
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
+        if self._overlap and self.runner.is_decode_step(plan) and all(c.completes for c in plan.chunks):
+            self._launched = self._launch_scheduled(plan, start)
+            return self._step_ahead()
         tables = {c.request.request_id: self.blocks.block_table(c.request.request_id) for c in plan.chunks}
         logits = self.runner.execute(plan, tables)
         launched = self.runner.launched_at
@@ -143,6 +166,80 @@ class LLMEngine:
                           step_s=time.perf_counter() - start)
         return outputs
 
+    # -- decode steps one ahead of their results (overlap.py) ------------------------------
+
+    def _launch_scheduled(self, plan: SchedulerOutput, start: float) -> LaunchedStep:
+        """Launch a scheduled decode step (every chunk one token, each sampling) without waiting."""
+        tables = {c.request.request_id: self.blocks.block_table(c.request.request_id) for c in plan.chunks}
+        logits = self.runner.execute(plan, tables)
+        launched = self.runner.launched_at
+        inputs = [self._sample_input(c.request) for c in plan.chunks]
+        for chunk in plan.chunks:
+            self._account(chunk.request)
+        step = self._sample_ahead(plan, logits, inputs)
+        self.stats.record(plan, host_s=launched - start, step_s=time.perf_counter() - start)
+        return step
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """Launch the step after the one in flight if no scheduling is needed, then read the
+        one in flight; returns its outputs."""
+        start = time.perf_counter()
+        current = self._launched
+        following = self._launch_following(current)
+        launched = self.runner.launched_at
+        outputs, tokens_at = self._read(current)
+        if following is not None:
+            self.stats.steps_ahead += 1
+            for r in following.requests:
+                if self._requests.get(r.request_id) is r:  # not finished by the step just read
+                    self._account(r)
+                else:
+                    self.stats.wasted_tokens += 1
+        self._launched = following
+        end = time.perf_counter()
+        plan = following.plan if following is not None else SchedulerOutput()
+        self.stats.record(plan, host_s=(launched - start) if following is not None else end - tokens_at,
+                          step_s=end - start)
+        return outputs
+
+    def _launch_following(self, current: LaunchedStep) -> LaunchedStep | None:
+        rows = rows_ahead(self.scheduler, self.blocks, current, self.max_model_len, self.runner.decode_graphs.max_batch)
+        if rows is None:
+            return None
+        fed = [source for _, source in rows if source is not None]
+        runner_rows = [(0 if source is not None else r.token_ids[r.num_computed_tokens], r.num_computed_tokens,
+                        self.blocks.block_table(r.request_id)) for r, source in rows]
+        logits = self.runner.execute_decode_rows(runner_rows, FedTokens(current.tokens, fed))
+        inputs = [self._sample_input(r, ahead=int(source is not None)) for r, source in rows]
+        plan = SchedulerOutput([ScheduledChunk(r, r.num_computed_tokens, 1) for r, _ in rows])
+        return self._sample_ahead(plan, logits, inputs)
+
+    def _sample_ahead(self, plan: SchedulerOutput, logits: torch.Tensor, inputs: list[SampleInput]) -> LaunchedStep:
+        tokens, logprobs = sample_on_device(logits, inputs)
+        return LaunchedStep(plan, tokens, self._readback.start(tokens, logprobs), inputs)
+
+    def _read(self, step: LaunchedStep) -> tuple[list[RequestOutput], float]:
+        """Wait for a launched step's tokens and emit them (rows of requests gone since are
+        dropped); returns the outputs and the perf_counter() when the tokens were back."""
+        tokens, logprobs = step.copy.wait()
+        tokens_at = time.perf_counter()
+        outputs = []
+        for r, token, logprob in zip(step.requests, tokens, logprobs_list(logprobs, step.inputs)):
+            if self._requests.get(r.request_id) is r:
+                outputs.append(self._append_token(r, token, logprob))
+        return outputs, tokens_at
+
+    def _account(self, r: Request) -> None:
+        """One more of ``r``'s tokens has its KV computed (or queued to be)."""
+        r.num_computed_tokens += 1
+        self.blocks.cache_full_blocks(r.request_id, r.token_ids, r.num_computed_tokens)
+
+    def _settle(self) -> None:
+        """Read the step in flight now; its outputs go out with the next step()."""
+        if self._launched is not None:
+            step, self._launched = self._launched, None
+            self._settled.extend(self._read(step)[0])
+
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
         """Run prompts to completion (batched with whatever else is queued) and return them in order."""
         ids = [f"generate-{i}-{random.getrandbits(32):08x}" for i in range(len(prompts))]
@@ -162,6 +259,10 @@ class LLMEngine:
 
     def export_kv(self, request_id: str) -> KVExport:
         """Copy of an unfinished request's computed KV (between steps)."""
+        self._settle()
+        return self._export(request_id)
+
+    def _export(self, request_id: str) -> KVExport:
         r = self._requests.get(request_id)
         if r is None or r.num_computed_tokens == 0:
             raise InvalidRequestError(f"request {request_id!r} has no KV to export")
@@ -313,8 +414,10 @@ class LLMEngine:
         if got != expected:
             raise InvalidRequestError(f"KV layout {got} does not match this engine's {expected}")
 
-    def _sample_input(self, r: Request) -> SampleInput:
-        return SampleInput(r.params, r.seed, r.num_output_tokens, self._trackers[r.request_id].banned_token_ids())
+    def _sample_input(self, r: Request, ahead: int = 0) -> SampleInput:
+        """For ``r``'s next token, or (``ahead``) the one after a token not appended yet."""
+        return SampleInput(r.params, r.seed, r.num_output_tokens + ahead,
+                           self._trackers[r.request_id].banned_token_ids(ahead))
 
     def _append_token(self, r: Request, token: int, logprob: float | None) -> RequestOutput:
         tracker = self._trackers[r.request_id]
@@ -325,7 +428,7 @@ class LLMEngine:
             tracker.on_finish(reason)
             r.finish_reason = reason
             if r.request_id in self._export_on_finish:
-                kv = self.export_kv(r.request_id)  # before finish() frees the blocks
+                kv = self._export(r.request_id)  # before finish() frees the blocks
             self.scheduler.finish(r)
             self._forget(r.request_id)
         return RequestOutput(
@@ -342,61 +445,10 @@ class LLMEngine:
         )
 
 
-class EngineStats:
-    """Counters since start: steps, computed tokens, preemptions, and where step time went.
-
-    ``host_s``: time the host spent on a step before the model's device work began
-    (scheduling, building inputs) and after it ended (sampling, stop checks, outputs); on
-    GPU the device idles meanwhile, as steps are not overlapped. Launching kernels or
-    replaying a graph is not counted: the device works while the host launches, and
-    meanwhile does the bookkeeping that needs no logits (sampling inputs, cache blocks).
-    ``step_s``: whole steps. On CPU the model runs on the host: the model's time is
-    outside host_s there too.
-    ``prefill_tokens``: prompt work computed (prompts, tokens generated elsewhere that a
-    resumed request recomputes, recomputes after preemption); a chunk is prompt work when it
-    has more than one token or starts inside the prompt, a plain decode step is not.
-    ``prefill_tokens_per_s``: the prompt-computing speed of this engine as a router should
-    expect it, prompt tokens over the whole time of the steps that computed them (decode
-    tokens batched with them included), decayed by ``_PREFILL_RATE_DECAY`` per such step so
-    that it follows the current load; 0.0 until a step computed prompt work.
-    """
-
-    _PREFILL_RATE_DECAY = 0.9
-    """Weight of the past in ``prefill_tokens_per_s``, per step that computed prompt work."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.computed_tokens = 0
-        self.preemptions = 0
-        self.host_s = 0.0
-        self.step_s = 0.0
-        self.prefill_tokens = 0
-        self._decayed_prefill_tokens = 0.0
-        self._decayed_prefill_s = 0.0
-        self.prefill_measured_at: float | None = None
-        """time.monotonic() of the last step that computed prompt work (None: none yet)."""
-
-    def record(self, plan: SchedulerOutput, host_s: float, step_s: float) -> None:
-        self.steps += 1
-        self.computed_tokens += plan.num_tokens
-        self.preemptions += len(plan.preempted)
-        self.host_s += host_s
-        self.step_s += step_s
-        # prompt work: more than one token, or inside the prompt (a decode step is one token past it)
-        prompt_tokens = sum(c.num_tokens for c in plan.chunks
-                            if c.num_tokens > 1 or c.start < len(c.request.prompt_token_ids))
-        if prompt_tokens:
-            d = self._PREFILL_RATE_DECAY
-            self.prefill_tokens += prompt_tokens
-            self._decayed_prefill_tokens = d * self._decayed_prefill_tokens + prompt_tokens
-            self._decayed_prefill_s = d * self._decayed_prefill_s + step_s
-            self.prefill_measured_at = time.monotonic()
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        if self._decayed_prefill_s <= 0:
-            return 0.0
-        return self._decayed_prefill_tokens / self._decayed_prefill_s
+def _overlap_enabled(mode: str, runner: ModelRunner) -> bool:
+    if mode == "off" or runner.decode_graphs is None:
+        return False
+    return mode == "on" or runner.device.type == "cuda"
 
 
 def _kv_cache_bytes(config: EngineConfig, device: torch.device) -> int:

@@ -18,7 +18,7 @@ import time
 import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan, cuda_sdpa_backends
-from services.engine.decode_graphs import DecodeGraphs, graph_safe
+from services.engine.decode_graphs import DecodeGraphs, FedTokens, graph_safe
 from services.engine.mixed_graphs import MixedGraphs
 from services.engine.model import CausalLM
 from services.engine.packed_prefill import PackedPrefill, pack_prefills, packed_prefill_usable
@@ -88,9 +88,8 @@ class ModelRunner:
             return self._execute(out, block_tables)
 
     def _execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
-        graphs = self.decode_graphs
-        if graphs is not None and len(out.chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in out.chunks):
-            return self._execute_decode(graphs, out, block_tables)
+        if self.is_decode_step(out):
+            return self._execute_decode(self.decode_graphs, out, block_tables)
         with self._prompt_attention_kernels():
             return self._execute_other(out, block_tables)
 
@@ -109,23 +108,39 @@ class ModelRunner:
 
     def _execute_decode(self, graphs: DecodeGraphs, out: SchedulerOutput,
                         block_tables: dict[str, list[int]]) -> torch.Tensor:
-        bs = self.block_size
-        ids, pos, slots, lens, tables, completing = [], [], [], [], [], []
-        for row, chunk in enumerate(out.chunks):
-            p = chunk.start
-            table = block_tables[chunk.request.request_id]
-            ids.append(chunk.request.token_ids[p])
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(table)
-            if chunk.completes:
-                completing.append(row)
-        logits = graphs.run(ids, pos, slots, lens, tables)
-        self.launched_at = graphs.launched_at
+        rows = [(c.request.token_ids[c.start], c.start, block_tables[c.request.request_id]) for c in out.chunks]
+        logits = self._run_decode_rows(graphs, rows, None)
+        completing = [row for row, chunk in enumerate(out.chunks) if chunk.completes]
         if len(completing) == len(out.chunks):
             return logits
         return logits[self._tensor(completing)]
+
+    def can_run_decode_rows(self, num_rows: int) -> bool:
+        """Whether :meth:`execute_decode_rows` takes a step of ``num_rows`` rows."""
+        return self.decode_graphs is not None and 0 < num_rows <= self.decode_graphs.max_batch
+
+    @torch.inference_mode()
+    def execute_decode_rows(self, rows: list[tuple[int, int, list[int]]], fed: FedTokens | None) -> torch.Tensor:
+        """A decode step given row by row as (token id, position, block table), each row
+        sampling; with ``fed``, the first ``len(fed.rows)`` rows take their token ids from the
+        device (decode_graphs.FedTokens). Returns logits [len(rows), vocab]."""
+        with self._on_device():
+            return self._run_decode_rows(self.decode_graphs, rows, fed)
+
+    def _run_decode_rows(self, graphs: DecodeGraphs, rows: list[tuple[int, int, list[int]]],
+                         fed: FedTokens | None) -> torch.Tensor:
+        bs = self.block_size
+        ids = [token for token, _, _ in rows]
+        pos = [p for _, p, _ in rows]
+        slots = [table[p // bs] * bs + p % bs for _, p, table in rows]
+        lens = [p + 1 for p in pos]
+        logits = graphs.run(ids, pos, slots, lens, [table for _, _, table in rows], fed)
+        self.launched_at = graphs.launched_at
+        return logits
+
+    def is_decode_step(self, out: SchedulerOutput) -> bool:
+        """Whether ``out`` runs on the static decode buffers (every chunk one token, few enough)."""
+        return self.can_run_decode_rows(len(out.chunks)) and all(c.num_tokens == 1 for c in out.chunks)
 
     def _prepare(self, out: SchedulerOutput, block_tables: dict[str, list[int]]):
         bs = self.block_size

@@ -28,38 +28,58 @@ class SampleInput:
 
 
 def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[int], list[float | None]]:
-    """logits: [B, V] float32 -> chosen ids and, where asked for, their log-probabilities.
+    """logits: [B, V] float32 -> chosen ids and, where asked for, their log-probabilities."""
+    tokens, logprobs = sample_on_device(logits, inputs)
+    return tokens.tolist(), logprobs_list(logprobs, inputs)
 
-    One argmax over the batch serves every greedy row whose pick is not banned (masking
-    other ids cannot move the first maximum), so a plain greedy batch costs one kernel
-    and one transfer; only sampled rows and greedy rows that picked a banned id are
-    redone one by one, their results gathered in a second transfer.
+
+def sample_on_device(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits: [B, V] float32 -> chosen ids [B] int64 and, when any row asks for them, the
+    chosen ids' log-probabilities [B] float32 (meaningless in rows that did not ask), both
+    on the logits' device: nothing here waits for the device.
+
+    One argmax over the batch serves every greedy row with nothing banned. Sampled rows and
+    greedy rows with banned ids (their argmax taken after masking them) are redone one by
+    one and written over it, so a plain greedy batch costs one kernel.
     """
     assert logits.shape[0] == len(inputs)
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = logits.argmax(dim=-1)
     redo_rows, redone = [], []
     for row, item in enumerate(inputs):
         banned = item.banned_token_ids
-        if item.params.greedy and tokens[row] not in banned:
+        if item.params.greedy and not banned:
             continue
         row_logits = logits[row]
         if banned:
-            row_logits = row_logits.clone()
-            row_logits[list(banned)] = float("-inf")
+            row_logits = row_logits.index_fill(0, _device_index(banned, logits.device), float("-inf"))
         redo_rows.append(row)
         redone.append(row_logits.argmax() if item.params.greedy else _sample_row(row_logits, item))
-    if redone:
-        for row, token in zip(redo_rows, torch.stack(redone).tolist()):
-            tokens[row] = token
-    logprobs: list[float | None] = [None] * len(inputs)
-    wanted = [row for row, item in enumerate(inputs) if item.params.logprobs]
-    if wanted:
-        rows = torch.tensor(wanted, device=logits.device)
-        chosen = torch.tensor([tokens[row] for row in wanted], device=logits.device)
-        lp = torch.log_softmax(logits[rows], dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-        for row, value in zip(wanted, lp):
-            logprobs[row] = value
+    if redone:  # one stack of the rows as views, rather than an index tensor copied from the host
+        picks = list(tokens.unbind(0))
+        for row, token in zip(redo_rows, redone):
+            picks[row] = token
+        tokens = torch.stack(picks)
+    if not any(item.params.logprobs for item in inputs):
+        return tokens, None
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
     return tokens, logprobs
+
+
+def logprobs_list(logprobs: torch.Tensor | list[float] | None, inputs: list[SampleInput]) -> list[float | None]:
+    """Per row, the log-probability where the row asked for it, else None."""
+    if logprobs is None:
+        return [None] * len(inputs)
+    values = logprobs.tolist() if isinstance(logprobs, torch.Tensor) else logprobs
+    return [value if item.params.logprobs else None for value, item in zip(values, inputs)]
+
+
+def _device_index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Ids as an index tensor on ``device``, copied from pinned memory without blocking the host
+    (a plain copy from the host waits for the device's queue: the step ahead, overlap.py)."""
+    index = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 def _sample_row(logits: torch.Tensor, item: SampleInput) -> torch.Tensor:

@@ -25,9 +25,11 @@ class OutputTracker:
         self._holdback = max((len(s) for s in request.params.stop), default=1) - 1
         self._emitted = len(request.output_text)
 
-    def banned_token_ids(self) -> tuple[int, ...]:
-        """Tokens that may not be sampled yet (stop tokens before min_tokens)."""
-        if self.request.num_output_tokens >= self.request.params.min_tokens:
+    def banned_token_ids(self, ahead: int = 0) -> tuple[int, ...]:
+        """Tokens that may not be sampled yet (stop tokens before min_tokens), for the output
+        token ``ahead`` places after the next one (a step launched before its predecessor's
+        token was appended)."""
+        if self.request.num_output_tokens + ahead >= self.request.params.min_tokens:
             return ()
         return self._eos + self.request.params.stop_token_ids
 

@@ -1,0 +1,75 @@
+"""What an engine's steps did since start (EngineStats): counted by LLMEngine.step(), read
+by the workers' Stats RPC (services/common/worker_state.py) and the benchmarks."""
+
+from __future__ import annotations
+
+import time
+
+from services.engine.scheduler import SchedulerOutput
+
+
+class EngineStats:
+    """Counters since start: steps, computed tokens, preemptions, and where step time went.
+
+    ``host_s``: time the host spent on a step while the device may have had nothing to do:
+    before the model's device work began (scheduling, building inputs) and, for a step run
+    one at a time, after it ended (sampling, stop checks, outputs). Launching kernels or
+    replaying a graph is not counted: the device works while the host launches, and
+    meanwhile does the bookkeeping that needs no logits (sampling inputs, cache blocks).
+    A decode step launched one ahead of its results (overlap.py) counts only what came
+    before its launch; the reading of the step before it overlaps it. A step() call that
+    launched nothing and only read a step counts the reading after the tokens were back.
+    ``step_s``: whole steps. On CPU the model runs on the host: the model's time is
+    outside host_s there too.
+    ``steps_ahead``: decode steps launched before the tokens of the step before them were
+    read (overlap.py); ``wasted_tokens``: their rows for requests that had stopped by then
+    (computed, counted in ``computed_tokens``, never emitted).
+    ``prefill_tokens``: prompt work computed (prompts, tokens generated elsewhere that a
+    resumed request recomputes, recomputes after preemption); a chunk is prompt work when it
+    has more than one token or starts inside the prompt, a plain decode step is not.
+    ``prefill_tokens_per_s``: the prompt-computing speed of this engine as a router should
+    expect it, prompt tokens over the whole time of the steps that computed them (decode
+    tokens batched with them included), decayed by ``_PREFILL_RATE_DECAY`` per such step so
+    that it follows the current load; 0.0 until a step computed prompt work.
+    """
+
+    _PREFILL_RATE_DECAY = 0.9
+    """Weight of the past in ``prefill_tokens_per_s``, per step that computed prompt work."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.computed_tokens = 0
+        self.preemptions = 0
+        self.host_s = 0.0
+        self.step_s = 0.0
+        self.prefill_tokens = 0
+        self._decayed_prefill_tokens = 0.0
+        self._decayed_prefill_s = 0.0
+        self.steps_ahead = 0
+        self.wasted_tokens = 0
+        self.prefill_measured_at: float | None = None
+        """time.monotonic() of the last step that computed prompt work (None: none yet)."""
+
+    def record(self, plan: SchedulerOutput, host_s: float, step_s: float) -> None:
+        """One step() call; ``plan`` is what it launched (nothing: a call that only read the
+        results of a step launched earlier)."""
+        self.steps += 1 if plan.chunks else 0
+        self.computed_tokens += plan.num_tokens
+        self.preemptions += len(plan.preempted)
+        self.host_s += host_s
+        self.step_s += step_s
+        # prompt work: more than one token, or inside the prompt (a decode step is one token past it)
+        prompt_tokens = sum(c.num_tokens for c in plan.chunks
+                            if c.num_tokens > 1 or c.start < len(c.request.prompt_token_ids))
+        if prompt_tokens:
+            d = self._PREFILL_RATE_DECAY
+            self.prefill_tokens += prompt_tokens
+            self._decayed_prefill_tokens = d * self._decayed_prefill_tokens + prompt_tokens
+            self._decayed_prefill_s = d * self._decayed_prefill_s + step_s
+            self.prefill_measured_at = time.monotonic()
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        if self._decayed_prefill_s <= 0:
+            return 0.0
+        return self._decayed_prefill_tokens / self._decayed_prefill_s
