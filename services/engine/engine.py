@@ -386,6 +386,9 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
                 f"{self.max_model_len}; at most {room} tokens can be generated"
             )
+        vocab = self.model_config.vocab_size
+        if not all(0 <= t < vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")  # masked by id when sampling
         if n + len(generated) >= self.max_model_len:
             raise InvalidRequestError(f"prompt + generated tokens ({n + len(generated)}) fill the context length")
         seed = params.seed if params.seed is not None else random.getrandbits(63)

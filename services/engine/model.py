@@ -122,7 +122,11 @@ class CausalLM(nn.Module):
         self.rotary: RotaryEmbedding | None = None
 
     def init_rotary(self, max_positions: int) -> None:
-        """Build the cos/sin tables on the parameters' device (after weights are loaded)."""
+        """Build the cos/sin tables on the parameters' device (after weights are loaded). Tables
+        that already cover ``max_positions`` are kept: another engine over this model may have
+        captured graphs that read them."""
+        if self.rotary is not None and self.rotary.max_positions >= max_positions:
+            return
         device = self.model.embed_tokens.weight.device
         self.rotary = RotaryEmbedding(self.config.rope, self.config.head_dim, max_positions, device)
 

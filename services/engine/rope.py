@@ -43,6 +43,7 @@ class RotaryEmbedding:
     fused_ops.rope_and_cache applies them to queries and keys."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device):
+        self.max_positions = max_positions
         inv_freq = inverse_frequencies(rope, head_dim).to(device)
         positions = torch.arange(max_positions, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)  # [P, D/2]

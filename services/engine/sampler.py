@@ -38,31 +38,37 @@ def sample_on_device(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[t
     chosen ids' log-probabilities [B] float32 (meaningless in rows that did not ask), both
     on the logits' device: nothing here waits for the device.
 
-    One argmax over the batch serves every greedy row with nothing banned. Sampled rows and
-    greedy rows with banned ids (their argmax taken after masking them) are redone one by
-    one and written over it, so a plain greedy batch costs one kernel.
+    Banned ids are masked in every row at once (one scatter), and one argmax over the batch
+    then serves every greedy row, so a greedy batch costs a few kernels whatever its size and
+    whoever has banned ids (min_tokens). Only sampled rows are redone one by one (each draws
+    from its own seeded generator) and written over it. Log-probabilities are taken from the
+    unmasked logits: the model's raw distribution.
     """
     assert logits.shape[0] == len(inputs)
-    tokens = logits.argmax(dim=-1)
-    redo_rows, redone = [], []
-    for row, item in enumerate(inputs):
-        banned = item.banned_token_ids
-        if item.params.greedy and not banned:
-            continue
-        row_logits = logits[row]
-        if banned:
-            row_logits = row_logits.index_fill(0, _device_index(banned, logits.device), float("-inf"))
-        redo_rows.append(row)
-        redone.append(row_logits.argmax() if item.params.greedy else _sample_row(row_logits, item))
-    if redone:  # one stack of the rows as views, rather than an index tensor copied from the host
+    allowed = _mask_banned(logits, inputs)
+    tokens = allowed.argmax(dim=-1)
+    sampled = [row for row, item in enumerate(inputs) if not item.params.greedy]
+    if sampled:  # one stack of the rows as views, rather than an index tensor copied from the host
         picks = list(tokens.unbind(0))
-        for row, token in zip(redo_rows, redone):
-            picks[row] = token
+        for row in sampled:
+            picks[row] = _sample_row(allowed[row], inputs[row])
         tokens = torch.stack(picks)
     if not any(item.params.logprobs for item in inputs):
         return tokens, None
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
     return tokens, logprobs
+
+
+def _mask_banned(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:
+    """``logits`` with every row's banned ids at -inf, as a copy (``logits`` itself is kept for
+    the log-probabilities); ``logits`` itself when no row bans anything."""
+    pairs = [(row, token) for row, item in enumerate(inputs) for token in item.banned_token_ids]
+    if not pairs:
+        return logits
+    index = _device_index(pairs, logits.device)  # [N, 2]: (row, token id)
+    masked = logits.clone()
+    masked[index[:, 0], index[:, 1]] = float("-inf")
+    return masked
 
 
 def logprobs_list(logprobs: torch.Tensor | list[float] | None, inputs: list[SampleInput]) -> list[float | None]:
@@ -73,8 +79,8 @@ def logprobs_list(logprobs: torch.Tensor | list[float] | None, inputs: list[Samp
     return [value if item.params.logprobs else None for value, item in zip(values, inputs)]
 
 
-def _device_index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Ids as an index tensor on ``device``, copied from pinned memory without blocking the host
+def _device_index(values: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """Index pairs as a tensor on ``device``, copied from pinned memory without blocking the host
     (a plain copy from the host waits for the device's queue: the step ahead, overlap.py)."""
     index = torch.tensor(values, dtype=torch.long)
     if device.type != "cuda":

@@ -26,6 +26,8 @@ def engine(checkpoints):
     ([1] * 60, SamplingParams(max_tokens=5), "at most 4 tokens"),
     ([1, 500], SamplingParams(), r"token ids must be integers in \[0, 97\)"),
     ([1, -1], SamplingParams(), "token ids"),
+    ([1, 2], SamplingParams(min_tokens=3, stop_token_ids=(97,)), r"stop_token_ids must be in \[0, 97\)"),
+    ([1, 2], SamplingParams(stop_token_ids=(-1,)), "stop_token_ids"),
 ])
 def test_bad_requests_are_rejected(engine, prompt, params, message):
     with pytest.raises(InvalidRequestError, match=message):

@@ -7,10 +7,15 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
+from services.engine.config import EngineConfig
 from services.engine.decode_graphs import graph_batch_sizes
+from services.engine.engine import LLMEngine
+from services.engine.loader import load_model
 from services.engine.request import SamplingParams
 from tests.engine.conftest import small_engine
+from tests.integration.cluster import TEST_DEVICE
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, min_tokens=10)
 
@@ -76,3 +81,23 @@ def test_bad_mode_is_refused():
 
     with pytest.raises(ValueError, match="decode_graphs"):
         EngineConfig(decode_graphs="always")
+
+
+def test_engines_over_one_model_keep_the_rotary_tables_their_graphs_read(checkpoints):
+    """A second engine over the same model object builds longer rotary tables; the first one's
+    graphs (captured with ``TANDEM_TEST_DEVICE=cuda``) read the old tables, which must stay alive."""
+    path = checkpoints("llama", 2)
+    static = {"decode_graphs": "auto" if TEST_DEVICE != "cpu" else "eager", "device": TEST_DEVICE,
+              "dtype": "float32", "kv_cache_bytes": 4 << 20}
+    model = load_model(path, "float32", TEST_DEVICE)
+    first = LLMEngine(model, None, EngineConfig(max_model_len=96, **static), "fp")
+    prompts = _prompts(5)
+    expected = _tokens(first, prompts)
+    tables = model.rotary
+    LLMEngine(model, None, EngineConfig(max_model_len=64, **static), "fp")
+    assert model.rotary is tables  # long enough: kept
+    longer = LLMEngine(model, None, EngineConfig(max_model_len=128, **static), "fp")
+    assert model.rotary is not tables and first.runner._rotary is tables
+    torch.empty(1 << 20, device=TEST_DEVICE).fill_(float("nan"))  # reuse freed memory, if any was freed
+    assert _tokens(first, prompts) == expected
+    assert _tokens(longer, prompts) == expected
