@@ -26,7 +26,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests that share a prefix."""
     decode_graphs: str = "auto"
-    """Decode-only steps: ``auto`` = replayed from CUDA graphs on CUDA (dense models), eager on
+    """Decode-only steps: ``auto`` = replayed from CUDA graphs on CUDA (MoE models where their
+    experts run fused: decode_graphs.graph_safe), eager on
     CPU; ``eager`` = the same static padded buffers without graphs (any device); ``off``."""
     mixed_graph_tokens: int = 2048
     """Steps that are not decode-only (prompt chunks, with or without decodes) of up to this many

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch
+from services.engine.fused_moe import fused_moe_usable
 from services.engine.graph_capture import StaticSteps, capture_graph
 from services.engine.model import CausalLM
 
@@ -63,10 +64,20 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def graph_safe(model: CausalLM) -> bool:
-    """Whether the model's decode forward is captured: not for MoE models. Their prompt steps
-    learn the routing on the host (moe.Experts.loop); their decode steps on CUDA keep it on the
-    device (fused_moe.py) and could be captured, which is not enabled yet."""
+def graph_safe(model: CausalLM, max_batch: int, device: torch.device) -> bool:
+    """Whether the model's decode steps of up to ``max_batch`` rows can be captured on ``device``
+    (CUDA): always for dense models; for MoE models where every such step runs the routed
+    experts fused (fused_moe.py), which keeps the routing on the device. The per-expert loop
+    (moe.Experts.loop) learns the routing on the host, which a graph cannot hold."""
+    moe = model.config.moe
+    if moe is None:
+        return True
+    return fused_moe_usable(torch.empty(0, device=device), max_batch * moe.top_k, moe.num_experts)
+
+
+def pieces_graph_safe(model: CausalLM) -> bool:
+    """Whether steps with prompt chunks run as graph pieces (mixed_graphs.py): not for MoE
+    models, whose prompt-sized steps loop over the experts."""
     return model.config.moe is None
 
 

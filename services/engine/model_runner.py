@@ -18,7 +18,7 @@ import time
 import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan, cuda_sdpa_backends
-from services.engine.decode_graphs import DecodeGraphs, FedTokens, graph_safe
+from services.engine.decode_graphs import DecodeGraphs, FedTokens, graph_safe, pieces_graph_safe
 from services.engine.mixed_graphs import MixedGraphs
 from services.engine.model import CausalLM
 from services.engine.packed_prefill import PackedPrefill, pack_prefills, packed_prefill_usable
@@ -48,8 +48,9 @@ class ModelRunner:
 
     def enable_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
         """Run decode-only steps of up to ``max_batch`` requests on static buffers, captured as
-        CUDA graphs when ``capture`` (only on CUDA, and not for MoE models)."""
-        capture = capture and self.device.type == "cuda" and graph_safe(self.model)
+        CUDA graphs when ``capture`` (only on CUDA; MoE models only where their decode steps
+        keep the expert routing on the device: decode_graphs.graph_safe)."""
+        capture = capture and self.device.type == "cuda" and graph_safe(self.model, max_batch, self.device)
         with self._on_device():
             self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.num_blocks, self.block_size,
                                               max_model_len, max_batch, capture)
@@ -58,7 +59,7 @@ class ModelRunner:
         """Run other steps of up to ``max_tokens`` tokens as graph pieces around eager attention,
         captured when ``capture``; not at all where capture was asked for but cannot happen
         (CPU, MoE models): eager pieces there would only add copies."""
-        can_capture = self.device.type == "cuda" and graph_safe(self.model)
+        can_capture = self.device.type == "cuda" and pieces_graph_safe(self.model)
         if capture and not can_capture:
             return
         with self._on_device():

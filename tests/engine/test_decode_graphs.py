@@ -101,3 +101,21 @@ def test_engines_over_one_model_keep_the_rotary_tables_their_graphs_read(checkpo
     torch.empty(1 << 20, device=TEST_DEVICE).fill_(float("nan"))  # reuse freed memory, if any was freed
     assert _tokens(first, prompts) == expected
     assert _tokens(longer, prompts) == expected
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_decode_steps_captured_where_the_routing_stays_on_the_device(checkpoints, family):
+    """On CUDA an MoE model's decode steps run the experts fused, the routing kept on the device,
+    and are captured; the tokens equal an engine without static buffers. Prompt steps loop over
+    the experts (routing read on the host) and never run as graph pieces. On CPU the experts
+    always loop, so the static buffers run eagerly."""
+    model = checkpoints(family, 2)
+    prompts = _prompts(7)
+    on_gpu = TEST_DEVICE != "cpu"
+    common = {"device": TEST_DEVICE, "dtype": "float32"}
+    expected = _tokens(small_engine(model, decode_graphs="off", **common), prompts)
+    engine = small_engine(model, decode_graphs="auto" if on_gpu else "eager", max_num_seqs=6, **common)
+    assert engine.runner.decode_graphs.captured == on_gpu
+    if on_gpu:
+        assert engine.runner.mixed_graphs is None
+    assert _tokens(engine, prompts) == expected
