@@ -14,13 +14,13 @@ several cache blocks when BLOCK_N > block_size):
     positions  |<------ split 0 ------>|<------ split 1 ------>|<-- split 2 ..    (partition tokens)
                | tile | tile | tile |..| tile | tile |..                          (BLOCK_N tokens)
 
-1. ``_split_kernel``, grid (B, Hkv, num_splits): one program takes one KV head, the
+1. ``_paged_decode_split_kernel``, grid (B, Hkv, num_splits): one program takes one KV head, the
    G = Hq / Hkv query heads that share it (each K/V tile is loaded once for all of
    them) and one split. It runs an online softmax over its tiles in float32 (base 2)
    and writes the split's normalised output and log-sum-exp to float32 scratch.
    A split that starts at or past context_len writes nothing.
-2. ``_merge_kernel``, grid (B, Hq): weighs the row's cdiv(context_len, partition) live
-   splits by exp(lse - max lse), reading them CHUNK at a time; dead splits are never read.
+2. ``_paged_decode_merge_kernel``, grid (B, Hq): weighs the row's cdiv(context_len, partition)
+   live splits by exp(lse - max lse), reading them CHUNK at a time; dead splits are never read.
 
 The partition (tokens per split) comes from shapes: batch 1 gets many short splits to
 fill the GPU, large batches one or two per row (see _default_partition).
@@ -136,7 +136,7 @@ def _default_partition(max_tokens: int, batch: int, num_kv_heads: int) -> int:
 
 if triton is not None:
 
-    def _split_kernel(
+    def _paged_decode_split_kernel(
         q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, split_out_ptr, split_lse_ptr,
         scale_log2, partition,
         stride_qb, stride_qh,
@@ -196,7 +196,7 @@ if triton is not None:
             tl.store(split_out_ptr + row * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
                      acc / l[:, None], mask=head_mask[:, None] & d_mask[None, :])
 
-    def _merge_kernel(
+    def _paged_decode_merge_kernel(
         split_out_ptr, split_lse_ptr, context_lens_ptr, out_ptr, partition,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
@@ -235,6 +235,7 @@ if triton is not None:
         tl.store(out_ptr + row * stride_outb + head * stride_outh + offs_d,
                  merged.to(out_ptr.dtype.element_ty), mask=d_mask)
 
-    _SPLIT = {True: triton.jit(_split_kernel),
-              False: triton.jit(do_not_specialize=["stride_table", *_UNSPECIALIZED])(_split_kernel)}
-    _MERGE = {True: triton.jit(_merge_kernel), False: triton.jit(do_not_specialize=_UNSPECIALIZED)(_merge_kernel)}
+    _SPLIT = {True: triton.jit(_paged_decode_split_kernel),
+              False: triton.jit(do_not_specialize=["stride_table", *_UNSPECIALIZED])(_paged_decode_split_kernel)}
+    _MERGE = {True: triton.jit(_paged_decode_merge_kernel),
+              False: triton.jit(do_not_specialize=_UNSPECIALIZED)(_paged_decode_merge_kernel)}

@@ -14,6 +14,7 @@ def test_kernels_are_sorted_into_kinds_by_name():
     assert dp.kernel_kind("_rope_and_cache_kernel") == "rotary+cache"
     assert dp.kernel_kind("_silu_and_mul_kernel") == "activation"
     assert dp.kernel_kind("_paged_decode_split_kernel") == "attention"
+    assert dp.kernel_kind("_paged_decode_merge_kernel") == "attention"
     assert dp.kernel_kind("void at::native::indexSelectSmallIndex<float>") == "other"
 
 
