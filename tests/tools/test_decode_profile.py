@@ -28,9 +28,12 @@ def test_tiny_run_times_both_engines_and_every_matmul(tmp_path, capsys):
         assert set(r["step_s"]) == {"plain", "ahead"} and all(v > 0 for v in r["step_s"].values())
         assert r["replay_s"] > 0 and r["floor_s"] > 0
         assert r["kernels"]["kernels_per_step"] == 0  # no CUDA kernels to profile on CPU
+        assert set(r["step_kernels"]) == {"plain", "ahead"}
+        assert all(k["kernels_per_step"] == 0 for k in r["step_kernels"].values())
         assert [m["weight"] for m in r["matmuls"]] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]
         assert all(m["bytes_s"] > 0 for m in r["matmuls"])
-    assert "one ahead" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "one ahead" in shown and "kernels inside engine steps" in shown
 
 
 def test_bad_arguments_are_refused(capsys):

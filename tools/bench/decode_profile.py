@@ -11,6 +11,9 @@ steps are timed three ways on the same model:
   kernels   torch.profiler over a few replays: device time per kernel kind (matmul,
             attention, norm, rotary + cache write, activation, other), and the sum of all
             kernels against the replay time (what is left is the gaps between kernels)
+  in steps  the same profiler over a few engine steps of each engine: the device time of
+            every kernel a step launches (the graph's, sampling, input and token copies)
+            against the step's wall time; what is left is the device waiting for the host
 
 and each matmul of one layer (and the lm_head) alone at M = B rows, replayed from a
 graph of 20 or more calls over copies of the weight that together exceed the L2 cache, as
@@ -164,13 +167,14 @@ def profile_batch(engines: dict[str, LLMEngine], batch: int, context: int, args,
                   device: torch.device) -> dict:
     """``engines``: the same model, decode steps one at a time ("plain") and one ahead ("ahead")."""
     steps = args.steps
-    step_s, host_share = {}, {}
+    step_s, host_share, step_kernels = {}, {}, {}
     for name, engine in engines.items():
         ids = decoding_engine(engine, batch, context, 2 * steps + args.replays + 8, vocab)
         time_steps(engine, 3, device)  # warm
         before = engine.stats.host_s, engine.stats.step_s
         step_s[name] = time_steps(engine, steps, device)
         host_share[name] = (engine.stats.host_s - before[0]) / max(engine.stats.step_s - before[1], 1e-9)
+        step_kernels[name] = profile_kernels(engine.step, device, args.replays)
         for request_id in ids:
             engine.abort(request_id)
         while engine.has_unfinished():  # a step launched ahead is read after the aborts
@@ -190,7 +194,7 @@ def profile_batch(engines: dict[str, LLMEngine], batch: int, context: int, args,
     log(f"batch {batch}: replay {replay_s * 1e3:.2f} ms, kernels {kernels['kernel_s_per_step'] * 1e3:.2f} ms "
         f"in {kernels['kernels_per_step']:.0f}")
     return {"batch": batch, "context": context, "graph_size": size, "step_s": step_s, "host_share": host_share,
-            "replay_s": replay_s, "kernels": kernels,
+            "step_kernels": step_kernels, "replay_s": replay_s, "kernels": kernels,
             "matmuls": matmul_bandwidth(engines["plain"].runner.model, batch, device, args.repeats)}
 
 
@@ -242,6 +246,14 @@ def format_tables(report: dict) -> str:
                      f"{step['plain'] * 1e3:.2f} ({host['plain']:.1%}) | {step['ahead'] * 1e3:.2f} ({host['ahead']:.1%}) | "
                      f"{r['replay_s'] * 1e3:.2f} | {k['kernel_s_per_step'] * 1e3:.2f} ({k['kernels_per_step']:.0f}) | "
                      f"{gaps * 1e3:.2f} |")
+    lines += ["", "kernels inside engine steps: device time per step against the step's wall time",
+              "| batch | engine | step ms | kernels ms (count) | device idle ms |", "| --- | --- | --- | --- | --- |"]
+    for r in report["results"]:
+        for name, label in (("plain", "one at a time"), ("ahead", "one ahead")):
+            k = r["step_kernels"][name]
+            idle = r["step_s"][name] - k["kernel_s_per_step"] if k["kernels_per_step"] else float("nan")
+            lines.append(f"| {r['batch']} | {label} | {r['step_s'][name] * 1e3:.2f} | {k['kernel_s_per_step'] * 1e3:.2f} "
+                         f"({k['kernels_per_step']:.0f}) | {idle * 1e3:.2f} |")
     for r in report["results"]:
         lines += ["", f"batch {r['batch']}: device time per kernel kind, per step",
                   "| kind | ms | kernels |", "| --- | --- | --- |"]
