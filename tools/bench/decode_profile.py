@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ from services.engine.model_config import parse_model_config
 from services.engine.request import SamplingParams
 from services.engine.scheduler import SchedulerConfig
 from tools.bench.engine_bench import _sync, make_prompts
-from tools.bench.machine import args_json, environment, slug, write_result
+from tools.bench.machine import report_header, result_path, write_result
 from tools.bench.random_models import LLAMA3_8B, TINY_LLAMA, default_dtype, random_hf_model
 from tools.bench.roofline_bench import GIB, decode_weight_bytes, kv_bytes_per_token, measure_bandwidth
 
@@ -291,13 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(b < 1 for b in args.batches) or any(c < 1 for c in args.contexts) or args.steps < 1 or args.replays < 1:
         print("decode-profile: batch sizes, contexts, --steps and --replays must be >= 1", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    report = {"benchmark": "decode-profile", "started_at": started, "environment": environment(device),
-              "args": args_json(args), **run(args)}
+    report = {**report_header("decode-profile", args, torch.device(args.device)), **run(args)}
     print(format_tables(report))
-    shape = "tiny" if args.tiny else "llama3-8b"
-    path = args.out or RESULTS_DIR / f"decode_profile_{shape}_{slug(report['environment']['device_name'])}.json"
+    path = result_path(args.out, RESULTS_DIR, f"decode_profile_{'tiny' if args.tiny else 'llama3-8b'}", report)
     write_result(path, report)
     log(f"wrote {path}")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import platform
@@ -64,3 +65,15 @@ def write_result(path: Path, report: dict) -> Path:
 def args_json(args: argparse.Namespace) -> dict:
     """A benchmark's command-line arguments as JSON values (paths as strings)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def report_header(benchmark: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """The fields a result file opens with: the benchmark, when it started, where, and its arguments."""
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"benchmark": benchmark, "started_at": started, "environment": environment(device),
+            "args": args_json(args)}
+
+
+def result_path(given: Path | None, results_dir: Path, stem: str, report: dict) -> Path:
+    """``given`` (--out), else ``<results_dir>/<stem>_<device slug>.json``."""
+    return given or results_dir / f"{stem}_{slug(report['environment']['device_name'])}.json"

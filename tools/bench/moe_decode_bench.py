@@ -24,7 +24,6 @@ tools/bench/results/moe_decode_<shape>_<device>.json (or --out).
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from services.engine.loader import build_model
 from services.engine.model_config import parse_model_config
 from services.engine.scheduler import SchedulerConfig
 from tools.bench.decode_profile import decoding_engine, time_steps
-from tools.bench.machine import args_json, environment, slug, write_result
+from tools.bench.machine import report_header, result_path, write_result
 from tools.bench.moe_bench import _ints
 from tools.bench.random_models import default_dtype
 from tools.bench.roofline_bench import GIB, decode_weight_bytes, kv_bytes_per_token, measure_bandwidth
@@ -151,13 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers < 1 or args.context < 1 or args.steps < 1:
         print("moe-decode: --layers, --context and --steps must be >= 1", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    report = {"benchmark": "moe-decode", "started_at": started, "environment": environment(device),
-              "args": args_json(args), **run(args)}
+    report = {**report_header("moe-decode", args, torch.device(args.device)), **run(args)}
     print(format_table(report))
     shape = "tiny" if args.tiny else f"mixtral-8x7b-{args.layers}l"
-    path = args.out or RESULTS_DIR / f"moe_decode_{shape}_{slug(report['environment']['device_name'])}.json"
+    path = result_path(args.out, RESULTS_DIR, f"moe_decode_{shape}", report)
     write_result(path, report)
     log(f"wrote {path}")
     return 0
