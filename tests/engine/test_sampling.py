@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from services.engine.request import FinishReason, SamplingParams
-from services.engine.sampler import SampleInput, _top_p_filter, sample
+from services.engine.sampler import SampleInput, _exponential_noise, _top_p_filter, noise_key, sample
 from tests.engine.conftest import small_engine
 
 
@@ -36,6 +36,55 @@ def test_sampling_follows_the_distribution():
         tok, _ = sample(logits, [SampleInput(SamplingParams(), seed, 0)])
         counts[tok[0]] += 1
     assert abs(counts[0] / 2000 - 0.7) < 0.04 and abs(counts[2] / 2000 - 0.1) < 0.03
+
+
+def test_a_batch_samples_each_row_as_it_would_alone():
+    """Rows of every kind in one batch (greedy, temperatures, top-k, top-p, banned ids, seeds)
+    choose what each chooses in a batch of its own."""
+    torch.manual_seed(0)
+    logits = torch.randn(9, 50) * 3
+    inputs = [SampleInput(SamplingParams(temperature=0), 1, 0),
+              SampleInput(SamplingParams(temperature=0.7, seed=3), 3, 4),
+              SampleInput(SamplingParams(temperature=1.3, top_k=5), 11, 0),
+              SampleInput(SamplingParams(temperature=1.0, top_p=0.6), 12, 7, banned_token_ids=(int(logits[3].argmax()),)),
+              SampleInput(SamplingParams(temperature=0, logprobs=True), 5, 2, banned_token_ids=(int(logits[4].argmax()),)),
+              SampleInput(SamplingParams(temperature=2.0, top_k=3, top_p=0.9, logprobs=True), 13, 1),
+              SampleInput(SamplingParams(temperature=0.5, top_k=50), 14, 9),  # k = vocab: no limit
+              SampleInput(SamplingParams(temperature=1.0, top_k=1), 15, 3),   # k = 1: the argmax
+              SampleInput(SamplingParams(temperature=0.9), -7, 2)]            # a negative seed
+    tokens, logprobs = sample(logits, inputs)
+    for row, item in enumerate(inputs):
+        alone, alone_lp = sample(logits[row: row + 1], [item])
+        assert tokens[row] == alone[0]
+        assert (logprobs[row] is None) == (alone_lp[0] is None)
+        assert tokens[row] not in item.banned_token_ids
+    assert tokens[7] == int(logits[7].argmax())
+    assert tokens[4] == int(logits[4].topk(2).indices[1])  # its argmax was banned
+    assert logprobs[4] == pytest.approx(torch.log_softmax(logits[4], -1)[tokens[4]].item())
+
+
+def test_per_row_top_k_and_top_p_in_one_batch():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 3)
+    for index in range(60):
+        tokens, _ = sample(logits, [SampleInput(SamplingParams(top_k=1), 0, index),
+                                    SampleInput(SamplingParams(top_k=2), 0, index),
+                                    SampleInput(SamplingParams(top_p=0.7), 0, index)])
+        assert tokens[0] == 0 and tokens[1] in (0, 1) and tokens[2] in (0, 1)
+
+
+def test_noise_is_exponential_and_depends_on_the_seed_and_index_only():
+    keys = torch.tensor([noise_key(seed, index) for seed in range(40) for index in range(25)])
+    assert len(set(keys.tolist())) == len(keys)
+    noise = _exponential_noise(keys, 400)  # 400,000 draws
+    assert noise.min() > 0 and torch.isfinite(noise).all()
+    assert noise.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert noise.var().item() == pytest.approx(1.0, abs=0.03)
+    uniform = torch.exp(-noise)
+    counts = torch.histc(uniform, bins=10, min=0, max=1)
+    assert (counts - 40_000).abs().max() < 1_000  # ~5 standard deviations
+    again = _exponential_noise(torch.tensor([noise_key(7, 3)]), 400)
+    assert torch.equal(again[0], noise[7 * 25 + 3])
+    assert noise_key(7, 3) != noise_key(7, 4) != noise_key(8, 3)
 
 
 def test_banned_tokens_and_logprobs():
