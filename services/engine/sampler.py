@@ -50,13 +50,15 @@ def sample_on_device(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[t
     """
     assert logits.shape[0] == len(inputs)
     allowed = _mask_banned(logits, inputs)
-    tokens = allowed.argmax(dim=-1)
     sampled = [row for row, item in enumerate(inputs) if not item.params.greedy]
     if len(sampled) == len(inputs):
         tokens = _sample_rows(allowed, inputs)
-    elif sampled:
-        rows = _to_device(torch.tensor(sampled, dtype=torch.long), logits.device)
-        tokens = tokens.index_copy(0, rows, _sample_rows(allowed.index_select(0, rows), [inputs[r] for r in sampled]))
+    else:
+        tokens = allowed.argmax(dim=-1)
+        if sampled:
+            rows = _to_device(torch.tensor(sampled, dtype=torch.long), logits.device)
+            picks = _sample_rows(allowed.index_select(0, rows), [inputs[r] for r in sampled])
+            tokens = tokens.index_copy(0, rows, picks)
     if not any(item.params.logprobs for item in inputs):
         return tokens, None
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
