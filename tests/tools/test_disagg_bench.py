@@ -450,6 +450,7 @@ def test_other_worker_counts_get_their_own_results_file(tmp_path):
     preset = PRESETS["cpu-demo"]
     two, four = disagg_report.results_path(tmp_path, preset), disagg_report.results_path(tmp_path, preset, 4)
     assert four.name == two.name.replace(".json", "-x4.json")
+    assert disagg_report.results_path(tmp_path, preset, 2, gpus=1) == two  # CPU workers share no GPU
     for name in ("disagg_gpu-llama3-8b_nvidia-h200.json", "disagg_gpu-llama3-8b_nvidia-h200-x4.json"):
         (tmp_path / name).write_text("{}")
     gpu = PRESETS["gpu-llama3-8b"]
@@ -457,6 +458,9 @@ def test_other_worker_counts_get_their_own_results_file(tmp_path):
     assert found == {2: "disagg_gpu-llama3-8b_nvidia-h200.json", 4: "disagg_gpu-llama3-8b_nvidia-h200-x4.json"}
     with pytest.raises(ValueError, match="no gpu-llama3-8b results"):
         disagg_report.existing_results_path(tmp_path, gpu, 3)
+    (tmp_path / "disagg_gpu-llama3-8b_nvidia-h200-x4_2gpu.json").write_text("{}")
+    with pytest.raises(ValueError, match="2 gpu-llama3-8b results"):  # four workers on four GPUs or on two
+        disagg_report.existing_results_path(tmp_path, gpu, 4)
 
 
 def test_ratio_text_names_a_layout_that_met_a_limit_nowhere_once():

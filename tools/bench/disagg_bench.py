@@ -94,7 +94,7 @@ once (``--random-shape``, or ``--model DIR`` for real weights). A full GPU sweep
 not fit one 10-minute call: the time estimate printed first says how long the selection
 will take (one 8B workload, both layouts: ~7 min, more if overloaded rates drain for
 long); split it with ``--workloads`` / ``--layouts`` / ``--rates`` / ``--duration``.
-Results are merged into ``<results-dir>/disagg_<preset>_<device>.json`` per (workload,
+Results are merged into ``<results-dir>/disagg_<preset>_<device>[-x<workers>][_<gpus>gpu].json`` per (workload,
 layout), rewritten after every layout, so split runs accumulate; the ratio is given only
 when both layouts ran with the same settings (model, engine arguments, rates, SLO,
 duration, seed ...). Output: a table on stdout, progress on stderr, and per workload a
@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"tandem bench disagg: error: {e}", file=sys.stderr)
         return _EXIT_RUN_FAILED
-    path = args.results_file or results_path(args.results_dir, preset, args.workers)
+    gpus = min(args.workers, layouts[0].gpus_visible) if layouts else None
+    path = args.results_file or results_path(args.results_dir, preset, args.workers, gpus)
     args.state_dir.mkdir(parents=True, exist_ok=True)
     try:
         for workload in preset.workloads:

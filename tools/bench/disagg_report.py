@@ -156,11 +156,14 @@ def sensitivity_slos(slot: dict, other: OtherLimits) -> list[SLO]:
     return sorted(wanted, key=looseness)
 
 
-def results_path(results_dir: Path, preset: Preset, workers: int = 2) -> Path:
+def results_path(results_dir: Path, preset: Preset, workers: int = 2, gpus: int | None = None) -> Path:
     """``disagg_<preset>_<device>.json``, with ``-x<workers>`` unless the run had the default
-    two workers: runs on other GPU counts are not merged with these."""
+    two workers, and ``_<gpus>gpu`` when its workers share fewer GPUs than there are workers
+    (two processes on one GPU): runs on other GPU counts are not merged with these."""
     device = torch.device("cuda" if preset.workers.device == "cuda" else "cpu")
     suffix = "" if workers == 2 else f"-x{workers}"
+    if device.type == "cuda" and gpus is not None and 0 < gpus < workers:
+        suffix += f"_{gpus}gpu"
     return results_dir / f"disagg_{preset.name}_{slug(device_name(device))}{suffix}.json"
 
 
@@ -361,7 +364,7 @@ def recompute(report: dict, workloads: list[str], other: OtherLimits) -> tuple[d
 
 def _worker_count(path: Path) -> int:
     """The worker count a results file's name says (results_path's ``-x<workers>``; none: 2)."""
-    match = re.search(r"-x(\d+)\.json$", path.name)
+    match = re.search(r"-x(\d+)(_\d+gpu)?\.json$", path.name)
     return int(match.group(1)) if match else 2
 
 
