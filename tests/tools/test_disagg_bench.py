@@ -60,6 +60,13 @@ def test_more_workers_pick_their_prefill_share_and_wrap_around_the_gpus():
             plan_layout("disaggregated", "cpu", 0, 10, workers=workers, prefill_workers=prefill)
 
 
+def test_one_mixed_worker_takes_the_whole_device():
+    co = plan_layout("colocated", "cuda", 1, 1000, workers=1)
+    assert co.devices == {"mixed-0": "cuda:0"} and co.kv_cache_bytes == {"mixed-0": 1000}
+    with pytest.raises(ValueError, match="need >= 1 worker"):
+        plan_layout("colocated", "cuda", 1, 1000, workers=0)
+
+
 def test_cuda_without_a_gpu_is_an_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         plan_layout("colocated", "cuda", 0, 1024)

@@ -16,7 +16,9 @@ without a KV store (its prefix hits would differ between layouts):
 Same number of worker processes on the same devices in both layouts. ``--workers N``
 (default 2) and ``--prefill-workers P`` (default N // 2) set other sizes and prefill :
 decode ratios: worker i runs on cuda:(i mod visible GPUs), e.g. 3 prefill + 1 decode
-against 4 mixed on four GPUs. ``--kv-cache-bytes`` is a budget per device: processes
+against 4 mixed on four GPUs; ``--workers 1 --layouts colocated`` runs one mixed worker
+with the whole device, the other baseline when two processes share one GPU (same requests,
+its own ``-x1`` results file). ``--kv-cache-bytes`` is a budget per device: processes
 sharing a device get an equal share each. The GPU presets name none: a worker alone on its
 GPU lets its engine take the memory left after its weights, workers sharing one split what
 is free less their weights (tools/bench/kv_budget.py); each run stores the cache size every
@@ -174,8 +176,10 @@ def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int | No
     (None): every worker's stays None until ``fit_kv`` sizes those sharing a GPU."""
     assert name in LAYOUTS, name
     prefill = workers // 2 if prefill_workers is None else prefill_workers
-    if workers < 2 or not 1 <= prefill < workers:
-        raise ValueError(f"need >= 2 workers and 1 .. workers-1 prefill workers, got {workers} and {prefill}")
+    if name == "colocated" and workers < 1:
+        raise ValueError(f"need >= 1 worker, got {workers}")
+    if name != "colocated" and (workers < 2 or not 1 <= prefill < workers):
+        raise ValueError(f"{name} needs >= 2 workers and 1 .. workers-1 prefill workers, got {workers} and {prefill}")
     if name == "colocated":
         names = [f"mixed-{i}" for i in range(workers)]
     else:
@@ -511,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "none, the memory free after the weights)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2,
-                        help="worker processes per layout (default 2), one per GPU while GPUs last")
+                        help="worker processes per layout (default 2), one per GPU while GPUs last; "
+                             "1: one mixed worker (colocated only), e.g. a whole GPU's baseline")
     parser.add_argument("--prefill-workers", type=int, default=None,
                         help="of those, prefill workers in the disaggregated layout (default half)")
     parser.add_argument("--max-batched-tokens", type=int, default=None)
