@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--stream-interval-ms", type=float, default=0.0, metavar="MS",
                    help="workers: send the tokens of each MS milliseconds of a stream in one message "
                         "(first and last tokens at once; default 0: a message per token)")
+    p.add_argument("--decode-step-period-ms", type=float, default=0.0, metavar="MS",
+                   help="decode workers: start engine steps at least MS apart (default 0: back to back), "
+                        "leaving the GPU to a prefill worker that shares it; keep MS well inside the TPOT target")
     p.add_argument("--gil-switch-interval-ms", type=float, default=0.5, metavar="MS",
                    help="workers: Python's GIL switch interval (default 0.5; 0 keeps Python's 5 ms): how long "
                         "the engine thread may wait for the GIL while the event loop streams")
@@ -110,11 +113,16 @@ def run(args: argparse.Namespace) -> int:
                           overlap_decode=args.overlap_decode, mixed_graph_tokens=args.mixed_graph_tokens,
                           scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                                     max_num_batched_tokens=args.max_batched_tokens))
-    config = WorkerConfig(role=args.role, model_dir=args.model, etcd_url=args.etcd, cluster=args.cluster,
-                          model_name=args.model_name, worker_id=args.id, host=args.host, grpc_port=args.grpc_port,
-                          ucx_port=args.ucx_port, engine=engine, drain_grace_s=args.drain_grace,
-                          stream_interval_s=args.stream_interval_ms / 1000,
-                          gil_switch_interval_s=args.gil_switch_interval_ms / 1000)
+    try:
+        config = WorkerConfig(role=args.role, model_dir=args.model, etcd_url=args.etcd, cluster=args.cluster,
+                              model_name=args.model_name, worker_id=args.id, host=args.host,
+                              grpc_port=args.grpc_port, ucx_port=args.ucx_port, engine=engine,
+                              drain_grace_s=args.drain_grace, stream_interval_s=args.stream_interval_ms / 1000,
+                              decode_step_period_s=args.decode_step_period_ms / 1000,
+                              gil_switch_interval_s=args.gil_switch_interval_ms / 1000)
+    except ValueError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return _EXIT_BAD_INPUT
     asyncio.run(Worker(config).run())
     return 0
 

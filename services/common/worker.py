@@ -55,7 +55,8 @@ class Worker:
         if c.gil_switch_interval_s > 0:
             sys.setswitchinterval(c.gil_switch_interval_s)
         engine = await asyncio.to_thread(LLMEngine.from_pretrained, c.model_dir, c.engine)
-        self.aengine = AsyncEngine(engine, stream_interval_s=c.stream_interval_s)
+        self.aengine = AsyncEngine(engine, stream_interval_s=c.stream_interval_s,
+                                   step_period_s=c.decode_step_period_s)
         await self.aengine.start()
         self.state = WorkerState(c, self.aengine)
         self.server, port, self.health = new_server(c.host, c.grpc_port)

@@ -50,6 +50,13 @@ class WorkerConfig:
     """Token streams: after a message, tokens of the next ``stream_interval_s`` seconds go out
     together in one message (first and last tokens never wait). 0 = a message per token.
     Fewer messages cost the host less, which a worker streaming many requests feels."""
+    decode_step_period_s: float = 0.0
+    """Decode pacing (decode workers only): engine steps start at least this far apart. A decode
+    worker sharing its GPU with a prefill worker otherwise steps back to back and takes its
+    share of the GPU whatever the TPOT target; a period well inside that target leaves the time
+    between steps to the prompts (and batches more streams per step). Prompts this worker computes
+    itself (recomputed after preemption, or sent by the slo-aware router) are paced too.
+    0 = step as fast as possible."""
     gil_switch_interval_s: float = 0.0005
     """``sys.setswitchinterval`` of the worker process; 0 leaves Python's (5 ms). The engine
     thread releases the GIL in every torch call (a launch, a copy, a device sync) and must get it
@@ -68,6 +75,10 @@ class WorkerConfig:
             raise ValueError("worker_id may not contain '/'")
         if not self.stream_interval_s >= 0:
             raise ValueError(f"stream_interval_s must be >= 0, got {self.stream_interval_s}")
+        if not self.decode_step_period_s >= 0:
+            raise ValueError(f"decode_step_period_s must be >= 0, got {self.decode_step_period_s}")
+        if self.decode_step_period_s > 0 and self.role != "decode":
+            raise ValueError(f"decode pacing is for decode workers: a {self.role} worker's steps carry prompts")
         if not self.gil_switch_interval_s >= 0:
             raise ValueError(f"gil_switch_interval_s must be >= 0, got {self.gil_switch_interval_s}")
 

@@ -37,10 +37,16 @@ class EngineStopped(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0):
+    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0, step_period_s: float = 0.0):
         """``stream_interval_s``: a stream's outputs within this long of its last message go
-        out as one message (see :mod:`stream_coalescer`); 0 = one message per step."""
+        out as one message (see :mod:`stream_coalescer`); 0 = one message per step.
+        ``step_period_s``: steps start at least this far apart (decode pacing; commands still
+        run as they come in between); 0 = back to back."""
+        if not step_period_s >= 0:
+            raise ValueError(f"step_period_s must be >= 0, got {step_period_s}")
         self.engine = engine
+        self._step_period_s = step_period_s
+        self._last_step_start = -float("inf")
         self._coalescer = StreamCoalescer(stream_interval_s) if stream_interval_s > 0 else None
         self.stream_messages = 0
         """Outputs handed to streams so far (event loop side)."""
@@ -127,6 +133,8 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 self._run_commands()
+                if self._step_period_s > 0 and self.engine.has_unfinished():
+                    self._pace()
                 outputs = self.engine.step() if self.engine.has_unfinished() else []
                 if self._coalescer is not None:
                     outputs = self._coalescer.take(outputs, time.monotonic())
@@ -136,6 +144,19 @@ class AsyncEngine:
             log.exception("engine thread crashed")
             self._failure = e
             self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    def _pace(self) -> None:
+        """Wait until a step period has passed since the last step started, running commands
+        as they arrive; a command that finishes the last request ends the wait."""
+        while not self._stopping.is_set() and self.engine.has_unfinished():
+            left = self._last_step_start + self._step_period_s - time.monotonic()
+            if left <= 0:
+                break
+            with self._wakeup:
+                if not self._commands:
+                    self._wakeup.wait(left)
+            self._run_commands()
+        self._last_step_start = time.monotonic()
 
     def _run_commands(self) -> bool:
         with self._wakeup:

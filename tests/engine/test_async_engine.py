@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
@@ -136,3 +137,36 @@ async def test_abort_sends_the_held_tokens_before_ending(checkpoints):
     want = small_engine(path).generate([[4, 5, 6]], SamplingParams(max_tokens=len(tokens), temperature=0,
                                                                    min_tokens=len(tokens)))[0].token_ids
     assert tokens == want
+
+
+@pytest.mark.asyncio
+async def test_paced_steps_start_a_period_apart_and_commands_still_run(checkpoints):
+    path = checkpoints("llama", 0)
+    params = SamplingParams(max_tokens=8, temperature=0, min_tokens=8)
+    want = [c.token_ids for c in small_engine(path).generate(_prompts(2), params)]
+    engine = small_engine(path)
+    starts: list[float] = []
+    step = engine.step
+
+    def timed_step():
+        starts.append(time.monotonic())
+        return step()
+
+    engine.step = timed_step
+    aengine = AsyncEngine(engine, step_period_s=0.1)
+    await aengine.start()
+    try:
+        got = await asyncio.gather(*(_collect(aengine, f"r{i}", p, params) for i, p in enumerate(_prompts(2))))
+        assert list(got) == want
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert len(starts) >= 8 and min(gaps) >= 0.095, gaps
+        stream = aengine.stream("long", lambda e: e.add_request("long", [1, 2], SamplingParams(max_tokens=400)))
+        await anext(stream)
+        t0 = time.monotonic()
+        assert await aengine.call(lambda e: e.has_unfinished())  # answered between paced steps
+        assert time.monotonic() - t0 < 0.09
+        await stream.aclose()
+    finally:
+        await aengine.close()
+    with pytest.raises(ValueError, match="step_period_s"):
+        AsyncEngine(engine, step_period_s=-1)

@@ -56,6 +56,16 @@ async def test_worker_shortens_the_gil_switch_interval(decode_worker):
         WorkerConfig(role="decode", model_dir=DEMO_MODEL_DIR, etcd_url="http://127.0.0.1:1", gil_switch_interval_s=-1)
 
 
+def test_decode_pacing_is_for_decode_workers_only():
+    common = dict(model_dir=DEMO_MODEL_DIR, etcd_url="http://127.0.0.1:1")
+    assert WorkerConfig(role="decode", decode_step_period_s=0.02, **common).decode_step_period_s == 0.02
+    for role in ("prefill", "mixed"):
+        with pytest.raises(ValueError, match="decode pacing is for decode workers"):
+            WorkerConfig(role=role, decode_step_period_s=0.02, **common)
+    with pytest.raises(ValueError, match="decode_step_period_s must be >= 0"):
+        WorkerConfig(role="decode", decode_step_period_s=-1, **common)
+
+
 @pytest.mark.asyncio
 async def test_unused_reservation_expires_and_frees_its_blocks(decode_worker):
     worker, stub = decode_worker

@@ -90,6 +90,10 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     python_default = replace(cpu, gil_switch_interval_ms=0.0)
     spec = cluster_spec(plan_layout("colocated", "cpu", 0, 1), python_default, tmp_path, tmp_path)
     assert spec.worker_args[-2:] == ("--gil-switch-interval-ms", "0")
+    paced = replace(cpu, decode_step_period_ms=25.0)
+    spec = cluster_spec(plan_layout("disaggregated", "cpu", 0, 1), paced, tmp_path, tmp_path)
+    assert spec.worker_name_args["decode-0"][-2:] == ("--decode-step-period-ms", "25")
+    assert "--decode-step-period-ms" not in spec.worker_name_args["prefill-0"] + spec.worker_args
 
 
 def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp_path):
@@ -215,7 +219,8 @@ def test_other_limits_default_to_the_presets(argv, other):
     (["--duration", "0"], "must be > 0"),
     (["--also-tpot-ms", "20,x"], "--also-tpot-ms must be comma-separated milliseconds, got '20,x'"),
     (["--also-ttft-ms", "0"], "--also-ttft-ms must be > 0"),
-    (["--stream-interval-ms", "-1"], "--stream-interval-ms must be >= 0"),
+    (["--stream-interval-ms", "-1"], "--stream-interval-ms and --decode-step-period-ms must be >= 0"),
+    (["--decode-step-period-ms", "-1"], "--stream-interval-ms and --decode-step-period-ms must be >= 0"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -215,6 +215,10 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
         for name in per_worker:
             if name.startswith("prefill-"):
                 per_worker[name] += ("--max-batched-tokens", str(workers.prefill_max_batched_tokens))
+    if workers.decode_step_period_ms:
+        for name in per_worker:
+            if name.startswith("decode-"):
+                per_worker[name] += ("--decode-step-period-ms", f"{workers.decode_step_period_ms:g}")
     router_args = ()
     if layout.policy == "slo-aware":
         if ttft_slo_ms is None:
@@ -285,8 +289,12 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int, s
 
 
 def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) -> dict:
-    """Everything that must match for two layouts' goodputs to be compared."""
-    return {"model": str(model_dir), "random_shape": preset.random_shape, **asdict(preset.workers), "workers": workers,
+    """Everything that must match for two layouts' goodputs to be compared (decode pacing only
+    where it is on, as results stored before it existed lack it)."""
+    engine = asdict(preset.workers)
+    if not engine["decode_step_period_ms"]:
+        del engine["decode_step_period_ms"]
+    return {"model": str(model_dir), "random_shape": preset.random_shape, **engine, "workers": workers,
             "workload": plan.workload, "rates": list(plan.rates), "slo": asdict(plan.slo),
             "duration_s": preset.duration_s, "drain_timeout_s": preset.drain_timeout_s, "scale": preset.scale,
             "seed": preset.seed, "transport": "grpc", **asdict(preset.harness)}
@@ -421,7 +429,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "kv_cache_bytes_per_device", "max_model_len",
                                                "max_batched_tokens", "max_num_seqs", "torch_threads",
                                                "prefill_max_batched_tokens", "gil_switch_interval_ms",
-                                               "stream_interval_ms")
+                                               "stream_interval_ms", "decode_step_period_ms")
                  if getattr(args, k) is not None}
     workloads = tuple(args.workloads.split(",")) if args.workloads else p.workloads
     unknown = [w for w in workloads if w not in p.plans]
@@ -441,8 +449,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     kv = p.workers.kv_cache_bytes_per_device
     if min(p.duration_s, p.drain_timeout_s, p.scale) <= 0 or (kv is not None and kv <= 0):
         raise ValueError("--duration, --drain-timeout, --scale and --kv-cache-bytes must be > 0")
-    if p.workers.stream_interval_ms < 0:
-        raise ValueError("--stream-interval-ms must be >= 0")
+    if p.workers.stream_interval_ms < 0 or p.workers.decode_step_period_ms < 0:
+        raise ValueError("--stream-interval-ms and --decode-step-period-ms must be >= 0")
     return p
 
 
@@ -526,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker process")
     parser.add_argument("--gil-switch-interval-ms", type=float, default=None, metavar="MS",
                         help="workers' GIL switch interval (default: theirs, 0.5; 0: Python's 5 ms)")
+    parser.add_argument("--decode-step-period-ms", type=float, default=None, metavar="MS",
+                        help="decode workers start their steps at least MS apart (decode pacing; default 0: "
+                             "back to back), leaving a GPU they share to the prefill worker")
     parser.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
                         help="workers' stream window: a stream's tokens within MS of its last message go out "
                              "as one (default: the preset's; 0: one message per step)")

@@ -38,6 +38,9 @@ class WorkerSettings:
     """``--stream-interval-ms``: tokens of a stream sent together within this window."""
     gil_switch_interval_ms: float | None = None
     """``--gil-switch-interval-ms`` (None: the worker's default, 0.5 ms)."""
+    decode_step_period_ms: float = 0.0
+    """``--decode-step-period-ms`` of decode workers (decode pacing; 0: steps back to back):
+    a decode worker sharing its GPU with a prefill worker leaves it the time between steps."""
 
 
 @dataclass(frozen=True)
