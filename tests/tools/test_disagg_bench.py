@@ -98,22 +98,33 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
 
 def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"w" * 1000)
-    (tmp_path / "config.json").write_text("{}")  # not weights
-    assert kv_budget.weight_bytes(tmp_path) == 1000
+    # 2 layers x (k, v) x 1 kv head x 8 dims x 2 bytes = 64 bytes a token in bfloat16
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "num_hidden_layers": 2, "intermediate_size": 32, "vocab_size": 64}))
+    assert kv_budget.weight_bytes(tmp_path) == 1000  # config.json is not weights
+    assert kv_budget.kv_bytes_per_token(tmp_path, 2) == 64
+    gpu = PRESETS["gpu-llama3-8b"].workers
+    small = replace(gpu, max_batched_tokens=2, prefill_max_batched_tokens=3)  # a prefill cap of 4 x 3 x 64 = 768
     alone = plan_layout("disaggregated", "cuda", 2, None)
-    assert fit_kv(alone, tmp_path, free_bytes=lambda: pytest.fail("alone: nothing to measure")) == alone
-    assert cluster_spec(alone, PRESETS["gpu-llama3-8b"].workers, tmp_path, tmp_path).worker_name_args == {
+    assert fit_kv(alone, tmp_path, gpu, free_bytes=lambda: pytest.fail("alone: nothing to measure")) == alone
+    assert cluster_spec(alone, gpu, tmp_path, tmp_path).worker_name_args == {
         "prefill-0": ("--device", "cuda:0", "--max-batched-tokens", "8192"), "decode-0": ("--device", "cuda:1")}
-    shared = fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, free_bytes=lambda: [10_000])
+    shared = fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [10_000])
     assert shared.kv_cache_bytes == {"mixed-0": (9000 - 2000) // 2, "mixed-1": (9000 - 2000) // 2}
+    # prefill and decode on one GPU: the prefill worker holds a few steps of prompts, the decode worker the rest
+    pd = fit_kv(plan_layout("disaggregated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [10_000])
+    assert pd.kv_cache_bytes == {"prefill-0": 768, "decode-0": 7000 - 768}
+    tight = fit_kv(plan_layout("disaggregated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [3000])
+    assert tight.kv_cache_bytes == {"prefill-0": 350, "decode-0": 350}  # no more than an even share either
     # three workers on two GPUs: the two on cuda:0 share it, the one on cuda:1 sizes its own cache
-    three = fit_kv(plan_layout("disaggregated", "cuda", 2, None, workers=3, prefill_workers=1), tmp_path,
+    three = fit_kv(plan_layout("disaggregated", "cuda", 2, None, workers=3, prefill_workers=1), tmp_path, small,
                    free_bytes=lambda: [5000, 1])
-    assert three.kv_cache_bytes == {"prefill-0": 1250, "decode-0": None, "decode-1": 1250}
+    assert three.kv_cache_bytes == {"prefill-0": 768, "decode-0": None, "decode-1": 2500 - 768}
     with pytest.raises(ValueError, match=r"do not fit cuda:0 .*--kv-cache-bytes"):
-        fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, free_bytes=lambda: [2000])
+        fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [2000])
     given = plan_layout("colocated", "cuda", 1, 4000)  # a budget on the command line is kept
-    assert fit_kv(given, tmp_path, free_bytes=lambda: [1]).kv_cache_bytes == {"mixed-0": 2000, "mixed-1": 2000}
+    assert fit_kv(given, tmp_path, small, free_bytes=lambda: [1]).kv_cache_bytes == {"mixed-0": 2000, "mixed-1": 2000}
 
 
 def test_free_device_memory_is_read_in_a_child_process():

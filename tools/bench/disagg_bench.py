@@ -246,7 +246,12 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
         result = asyncio.run(_warm_up_and_sweep(args, plan.slo, len(layout.devices), state))
     finally:
         stop_cluster(state_dir, progress=log)
-    shutil.rmtree(state_dir, ignore_errors=True)  # etcd's data is tens of MB; the logs matter only on failure
+    errors = Counter(r["error"] for run in result["runs"] for r in run["requests"] if r.get("error"))
+    if errors:  # a worker that died shows in its log
+        common = "; ".join(f"{n} x {e[:120]}" for e, n in errors.most_common(3))
+        log(f"{sum(errors.values())} request(s) failed ({common}): logs kept in {state_dir}")
+    else:
+        shutil.rmtree(state_dir, ignore_errors=True)  # etcd's data is tens of MB; the logs matter only on failure
     good = goodput([(run["rate"], run["summary"]["slo_attainment"]) for run in result["runs"]])
     return {"layout": layout.to_json(), "settings": settings(preset, plan, model_dir, len(layout.devices)), "goodput_rate": good,
             "cluster_start_s": round(start_s, 1), "started_at": started_at, "finished_at": _now(),
@@ -343,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     log(estimate_text(preset, len(layouts), args.scratch))
     model_dir = prepare_model(preset, args.scratch)
     try:
-        layouts = [fit_kv(layout, model_dir) for layout in layouts]
+        layouts = [fit_kv(layout, model_dir, preset.workers) for layout in layouts]
     except (ValueError, RuntimeError) as e:
         print(f"tandem bench disagg: error: {e}", file=sys.stderr)
         return _EXIT_RUN_FAILED
@@ -368,13 +373,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fit_kv(layout: Layout, model_dir: Path, free_bytes: Callable[[], list[int]] = kv_budget.free_device_bytes) -> Layout:
+def fit_kv(layout: Layout, model_dir: Path, workers: WorkerSettings,
+           free_bytes: Callable[[], list[int]] = kv_budget.free_device_bytes) -> Layout:
     """``layout`` with a KV budget for each GPU worker that shares its device and has none yet
-    (measured free memory less the weights, split evenly); workers alone keep None."""
+    (measured free memory less the weights; a prefill worker gets room for a few of its steps,
+    the others split the rest evenly); workers alone keep None."""
     unsized = {n: d for n, d in layout.devices.items() if layout.kv_cache_bytes[n] is None}
     if len(set(unsized.values())) == len(unsized):  # each alone on its device: the engines size the caches
         return layout
-    budgets = kv_budget.shared_device_budgets(layout.devices, kv_budget.weight_bytes(model_dir), free_bytes())
+    step = workers.prefill_max_batched_tokens or workers.max_batched_tokens
+    per_token = kv_budget.kv_bytes_per_token(model_dir, getattr(torch, workers.dtype).itemsize)
+    caps = {n: kv_budget.PREFILL_KV_STEPS * step * per_token for n in layout.devices if n.startswith("prefill-")}
+    budgets = kv_budget.shared_device_budgets(layout.devices, kv_budget.weight_bytes(model_dir), free_bytes(), caps)
     return replace(layout, kv_cache_bytes={n: b if b is not None else budgets[n] for n, b in layout.kv_cache_bytes.items()})
 
 

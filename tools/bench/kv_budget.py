@@ -5,9 +5,12 @@ evenly) or leaves it to the memory there (``kv_cache_bytes_per_device`` None):
 
   worker alone on its GPU   no ``--kv-cache-bytes``: its engine takes 90 % of the memory
                             free after its weights (services/engine/engine.py), the most it can
-  k workers sharing a GPU   each gets (0.9 x free - k x weights) / k, free memory measured
-                            before any of them starts: engines sizing themselves at start-up
-                            would each see whatever the others had taken by then
+  k workers sharing a GPU   what is left of 0.9 x free after the k weights, free memory measured
+                            before any of them starts (engines sizing themselves at start-up
+                            would each see whatever the others had taken by then): a prefill
+                            worker gets at most ``PREFILL_KV_STEPS`` of its steps' tokens (it
+                            holds a prompt's KV only until the handoff), the others split the
+                            rest evenly
 
 Free memory is read in a child process, so this process holds no CUDA context on the
 devices the workers will use.
@@ -18,10 +21,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 FREE_MEMORY_FRACTION = 0.9
+PREFILL_KV_STEPS = 4
+"""A prefill worker sharing its GPU keeps room for this many full steps of prompts."""
 """As the engine's own default: the rest is for activations, CUDA graphs and the CUDA context."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE_TIMEOUT_S = 120.0
@@ -42,16 +46,29 @@ def free_device_bytes() -> list[int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]) -> dict[str, int | None]:
-    """Worker name -> KV bytes: None for a worker alone on its device (its engine sizes the cache),
-    an equal share of what is left after everyone's weights for workers sharing one.
+def kv_bytes_per_token(model_dir: Path, dtype_bytes: int) -> int:
+    """KV cache bytes one token takes in every layer (keys and values) of the checkpoint's model."""
+    from services.engine.model_config import load_model_config
+
+    mc = load_model_config(model_dir)
+    return mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * dtype_bytes
+
+
+def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int],
+                          caps: dict[str, int] | None = None) -> dict[str, int | None]:
+    """Worker name -> KV bytes: None for a worker alone on its device (its engine sizes the cache);
+    for workers sharing one, what is left after everyone's weights: a worker named in ``caps``
+    (a prefill worker) at most its cap and an equal share, the others an equal share of the rest.
     ValueError when the weights alone do not fit a shared device."""
-    sharing = Counter(devices.values())
-    budgets: dict[str, int | None] = {}
+    caps = caps or {}
+    on_device: dict[str, list[str]] = {}
     for name, device in devices.items():
-        k = sharing[device]
+        on_device.setdefault(device, []).append(name)
+    budgets: dict[str, int | None] = {}
+    for device, names in on_device.items():
+        k = len(names)
         if k == 1 or not device.startswith("cuda"):
-            budgets[name] = None
+            budgets.update(dict.fromkeys(names))
             continue
         index = int(device.partition(":")[2] or 0)
         left = int(FREE_MEMORY_FRACTION * free[index]) - k * weights
@@ -59,5 +76,9 @@ def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]
             raise ValueError(f"{k} workers' weights ({k} x {weights / _GIB:.1f} GiB) do not fit {device} "
                              f"({free[index] / _GIB:.1f} GiB free); give a KV budget with --kv-cache-bytes "
                              "or use more GPUs")
-        budgets[name] = left // k
-    return budgets
+        capped = {n: min(caps[n], left // k) for n in names if n in caps}
+        rest = [n for n in names if n not in capped]
+        budgets.update(capped)
+        if rest:
+            budgets.update(dict.fromkeys(rest, (left - sum(capped.values())) // len(rest)))
+    return {name: budgets[name] for name in devices}
