@@ -106,3 +106,29 @@ def test_eos_ids_from_config_and_generation_config(checkpoints, tmp_path):
     c = small_engine(path).generate([PROMPT], SamplingParams(max_tokens=12, temperature=0))[0]
     assert c.token_ids == greedy.token_ids[: greedy.token_ids.index(stop_at) + 1]
     assert c.finish_reason.value == "stop"
+
+
+def test_weights_are_materialised_in_the_asked_dtype_only(checkpoints):
+    """A bfloat16 load never allocates the model in float32 first (on a GPU that held both copies at once,
+    three times the bfloat16 weights, and kept the float32 one cached away from other processes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from services.engine.loader import _read_safetensors, build_model, weight_files
+
+    path = checkpoints("llama", 0)
+    tensors = list(_read_safetensors(weight_files(path)))  # float32 in the checkpoint, read beforehand
+
+    class Allocations(TorchDispatchMode):
+        numel: dict = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.device.type != "meta":
+                self.numel[out.dtype] = self.numel.get(out.dtype, 0) + out.numel()
+            return out
+
+    with Allocations() as allocations:
+        model = build_model(load_model_config(path), tensors, "bfloat16", "cpu")
+    params = sum(p.numel() for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert allocations.numel.get(torch.float32, 0) < params // 10, allocations.numel
