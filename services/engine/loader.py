@@ -90,9 +90,9 @@ def build_model(
     torch_dtype = resolve_dtype(dtype, config, dev)
     with torch.device("meta"):
         model = CausalLM(config)
-    # the dtype first, on meta: materialising in float32 and converting after would hold both
-    # copies at once (three times the weights' size in bfloat16) and leave the float32 one in
-    # the caching allocator, out of reach of another process sharing the GPU
+    # the dtype first, on meta: materialising in float32 and converting after reserves twice the
+    # bfloat16 weights on the device, which the caching allocator keeps (out of reach of another
+    # process sharing the GPU)
     model = model.to(torch_dtype).to_empty(device=dev)
     _load_weights(model, tensors)
     return model.eval().requires_grad_(False)

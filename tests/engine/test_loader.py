@@ -109,8 +109,8 @@ def test_eos_ids_from_config_and_generation_config(checkpoints, tmp_path):
 
 
 def test_weights_are_materialised_in_the_asked_dtype_only(checkpoints):
-    """A bfloat16 load never allocates the model in float32 first (on a GPU that held both copies at once,
-    three times the bfloat16 weights, and kept the float32 one cached away from other processes)."""
+    """A bfloat16 load never allocates the model in float32 first (on a GPU that reserved twice the
+    bfloat16 weights, kept cached away from other processes)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from services.engine.loader import _read_safetensors, build_model, weight_files
