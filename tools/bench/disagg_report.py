@@ -268,7 +268,8 @@ def _sensitivity_lines(slot: dict) -> list[str]:
                   if value != own]
         goods = [f"{name} no per-request records" if name in item.get("no_records", ())
                  else f"{name} {_goodput_text(good, tops[name])}" for name, good in item["goodput"].items()]
-        lines.append(f"    {', '.join(limits)}: {', '.join(goods)} req/s ({_ratio_text(item, tops)})")
+        ratio = _ratio_text(item, tops)
+        lines.append(f"    {', '.join(limits)}: {', '.join(goods)} req/s" + (f" ({ratio})" if ratio else ""))
     return lines
 
 
@@ -280,6 +281,8 @@ def _ratio_text(item: dict, tops: dict[str, float]) -> str:
     """The ratios to colocated, each marked as a bound where a layout met the SLO at its highest rate."""
     ratios = item.get("ratios", {"disaggregated": item["ratio"]})
     texts = [_one_ratio_text(item, name, ratio, tops) for name, ratio in ratios.items()]
+    if not texts:  # one layout alone: nothing to compare
+        return ""
     if len(texts) == 1:
         return texts[0]
     # a missing ratio's text names the layouts that met the limit nowhere itself
