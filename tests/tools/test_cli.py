@@ -63,6 +63,12 @@ def test_serve_refuses_a_negative_gil_switch_interval():
     assert "Traceback" not in done.stderr
 
 
+def test_serve_refuses_decode_pacing_on_a_worker_that_computes_prompts():
+    done = _tandem("serve", "mixed", "--etcd", "http://127.0.0.1:9", "--decode-step-period-ms", "20")
+    assert done.returncode == 2 and "decode pacing is for decode workers" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_generate_url_reports_an_unreachable_router():
     done = _tandem("generate", "--url", "http://127.0.0.1:9", "x")
     assert done.returncode == 2 and "cannot reach" in done.stderr
