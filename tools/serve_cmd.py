@@ -123,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return _EXIT_BAD_INPUT
-    asyncio.run(Worker(config).run())
-    return 0
+    return asyncio.run(Worker(config).run())
 
 
 def _run_router(args: argparse.Namespace) -> int:

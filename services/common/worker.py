@@ -45,10 +45,14 @@ class Worker:
         self.ucx_address = ""
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
+        self.engine_failure: BaseException | None = None
+        """Set when the engine thread died: the worker then leaves the cluster and exits non-zero."""
 
-    async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, then drain and return."""
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, or until the engine fails, then drain; the exit status
+        (1 after an engine failure, so that a supervisor restarts the worker)."""
         await serve_until_signalled(self.start, self.drain_and_stop, self._stopped)
+        return 0 if self.engine_failure is None else 1
 
     async def start(self) -> None:
         c = self.config
@@ -56,7 +60,7 @@ class Worker:
             sys.setswitchinterval(c.gil_switch_interval_s)
         engine = await asyncio.to_thread(LLMEngine.from_pretrained, c.model_dir, c.engine)
         self.aengine = AsyncEngine(engine, stream_interval_s=c.stream_interval_s,
-                                   step_period_s=c.decode_step_period_s)
+                                   step_period_s=c.decode_step_period_s, on_failure=self._engine_failed)
         await self.aengine.start()
         self.state = WorkerState(c, self.aengine)
         self.server, port, self.health = new_server(c.host, c.grpc_port)
@@ -101,6 +105,13 @@ class Worker:
     def stop(self) -> None:
         """Ask :meth:`run` to drain and return (as SIGTERM does)."""
         self._stopped.set()
+
+    def _engine_failed(self, error: BaseException) -> None:
+        """A worker whose engine died would stay registered and fail every request the router
+        sends it: it leaves the cluster (health NOT_SERVING, etcd key gone) and exits instead."""
+        log.error("engine failed (%r): leaving the cluster and exiting", error)
+        self.engine_failure = error
+        self.stop()
 
     async def drain_and_stop(self) -> None:
         c = self.config

@@ -37,11 +37,14 @@ class EngineStopped(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0, step_period_s: float = 0.0):
+    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0, step_period_s: float = 0.0,
+                 on_failure: Callable[[BaseException], None] | None = None):
         """``stream_interval_s``: a stream's outputs within this long of its last message go
         out as one message (see :mod:`stream_coalescer`); 0 = one message per step.
         ``step_period_s``: steps start at least this far apart (decode pacing; commands still
-        run as they come in between); 0 = back to back."""
+        run as they come in between); 0 = back to back.
+        ``on_failure``: called on the event loop, after every stream has failed, when a step
+        raised (the engine thread is gone: e.g. the device ran out of memory)."""
         if not step_period_s >= 0:
             raise ValueError(f"step_period_s must be >= 0, got {step_period_s}")
         self.engine = engine
@@ -57,6 +60,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._failure: BaseException | None = None
+        self._on_failure = on_failure
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -182,6 +186,8 @@ class AsyncEngine:
     def _fail_all(self, error: BaseException) -> None:
         for q in self._streams.values():
             q.put_nowait(EngineStopped(f"engine failed: {error!r}"))
+        if self._on_failure is not None:
+            self._on_failure(error)
 
 
 def log_command_failure(future: asyncio.Future) -> None:

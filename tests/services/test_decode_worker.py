@@ -11,12 +11,14 @@ import pytest_asyncio
 
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from services.common.registry import Membership
 from services.common.ucx_transport import KVTransferClient
 from services.common.worker import Worker
 from services.common.worker_config import WorkerConfig
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.request import SamplingParams
+from tests.common.test_registry import wait_until
 from tools.demo import DEMO_MODEL_DIR
 
 ENGINE = EngineConfig(kv_cache_bytes=32 << 20)
@@ -135,3 +137,36 @@ async def test_drain_refuses_new_work_and_finishes_in_flight(decode_worker):
         rest.append(event)
     assert sum(len(e.token_ids) for e in [first, *rest]) == 300 and rest[-1].finished
     await asyncio.wait_for(drain, 30)
+
+
+@pytest.mark.asyncio
+async def test_a_worker_whose_engine_dies_leaves_the_cluster_and_exits_1(etcd):
+    """An engine thread that raised (a device out of memory, say) fails its streams; the worker
+    then deregisters and exits 1 instead of staying picked by the router and failing everything."""
+    worker = Worker(WorkerConfig(role="decode", model_dir=DEMO_MODEL_DIR, etcd_url=etcd.url, cluster="dies",
+                                 engine=ENGINE, drain_grace_s=20))
+    membership = Membership(etcd.url, "dies")
+    await membership.start()
+    run = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: [w.worker_id for w in membership.workers()] == [worker.config.worker_id], 60,
+                         "the worker registered")
+
+        def broken_step():
+            raise RuntimeError("device out of memory (injected)")
+
+        worker.aengine.engine.step = broken_step
+        async with grpc.aio.insecure_channel(worker.grpc_address) as channel:
+            stream = pb_grpc.DecodeWorkerStub(channel).Decode(pb.DecodeRequest(
+                request_id="r", prompt_token_ids=PROMPT, sampling=pb.SamplingOptions(max_tokens=4)))
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in stream:
+                    pass
+        assert await asyncio.wait_for(run, 30) == 1
+        assert "injected" in repr(worker.engine_failure)
+        await wait_until(lambda: membership.workers() == [], 10, "the worker left etcd")
+    finally:
+        if not run.done():
+            worker.stop()
+            await asyncio.wait_for(run, 30)
+        await membership.close()
