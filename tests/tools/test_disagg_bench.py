@@ -103,7 +103,6 @@ def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp
         "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
         "num_hidden_layers": 2, "intermediate_size": 32, "vocab_size": 64}))
     assert kv_budget.weight_bytes(tmp_path) == 1000  # config.json is not weights
-    assert kv_budget.kv_bytes_per_token(tmp_path, 2) == 64
     gpu = PRESETS["gpu-llama3-8b"].workers
     small = replace(gpu, max_batched_tokens=2, prefill_max_batched_tokens=3)  # a prefill cap of 4 x 3 x 64 = 768
     alone = plan_layout("disaggregated", "cuda", 2, None)

@@ -47,7 +47,7 @@ from services.engine.model_config import parse_model_config
 from services.engine.request import SamplingParams
 from services.engine.scheduler import SchedulerConfig
 from tools.bench.engine_bench import _sync, make_prompts
-from tools.bench.machine import report_header, result_path, write_result
+from tools.bench.machine import positive_ints, report_header, result_path, write_result
 from tools.bench.random_models import LLAMA3_8B, TINY_LLAMA, default_dtype, random_hf_model
 from tools.bench.roofline_bench import GIB, decode_weight_bytes, kv_bytes_per_token, measure_bandwidth
 
@@ -271,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
-    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[128, 1024],
+    p.add_argument("--batches", type=positive_ints, default=[1, 64])
+    p.add_argument("--contexts", type=positive_ints, default=[128, 1024],
                    help="prompt tokens per request, one per batch size")
     p.add_argument("--steps", type=int, default=30, help="decode steps timed per measure")
     p.add_argument("--replays", type=int, default=5, help="graph replays under the profiler")
@@ -287,14 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.batches) != len(args.contexts):
         print("decode-profile: give one context per batch size", file=sys.stderr)
         return 2
-    if any(b < 1 for b in args.batches) or any(c < 1 for c in args.contexts) or args.steps < 1 or args.replays < 1:
-        print("decode-profile: batch sizes, contexts, --steps and --replays must be >= 1", file=sys.stderr)
+    if args.steps < 1 or args.replays < 1:
+        print("decode-profile: --steps and --replays must be >= 1", file=sys.stderr)
         return 2
     report = {**report_header("decode-profile", args, torch.device(args.device)), **run(args)}
     print(format_tables(report))
-    path = result_path(args.out, RESULTS_DIR, f"decode_profile_{'tiny' if args.tiny else 'llama3-8b'}", report)
-    write_result(path, report)
-    log(f"wrote {path}")
+    stem = f"decode_profile_{'tiny' if args.tiny else 'llama3-8b'}"
+    log(f"wrote {write_result(result_path(args.out, RESULTS_DIR, stem, report), report)}")
     return 0
 
 

@@ -120,12 +120,14 @@ from typing import Callable
 
 import torch
 
+from services.engine.model_config import load_model_config
 from tools.bench import kv_budget, serve_bench, worker_counters
 from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Harness, Preset, WorkerSettings, WorkloadPlan
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
                                        merge_entry, read_report, recompute, reported_workloads, results_path,
                                        write_plot, write_report)
 from tools.bench.random_models import random_hf_model
+from tools.bench.roofline_bench import kv_bytes_per_token
 from tools.bench.serve_clients import LoadClient
 from tools.bench.slo import SLO, goodput
 from tools.bench.workloads import WORKLOADS
@@ -382,7 +384,7 @@ def fit_kv(layout: Layout, model_dir: Path, workers: WorkerSettings,
     if len(set(unsized.values())) == len(unsized):  # each alone on its device: the engines size the caches
         return layout
     step = workers.prefill_max_batched_tokens or workers.max_batched_tokens
-    per_token = kv_budget.kv_bytes_per_token(model_dir, getattr(torch, workers.dtype).itemsize)
+    per_token = kv_bytes_per_token(load_model_config(model_dir), getattr(torch, workers.dtype))
     caps = {n: kv_budget.PREFILL_KV_STEPS * step * per_token for n in layout.devices if n.startswith("prefill-")}
     budgets = kv_budget.shared_device_budgets(layout.devices, kv_budget.weight_bytes(model_dir), free_bytes(), caps)
     return replace(layout, kv_cache_bytes={n: b if b is not None else budgets[n] for n, b in layout.kv_cache_bytes.items()})

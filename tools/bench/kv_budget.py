@@ -46,14 +46,6 @@ def free_device_bytes() -> list[int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def kv_bytes_per_token(model_dir: Path, dtype_bytes: int) -> int:
-    """KV cache bytes one token takes in every layer (keys and values) of the checkpoint's model."""
-    from services.engine.model_config import load_model_config
-
-    mc = load_model_config(model_dir)
-    return mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * dtype_bytes
-
-
 def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int],
                           caps: dict[str, int] | None = None) -> dict[str, int | None]:
     """Worker name -> KV bytes: None for a worker alone on its device (its engine sizes the cache);

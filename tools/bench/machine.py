@@ -77,3 +77,14 @@ def report_header(benchmark: str, args: argparse.Namespace, device: torch.device
 def result_path(given: Path | None, results_dir: Path, stem: str, report: dict) -> Path:
     """``given`` (--out), else ``<results_dir>/<stem>_<device slug>.json``."""
     return given or results_dir / f"{stem}_{slug(report['environment']['device_name'])}.json"
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers, each >= 1 (batch sizes, lengths)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("values must be >= 1")
+    return values

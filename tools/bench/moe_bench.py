@@ -36,7 +36,7 @@ import torch
 from services.engine import fused_moe
 from services.engine.moe import Experts
 from tools.bench.engine_bench import _sync
-from tools.bench.machine import args_json, environment, slug, write_result
+from tools.bench.machine import args_json, environment, positive_ints, slug, write_result
 from tools.bench.random_models import default_dtype
 from tools.bench.roofline_bench import measure_bandwidth
 
@@ -139,16 +139,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("values must be >= 1")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem bench moe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--shapes", default="mixtral-8x7b,qwen3-30b-a3b",
                    help=f"comma-separated, of {', '.join(SHAPES)} (--tiny: tiny)")
-    p.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16, 32, 64, 128, 256], metavar="B1,B2")
+    p.add_argument("--batches", type=positive_ints, default=[1, 2, 4, 8, 16, 32, 64, 128, 256], metavar="B1,B2")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="the toy shape, small batches (checks the path on CPU)")

@@ -36,8 +36,7 @@ from services.engine.loader import build_model
 from services.engine.model_config import parse_model_config
 from services.engine.scheduler import SchedulerConfig
 from tools.bench.decode_profile import decoding_engine, time_steps
-from tools.bench.machine import report_header, result_path, write_result
-from tools.bench.moe_bench import _ints
+from tools.bench.machine import positive_ints, report_header, result_path, write_result
 from tools.bench.random_models import default_dtype
 from tools.bench.roofline_bench import GIB, decode_weight_bytes, kv_bytes_per_token, measure_bandwidth
 
@@ -137,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--layers", type=int, default=8, help="decoder layers (Mixtral-8x7B has 32)")
-    p.add_argument("--batches", type=_ints, default=[1, 8, 32, 64], metavar="B1,B2")
+    p.add_argument("--batches", type=positive_ints, default=[1, 8, 32, 64], metavar="B1,B2")
     p.add_argument("--context", type=int, default=512, help="prompt tokens per request")
     p.add_argument("--steps", type=int, default=30, help="engine steps timed per batch and engine")
     p.add_argument("--tiny", action="store_true", help="a toy shape (checks the path on CPU)")
@@ -153,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {**report_header("moe-decode", args, torch.device(args.device)), **run(args)}
     print(format_table(report))
     shape = "tiny" if args.tiny else f"mixtral-8x7b-{args.layers}l"
-    path = result_path(args.out, RESULTS_DIR, f"moe_decode_{shape}", report)
-    write_result(path, report)
-    log(f"wrote {path}")
+    log(f"wrote {write_result(result_path(args.out, RESULTS_DIR, f'moe_decode_{shape}', report), report)}")
     return 0
 
 

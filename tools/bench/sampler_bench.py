@@ -35,8 +35,7 @@ from services.engine.errors import InvalidRequestError
 from services.engine.request import SamplingParams
 from services.engine.sampler import SampleInput, _top_p_filter, sample_on_device
 from tools.bench.engine_bench import _sync
-from tools.bench.machine import report_header, result_path, write_result
-from tools.bench.moe_bench import _ints
+from tools.bench.machine import positive_ints, report_header, result_path, write_result
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -111,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--vocab", type=int, default=128256, help="Llama 3's by default")
-    p.add_argument("--batches", type=_ints, default=[1, 8, 32, 64, 128, 256], metavar="B1,B2")
+    p.add_argument("--batches", type=positive_ints, default=[1, 8, 32, 64, 128, 256], metavar="B1,B2")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0)
@@ -132,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = {**report_header("sampler", args, torch.device(args.device)), "rows": run(args)}
     print(format_table(report))
-    path = result_path(args.out, RESULTS_DIR, "sampler", report)
-    write_result(path, report)
-    log(f"wrote {path}")
+    log(f"wrote {write_result(result_path(args.out, RESULTS_DIR, 'sampler', report), report)}")
     return 0
 
 
