@@ -96,10 +96,10 @@ async def test_models_health_metrics(cluster, client, http):
         if "tandem_worker_queue_depth{" in text:
             break
         await asyncio.sleep(0.1)
-        for name in ('tandem_requests_total{status="ok"}', "tandem_ttft_seconds_bucket", "tandem_tpot_seconds_bucket",
-                     "tandem_e2e_seconds_bucket", "tandem_kv_transfer_bytes_total", "tandem_kv_transfer_seconds_bucket",
-                     "tandem_worker_queue_depth{", "tandem_worker_free_kv_blocks{"):
-            assert name in text, name
+    for name in ('tandem_requests_total{status="ok"}', "tandem_ttft_seconds_bucket", "tandem_tpot_seconds_bucket",
+                 "tandem_e2e_seconds_bucket", "tandem_kv_transfer_bytes_total", "tandem_kv_transfer_seconds_bucket",
+                 "tandem_worker_queue_depth{", "tandem_worker_free_kv_blocks{"):
+        assert name in text, name
     assert _cancelled_requests(cluster) == cancelled_before  # a finished request is not "cancelled"
 
 

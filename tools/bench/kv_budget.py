@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 
 FREE_MEMORY_FRACTION = 0.9
+"""As the engine's own default: the rest is for activations, CUDA graphs and the CUDA context."""
 PREFILL_KV_STEPS = 4
 """A prefill worker sharing its GPU keeps room for this many full steps of prompts."""
-"""As the engine's own default: the rest is for activations, CUDA graphs and the CUDA context."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE_TIMEOUT_S = 120.0
 _GIB = 1 << 30
