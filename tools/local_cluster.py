@@ -48,6 +48,8 @@ class ClusterSpec:
     worker_name_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Extra arguments per worker name (``mixed-1``, ``prefill-0`` ...), after ``role_args``
     (e.g. a GPU per worker when several of one role share a machine)."""
+    worker_name_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Extra environment per worker name (e.g. a CUDA MPS client's settings)."""
     policy: str = "least-loaded"
     """The router's routing policy."""
     router_args: tuple[str, ...] = ()
@@ -67,9 +69,10 @@ class ClusterSpec:
             raise ValueError(f"router processes must be >= 1, got {self.router_processes}")
         if self.mixed == 0 and (self.prefill == 0 or self.decode == 0):
             raise ValueError("a cluster needs a mixed worker, or at least one prefill and one decode worker")
-        unknown = sorted(set(self.worker_name_args) - set(self.worker_names()))
-        if unknown:
-            raise ValueError(f"worker_name_args names no worker of this cluster: {', '.join(unknown)}")
+        for what, named in (("worker_name_args", self.worker_name_args), ("worker_name_env", self.worker_name_env)):
+            unknown = sorted(set(named) - set(self.worker_names()))
+            if unknown:
+                raise ValueError(f"{what} names no worker of this cluster: {', '.join(unknown)}")
 
     def worker_names(self) -> list[str]:
         """``<role>-<i>``, as the workers are started and registered (prefill, decode, mixed)."""
@@ -115,7 +118,7 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
             role = name.rsplit("-", 1)[0]
             args = ["serve", role, "--id", name, "--model", str(spec.model_dir), *spec.worker_args,
                     *spec.role_args.get(role, ()), *spec.worker_name_args.get(name, ())]
-            state.processes[name] = _spawn(spec, name, args, state)
+            state.processes[name] = _spawn(spec, name, args, state, spec.worker_name_env.get(name, {}))
         state.processes["router"] = _spawn(spec, "router", [
             "serve", "router", "--id", "router", "--model", str(spec.model_dir), "--http-port", str(spec.http_port),
             "--grpc-port", str(spec.grpc_port), "--policy", spec.policy, "--processes", str(spec.router_processes),
@@ -158,10 +161,10 @@ def _start_etcd(spec: ClusterSpec, state: ClusterState, progress) -> str:
     return url
 
 
-def _spawn(spec: ClusterSpec, name: str, args: list[str], state: ClusterState) -> int:
+def _spawn(spec: ClusterSpec, name: str, args: list[str], state: ClusterState, env: dict[str, str] | None = None) -> int:
     log = open(spec.state_dir / "logs" / f"{name}.log", "ab")
     cmd = [sys.executable, "-m", "tools.cli", "-v", *args, "--etcd", state.etcd_url, "--cluster", spec.cluster]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", UCX_WARN_UNUSED_ENV_VARS="n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", UCX_WARN_UNUSED_ENV_VARS="n", **(env or {}))
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True, cwd=_project_root())
     log.close()

@@ -13,8 +13,9 @@ import torch
 
 from tools.bench import disagg_bench, disagg_report, kv_budget
 from tools.bench.disagg_bench import (LAYOUTS, PRESETS, Harness, OtherLimits, cluster_spec, fit_kv, plan_layout,
-                                     resolve_preset)
+                                     resolve_preset, settings)
 from tools.bench.disagg_report import compare, format_table, sensitivity_slos, slo_sensitivity, write_report
+from tools.bench.mps import MpsDaemon
 from tools.bench.slo import SLO, RequestRecord, goodput, summarize
 
 MIB = 1 << 20
@@ -94,6 +95,52 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     spec = cluster_spec(plan_layout("disaggregated", "cpu", 0, 1), paced, tmp_path, tmp_path)
     assert spec.worker_name_args["decode-0"][-2:] == ("--decode-step-period-ms", "25")
     assert "--decode-step-period-ms" not in spec.worker_name_args["prefill-0"] + spec.worker_args
+
+
+def test_workers_sharing_a_gpu_under_mps_get_their_roles_share_of_the_sms(tmp_path):
+    workers = replace(PRESETS["gpu-llama3-8b"].workers, mps_sm_percent=(70, 40))
+    mps = MpsDaemon(tmp_path / "mps")
+    one_gpu = replace(plan_layout("disaggregated", "cuda", 1, None), kv_cache_bytes={"prefill-0": 1, "decode-0": 2})
+    spec = cluster_spec(one_gpu, workers, tmp_path, tmp_path, mps=mps)
+    dirs = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps" / "pipe"),
+            "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "mps" / "log")}
+    assert spec.worker_name_env == {"prefill-0": {**dirs, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "70"},
+                                    "decode-0": {**dirs, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40"}}
+    mixed = cluster_spec(plan_layout("colocated", "cuda", 1, 2), workers, tmp_path, tmp_path, mps=mps)
+    assert {e["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] for e in mixed.worker_name_env.values()} == {"100"}
+    # each worker alone on its GPU: nothing to share, no MPS
+    assert plan_layout("disaggregated", "cuda", 2, None).sharing_gpu() == []
+    assert cluster_spec(plan_layout("disaggregated", "cuda", 2, None), workers, tmp_path, tmp_path).worker_name_env == {}
+    assert settings(PRESETS["gpu-llama3-8b"], PRESETS["gpu-llama3-8b"].plans["chatbot"], tmp_path, 2).keys() \
+        .isdisjoint({"mps_sm_percent", "decode_step_period_ms"})  # off: as results stored before they existed
+    on = replace(PRESETS["gpu-llama3-8b"], workers=workers)
+    assert settings(on, on.plans["chatbot"], tmp_path, 2)["mps_sm_percent"] == [70, 40]
+
+
+def test_mps_without_its_control_program_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="nvidia-cuda-mps-control not found on PATH"):
+        MpsDaemon(tmp_path / "mps").start()
+    MpsDaemon(tmp_path / "mps").stop()  # never started: nothing to stop
+
+
+def test_mps_control_daemon_is_started_and_asked_to_quit_with_its_directories(tmp_path, monkeypatch):
+    """A stand-in control program on PATH records how it was called (the real one needs a GPU)."""
+    record = tmp_path / "calls"
+    fake = tmp_path / "nvidia-cuda-mps-control"
+    fake.write_text(f'#!/bin/sh\necho "$* $CUDA_MPS_PIPE_DIRECTORY $(cat)" >> {record}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    daemon = MpsDaemon(tmp_path / "mps")
+    daemon.start()
+    daemon.stop()
+    daemon.stop()
+    pipe = tmp_path / "mps" / "pipe"
+    assert pipe.is_dir() and (tmp_path / "mps" / "log").is_dir()
+    assert record.read_text().splitlines() == [f"-d {pipe} ", f" {pipe} quit"]
+    fake.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
+    with pytest.raises(RuntimeError, match="exit 3.*cannot start"):
+        MpsDaemon(tmp_path / "mps2").start()
 
 
 def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp_path):
@@ -231,6 +278,10 @@ def test_other_limits_default_to_the_presets(argv, other):
     (["--also-ttft-ms", "0"], "--also-ttft-ms must be > 0"),
     (["--stream-interval-ms", "-1"], "--stream-interval-ms and --decode-step-period-ms must be >= 0"),
     (["--decode-step-period-ms", "-1"], "--stream-interval-ms and --decode-step-period-ms must be >= 0"),
+    (["--mps-sm-percent", "70"], "--mps-sm-percent must be PREFILL,DECODE with each 1-100, got '70'"),
+    (["--mps-sm-percent", "70,0"], "--mps-sm-percent must be PREFILL,DECODE"),
+    (["--mps-sm-percent", "70,x", "--device", "cuda"], "--mps-sm-percent must be PREFILL,DECODE"),
+    (["--mps-sm-percent", "70,40"], "--mps-sm-percent needs --device cuda"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

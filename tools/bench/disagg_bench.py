@@ -126,6 +126,7 @@ from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Harness, Preset, 
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
                                        merge_entry, read_report, recompute, reported_workloads, results_path,
                                        write_plot, write_report)
+from tools.bench.mps import MpsDaemon, parse_sm_percent
 from tools.bench.random_models import random_hf_model
 from tools.bench.roofline_bench import kv_bytes_per_token
 from tools.bench.serve_clients import LoadClient
@@ -158,6 +159,11 @@ class Layout:
 
     def count(self, role: str) -> int:
         return sum(1 for name in self.devices if name.startswith(f"{role}-"))
+
+    def sharing_gpu(self) -> list[str]:
+        """Workers on a GPU that another worker of this layout uses too."""
+        on = Counter(self.devices.values())
+        return [n for n, d in self.devices.items() if d.startswith("cuda") and on[d] > 1]
 
     def describe(self) -> str:
         return ", ".join(f"{name} on {device}" for name, device in self.devices.items()) + f"; router {self.policy}"
@@ -198,7 +204,10 @@ def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int | No
 
 
 def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state_dir: Path,
-                 ttft_slo_ms: float | None = None, harness: Harness = Harness()) -> ClusterSpec:
+                 ttft_slo_ms: float | None = None, harness: Harness = Harness(),
+                 mps: MpsDaemon | None = None) -> ClusterSpec:
+    """The cluster of ``layout``; with ``mps``, the workers sharing a GPU are its clients, each
+    with its role's share of the SMs (``workers.mps_sm_percent``; mixed workers: all)."""
     common = ["--dtype", workers.dtype, "--max-batched-tokens", str(workers.max_batched_tokens),
               "--max-num-seqs", str(workers.max_num_seqs)]
     if workers.max_model_len is not None:
@@ -226,10 +235,16 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
         if ttft_slo_ms is None:
             raise ValueError(f"layout {layout.name} needs the workload's TTFT SLO")
         router_args = ("--ttft-slo-ms", f"{ttft_slo_ms:g}")
+    env = {}
+    if mps is not None:
+        prefill, decode = workers.mps_sm_percent or (100, 100)
+        percent = {"prefill": prefill, "decode": decode, "mixed": 100}
+        env = {name: mps.client_env(percent[name.rsplit("-", 1)[0]]) for name in layout.sharing_gpu()}
     return ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=layout.count("prefill"),
                        decode=layout.count("decode"), mixed=layout.count("mixed"), http_port=free_port(),
-                       grpc_port=free_port(), worker_args=tuple(common), worker_name_args=per_worker, kvstore=False,
-                       policy=layout.policy, router_args=router_args, router_processes=harness.router_processes)
+                       grpc_port=free_port(), worker_args=tuple(common), worker_name_args=per_worker,
+                       worker_name_env=env, kvstore=False, policy=layout.policy, router_args=router_args,
+                       router_processes=harness.router_processes)
 
 
 # -- running -------------------------------------------------------------------------------
@@ -238,16 +253,25 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
 def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Path, state_root: Path) -> dict:
     """Start a fresh cluster of ``layout``, sweep ``plan``'s rates, stop it; one result entry."""
     state_dir = Path(tempfile.mkdtemp(prefix=f"{plan.workload}-{layout.name}-", dir=state_root))
-    spec = cluster_spec(layout, preset.workers, model_dir, state_dir, plan.slo.ttft_ms, preset.harness)
-    log(f"{plan.workload} / {layout.name}: starting {layout.describe()} (state in {state_dir}, kept if it fails)")
+    mps = MpsDaemon(state_dir / "mps") if preset.workers.mps_sm_percent and layout.sharing_gpu() else None
+    spec = cluster_spec(layout, preset.workers, model_dir, state_dir, plan.slo.ttft_ms, preset.harness, mps)
+    log(f"{plan.workload} / {layout.name}: starting {layout.describe()}"
+        f"{f' under CUDA MPS, SMs {preset.workers.mps_sm_percent} % (prefill, decode)' if mps else ''}"
+        f" (state in {state_dir}, kept if it fails)")
     started_at, start = _now(), time.monotonic()
-    state = start_cluster(spec, _CLUSTER_START_TIMEOUT_S, progress=log)
-    start_s = time.monotonic() - start
     try:
-        args = serve_args(f"grpc://{state.grpc_address}", model_dir, plan, preset)
-        result = asyncio.run(_warm_up_and_sweep(args, plan.slo, len(layout.devices), state))
+        if mps is not None:
+            mps.start()
+        state = start_cluster(spec, _CLUSTER_START_TIMEOUT_S, progress=log)
+        start_s = time.monotonic() - start
+        try:
+            args = serve_args(f"grpc://{state.grpc_address}", model_dir, plan, preset)
+            result = asyncio.run(_warm_up_and_sweep(args, plan.slo, len(layout.devices), state))
+        finally:
+            stop_cluster(state_dir, progress=log)
     finally:
-        stop_cluster(state_dir, progress=log)
+        if mps is not None:
+            mps.stop()
     errors = Counter(r["error"] for run in result["runs"] for r in run["requests"] if r.get("error"))
     if errors:  # a worker that died shows in its log
         common = "; ".join(f"{n} x {e[:120]}" for e, n in errors.most_common(3))
@@ -296,11 +320,14 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int, s
 
 
 def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) -> dict:
-    """Everything that must match for two layouts' goodputs to be compared (decode pacing only
-    where it is on, as results stored before it existed lack it)."""
+    """Everything that must match for two layouts' goodputs to be compared (decode pacing and
+    MPS only where they are on, as results stored before they existed lack them)."""
     engine = asdict(preset.workers)
-    if not engine["decode_step_period_ms"]:
-        del engine["decode_step_period_ms"]
+    for key in ("decode_step_period_ms", "mps_sm_percent"):
+        if not engine[key]:
+            del engine[key]
+    if "mps_sm_percent" in engine:
+        engine["mps_sm_percent"] = list(engine["mps_sm_percent"])  # as it reads back from JSON
     return {"model": str(model_dir), "random_shape": preset.random_shape, **engine, "workers": workers,
             "workload": plan.workload, "rates": list(plan.rates), "slo": asdict(plan.slo),
             "duration_s": preset.duration_s, "drain_timeout_s": preset.drain_timeout_s, "scale": preset.scale,
@@ -443,6 +470,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
                                                "prefill_max_batched_tokens", "gil_switch_interval_ms",
                                                "stream_interval_ms", "decode_step_period_ms")
                  if getattr(args, k) is not None}
+    if args.mps_sm_percent is not None:
+        overrides["mps_sm_percent"] = parse_sm_percent(args.mps_sm_percent)
     workloads = tuple(args.workloads.split(",")) if args.workloads else p.workloads
     unknown = [w for w in workloads if w not in p.plans]
     if unknown:
@@ -463,6 +492,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         raise ValueError("--duration, --drain-timeout, --scale and --kv-cache-bytes must be > 0")
     if p.workers.stream_interval_ms < 0 or p.workers.decode_step_period_ms < 0:
         raise ValueError("--stream-interval-ms and --decode-step-period-ms must be >= 0")
+    if p.workers.mps_sm_percent is not None and p.workers.device != "cuda":
+        raise ValueError("--mps-sm-percent needs --device cuda")
     return p
 
 
@@ -549,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-step-period-ms", type=float, default=None, metavar="MS",
                         help="decode workers start their steps at least MS apart (decode pacing; default 0: "
                              "back to back), leaving a GPU they share to the prefill worker")
+    parser.add_argument("--mps-sm-percent", metavar="PREFILL,DECODE", default=None,
+                        help="workers sharing a GPU run under CUDA MPS (kernels of both at once, not time-sliced), "
+                             "prefill and decode workers capped at these shares of the SMs (100,100: no cap); "
+                             "needs nvidia-cuda-mps-control on PATH")
     parser.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
                         help="workers' stream window: a stream's tokens within MS of its last message go out "
                              "as one (default: the preset's; 0: one message per step)")
