@@ -68,9 +68,12 @@ class AsyncEngine:
         self._thread.start()
 
     async def close(self) -> None:
-        self._stopping.set()
+        with self._wakeup:
+            self._stopping.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, _JOIN_TIMEOUT_S)
+        for _, future in self._take_commands():
+            _settle(future, None, EngineStopped("engine closed"))
         for q in self._streams.values():
             q.put_nowait(EngineStopped("engine closed"))
 
@@ -81,10 +84,10 @@ class AsyncEngine:
     def post(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future:
         """Queue ``fn(engine)`` without waiting for it. Commands run in the order they were
         posted, so a later ``call`` sees the effect of every earlier ``post``."""
-        if self._failure is not None or self._thread is None or self._stopping.is_set():
-            raise EngineStopped(f"engine is not running ({self._failure or 'stopped'})")
         future = asyncio.get_running_loop().create_future()
-        with self._wakeup:
+        with self._wakeup:  # the thread marks itself dead under this lock: a command is run or refused
+            if self._failure is not None or self._thread is None or self._stopping.is_set():
+                raise EngineStopped(f"engine is not running ({self._failure or 'stopped'})")
             self._commands.append((fn, future))
             self._wakeup.notify()
         return future
@@ -146,8 +149,17 @@ class AsyncEngine:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
         except BaseException as e:  # a bug in the engine: fail every stream, keep the process up
             log.exception("engine thread crashed")
-            self._failure = e
+            with self._wakeup:
+                self._failure = e
+            stopped = EngineStopped(f"engine failed: {e!r}")
+            for _, future in self._take_commands():  # posted during the failed step: never to run
+                self._loop.call_soon_threadsafe(_settle, future, None, stopped)
             self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    def _take_commands(self) -> deque:
+        with self._wakeup:
+            commands, self._commands = self._commands, deque()
+        return commands
 
     def _pace(self) -> None:
         """Wait until a step period has passed since the last step started, running commands
@@ -162,19 +174,17 @@ class AsyncEngine:
             self._run_commands()
         self._last_step_start = time.monotonic()
 
-    def _run_commands(self) -> bool:
+    def _run_commands(self) -> None:
         with self._wakeup:
             if not self._commands and not self.engine.has_unfinished():
                 held = self._coalescer is not None and len(self._coalescer) > 0
                 self._wakeup.wait(self._coalescer.interval_s if held else _IDLE_WAIT_S)
-            commands, self._commands = self._commands, deque()
-        for fn, future in commands:
+        for fn, future in self._take_commands():
             try:
                 result, error = fn(self.engine), None
             except Exception as e:  # reported to the caller; the engine goes on
                 result, error = None, e
             self._loop.call_soon_threadsafe(_settle, future, result, error)
-        return bool(commands)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import pytest
 
-from services.engine.async_engine import AsyncEngine
+from services.engine.async_engine import AsyncEngine, EngineStopped
 from services.engine.errors import InvalidRequestError
 from services.engine.request import FinishReason, SamplingParams
 from tests.engine.conftest import small_engine
@@ -170,3 +171,60 @@ async def test_paced_steps_start_a_period_apart_and_commands_still_run(checkpoin
         await aengine.close()
     with pytest.raises(ValueError, match="step_period_s"):
         AsyncEngine(engine, step_period_s=-1)
+
+
+@pytest.mark.asyncio
+async def test_commands_queued_when_the_engine_dies_or_closes_fail_instead_of_hanging(checkpoints):
+    engine = small_engine(checkpoints("llama", 0))
+    in_step, posted = threading.Event(), threading.Event()
+
+    def dying_step():
+        in_step.set()
+        posted.wait(5)
+        raise RuntimeError("device out of memory (injected)")
+
+    engine.step = dying_step
+    failures = []
+    aengine = AsyncEngine(engine, on_failure=failures.append)
+    await aengine.start()
+    try:
+        stream = aengine.stream("a", lambda e: e.add_request("a", [1, 2], SamplingParams(max_tokens=4)))
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.to_thread(in_step.wait, 5)
+        stranded = aengine.post(lambda e: e.has_unfinished())  # queued while the fatal step runs
+        posted.set()
+        with pytest.raises(EngineStopped, match="injected"):
+            await asyncio.wait_for(stranded, 5)
+        with pytest.raises(EngineStopped, match="injected"):
+            await asyncio.wait_for(first, 5)
+        with pytest.raises(EngineStopped, match="not running"):
+            aengine.post(lambda e: None)
+        await asyncio.sleep(0)
+        assert [str(f) for f in failures] == ["device out of memory (injected)"]
+    finally:
+        await aengine.close()
+    # closed while a step runs: what was queued behind it is refused, not left waiting
+    engine = small_engine(checkpoints("llama", 0))
+    in_step.clear()
+    release = threading.Event()
+    step = engine.step
+
+    def slow_step():
+        in_step.set()
+        release.wait(5)
+        return step()
+
+    engine.step = slow_step
+    aengine = AsyncEngine(engine)
+    await aengine.start()
+    stream = aengine.stream("b", lambda e: e.add_request("b", [1, 2], SamplingParams(max_tokens=400)))
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.to_thread(in_step.wait, 5)
+    queued = aengine.post(lambda e: e.has_unfinished())
+    closing = asyncio.ensure_future(aengine.close())
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(closing, 10)
+    with pytest.raises(EngineStopped, match="closed"):
+        await asyncio.wait_for(queued, 1)
+    first.cancel()
