@@ -254,6 +254,8 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
     """Start a fresh cluster of ``layout``, sweep ``plan``'s rates, stop it; one result entry."""
     state_dir = Path(tempfile.mkdtemp(prefix=f"{plan.workload}-{layout.name}-", dir=state_root))
     mps = MpsDaemon(state_dir / "mps") if preset.workers.mps_sm_percent and layout.sharing_gpu() else None
+    if preset.workers.mps_sm_percent and mps is None:
+        log(f"{plan.workload} / {layout.name}: no workers share a GPU, so no MPS (--mps-sm-percent ignored)")
     spec = cluster_spec(layout, preset.workers, model_dir, state_dir, plan.slo.ttft_ms, preset.harness, mps)
     log(f"{plan.workload} / {layout.name}: starting {layout.describe()}"
         f"{f' under CUDA MPS, SMs {preset.workers.mps_sm_percent} % (prefill, decode)' if mps else ''}"
