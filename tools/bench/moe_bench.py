@@ -115,7 +115,7 @@ def run_shape(shape: MoeShape, batches: list[int], device: torch.device, dtype: 
                 if diff > 0.05:
                     raise RuntimeError(f"{shape.name} batch {batch}: fused and loop differ by {diff:.3g}")
         rows.append({"shape": shape.name, "batch": batch, "experts_read": chosen, "loop_ms": round(loop_ms, 4),
-                     "fused_ms": None if fused_ms is None else round(fused_ms, 4), "floor_ms": round(floor_ms, 4),
+                     "fused_ms": None if fused_ms is None else round(fused_ms, 4), "floor_ms": round(floor_ms, 6),
                      "fused_speedup": None if fused_ms is None else round(loop_ms / fused_ms, 3),
                      "loop_over_floor": round(loop_ms / floor_ms, 2),
                      "fused_over_floor": None if fused_ms is None else round(fused_ms / floor_ms, 2)})
