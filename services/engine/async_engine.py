@@ -212,7 +212,7 @@ def _aborted_output(request_id: str) -> RequestOutput:
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
+    if future.done():  # cancelled by its caller, or refused by close() while a late step still ran
         return
     if error is not None:
         future.set_exception(error)

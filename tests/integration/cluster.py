@@ -23,10 +23,10 @@ DEVICE_ARGS = ("--device", TEST_DEVICE, "--dtype", "float32")
 @contextmanager
 def local_cluster(state_dir: Path, model_dir: Path, *, prefill: int = 1, decode: int = 1, mixed: int = 0,
                   worker_args: tuple[str, ...] = ("--kv-cache-bytes", str(64 << 20)), policy: str = "least-loaded",
-                  router_args: tuple[str, ...] = ()):
+                  router_args: tuple[str, ...] = (), worker_name_env: dict[str, dict[str, str]] | None = None):
     spec = ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=prefill, decode=decode, mixed=mixed,
                        http_port=free_port(), grpc_port=free_port(), worker_args=(*DEVICE_ARGS, *worker_args),
-                       policy=policy, router_args=router_args)
+                       policy=policy, router_args=router_args, worker_name_env=worker_name_env or {})
     state = start_cluster(spec, _START_TIMEOUT_S, progress=lambda *_: None)
     try:
         yield state

@@ -6,6 +6,7 @@ import asyncio
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -39,8 +40,18 @@ def _reference(model_dir, prompts: list[str], max_tokens: int) -> list[list[int]
 def cluster(request, tmp_path_factory):
     model = MODELS[request.param]
     state_dir = tmp_path_factory.mktemp(f"cluster-{request.param}")
-    with local_cluster(state_dir, model) as state:
+    with local_cluster(state_dir, model, worker_name_env={"decode-0": {"TANDEM_TEST_MARK": "decode-only"}}) as state:
         yield model, state, state_dir
+
+
+def test_a_worker_gets_its_own_extra_environment(cluster):
+    _, state, _ = cluster
+
+    def environ(name: str) -> list[bytes]:
+        return Path(f"/proc/{state.processes[name]}/environ").read_bytes().split(b"\0")
+
+    assert b"TANDEM_TEST_MARK=decode-only" in environ("decode-0")
+    assert not any(v.startswith(b"TANDEM_TEST_MARK=") for v in environ("prefill-0"))
 
 
 def test_concurrent_requests_match_the_in_process_engine(cluster):

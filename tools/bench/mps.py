@@ -27,7 +27,8 @@ class MpsDaemon:
     def __init__(self, directory: Path):
         self.pipe_dir = directory / "pipe"
         self.log_dir = directory / "log"
-        self._running = False
+        self._control: str | None = None
+        """The control program, found on PATH at start."""
 
     def start(self) -> None:
         """Start the control daemon; RuntimeError when there is none to start or it fails."""
@@ -40,15 +41,15 @@ class MpsDaemon:
         if done.returncode != 0:
             raise RuntimeError(f"{CONTROL} -d failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}"
                                f"; logs in {self.log_dir}")
-        self._running = True
+        self._control = control
 
     def stop(self) -> None:
         """Ask the daemon to quit (it stops its server once the clients are gone); no-op if not started."""
-        if not self._running:
+        control, self._control = self._control, None
+        if control is None:
             return
-        self._running = False
         try:
-            subprocess.run([CONTROL], input="quit\n", env=self._env(), capture_output=True, text=True,
+            subprocess.run([control], input="quit\n", env=self._env(), capture_output=True, text=True,
                            timeout=_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired):
             pass  # a daemon that does not answer dies with the machine's next boot; nothing to keep
