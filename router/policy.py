@@ -43,6 +43,10 @@ class RoutingPolicy(ABC):
     def routed(self, pair: Pair, tokens: list[int]) -> None:
         """Told after each pick that was used (policies that learn from placement override it)."""
 
+    def finished(self, output_tokens: int) -> None:
+        """Told when a request finished with ``output_tokens`` generated (policies that model
+        output lengths override it)."""
+
 
 class LeastLoadedPolicy(RoutingPolicy):
     """Prefill: fewest queued prompt tokens. Decode: fewest running requests among those with
@@ -92,9 +96,11 @@ def _has_room(c: Candidate, num_tokens: int) -> bool:
 POLICIES = ("least-loaded", "prefix-aware", "slo-aware")
 
 
-def make_policy(name: str, ttft_slo_ms: float | None = None, slo_headroom: float | None = None) -> RoutingPolicy:
-    """The policy called ``name``; ``ttft_slo_ms`` is slo-aware's TTFT target and ``slo_headroom`` the share
-    of it an estimate may use (None: the policy's default); the other policies ignore both."""
+def make_policy(name: str, ttft_slo_ms: float | None = None, slo_headroom: float | None = None,
+                tpot_slo_ms: float | None = None) -> RoutingPolicy:
+    """The policy called ``name``; ``ttft_slo_ms`` is slo-aware's TTFT target, ``slo_headroom`` the share
+    of it an estimate may use (None: the policy's default) and ``tpot_slo_ms`` its TPOT target (None:
+    none); the other policies ignore all three."""
     if name == "least-loaded":
         return LeastLoadedPolicy()
     if name == "prefix-aware":
@@ -106,9 +112,12 @@ def make_policy(name: str, ttft_slo_ms: float | None = None, slo_headroom: float
 
         if ttft_slo_ms is None or not ttft_slo_ms > 0:
             raise ValueError(f"the slo-aware policy needs a TTFT target > 0 ms (--ttft-slo-ms), got {ttft_slo_ms}")
-        if slo_headroom is None:
-            return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000)
-        if not 0 < slo_headroom <= 1:
+        if slo_headroom is not None and not 0 < slo_headroom <= 1:
             raise ValueError(f"the slo-aware headroom must be in (0, 1] (--slo-headroom), got {slo_headroom}")
-        return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000, headroom=slo_headroom)
+        if tpot_slo_ms is not None and not tpot_slo_ms > 0:
+            raise ValueError(f"the slo-aware TPOT target must be > 0 ms (--tpot-slo-ms), got {tpot_slo_ms}")
+        tpot_slo_s = None if tpot_slo_ms is None else tpot_slo_ms / 1000
+        if slo_headroom is None:
+            return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000, tpot_slo_s=tpot_slo_s)
+        return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000, headroom=slo_headroom, tpot_slo_s=tpot_slo_s)
     raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")

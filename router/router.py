@@ -333,6 +333,7 @@ class Router:
         if n > 1:
             self.metrics.tpot.observe(tpot)
         self.metrics.output_tokens.inc(n)
+        self.config.policy.finished(n)
         return GenerationResult(req.request_id, finish_reason, len(req.prompt_ids), n, p.cached, ttft * 1000,
                                 tpot * 1000, e2e * 1000, p.workers, p.kv_bytes, p.kv_transfer_ms)
 

@@ -33,6 +33,16 @@ The estimate leaves out the KV handoff, queueing noise and prompts that arrive a
 and share its steps, hence the headroom (< 1) on the target. Without any measured rate, without
 a dedicated prefill worker, or when the decode worker chosen is a mixed worker, this is
 least-loaded.
+
+With a TPOT target (time per output token), a prompt goes to its decode worker only while the
+requests decoding there would stay within ``tpot_headroom`` of it, counting the prompt's cost:
+
+    tpot(d) = interval(d) + (n / rate(d)) / mean_output_tokens
+
+interval(d) is d's published time per output token now (it already holds what earlier local
+prompts cost); each request decoding there waits once for the prompt's compute time n / rate(d),
+spread over its output tokens (the mean of the requests this router has finished; the term is
+left out until one finished). A decode worker with nothing running costs no one anything.
 """
 
 from __future__ import annotations
@@ -40,20 +50,33 @@ from __future__ import annotations
 from router.policy import Candidate, LeastLoadedPolicy, Pair, queued_tokens
 
 _DEFAULT_HEADROOM = 0.5
+_DEFAULT_TPOT_HEADROOM = 0.8
+_OUTPUT_TOKENS_DECAY = 0.9
+"""Weight of the past in the mean output length, per finished request."""
 STALE_RATE_S = 10.0
 """A prefill rate measured longer ago than this no longer holds a worker below the best known rate."""
 
 
 class SloAwarePolicy(LeastLoadedPolicy):
-    def __init__(self, ttft_slo_s: float, headroom: float = _DEFAULT_HEADROOM):
+    def __init__(self, ttft_slo_s: float, headroom: float = _DEFAULT_HEADROOM, tpot_slo_s: float | None = None,
+                 tpot_headroom: float = _DEFAULT_TPOT_HEADROOM):
         if not ttft_slo_s > 0:
             raise ValueError(f"ttft_slo_s must be > 0, got {ttft_slo_s}")
-        if not 0 < headroom <= 1:
-            raise ValueError(f"headroom must be in (0, 1], got {headroom}")
+        if tpot_slo_s is not None and not tpot_slo_s > 0:
+            raise ValueError(f"tpot_slo_s must be > 0, got {tpot_slo_s}")
+        for name, value in (("headroom", headroom), ("tpot_headroom", tpot_headroom)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
         self.ttft_slo_s = ttft_slo_s
         """Time-to-first-token target, seconds."""
         self.headroom = headroom
         """Fraction of the target an estimate may use (estimates are optimistic)."""
+        self.tpot_slo_s = tpot_slo_s
+        """Time-per-output-token target, seconds; None = prompts on decode workers are bounded by TTFT only."""
+        self.tpot_headroom = tpot_headroom
+        """Fraction of the TPOT target the decoding requests' estimate may use."""
+        self.mean_output_tokens = 0.0
+        """Decayed mean output length of the requests finished; 0.0 = none yet."""
 
     def pick(self, prefills: list[Candidate], decodes: list[Candidate], tokens: list[int]) -> Pair | None:
         decode = self.pick_decode(decodes, tokens)
@@ -70,9 +93,28 @@ class SloAwarePolicy(LeastLoadedPolicy):
         remote_s = ttft_s(prefill)
         if remote_s > budget_s and queued_tokens(decode) == 0:
             local_s = ttft_s(decode)
-            if local_s <= budget_s and local_s < remote_s:
+            if local_s <= budget_s and local_s < remote_s and self._decoding_keeps_target(decode, len(tokens), known_rate):
                 return Pair(decode.info, decode.info)
         return Pair(prefill.info, decode.info)
+
+    def finished(self, output_tokens: int) -> None:
+        d = _OUTPUT_TOKENS_DECAY if self.mean_output_tokens else 0.0
+        self.mean_output_tokens = d * self.mean_output_tokens + (1 - d) * output_tokens
+
+    def tpot_estimate_s(self, decode: Candidate, num_tokens: int, fallback_rate: float) -> float:
+        """Time per output token of the requests decoding on ``decode`` while it computes a prompt of
+        ``num_tokens`` (0.0 where nothing decodes there)."""
+        if decode.load is None or decode.load.running_requests + decode.in_flight_requests == 0:
+            return 0.0
+        estimate = decode.load.token_interval_ms / 1000
+        if self.mean_output_tokens > 1:
+            estimate += num_tokens / prefill_rate(decode, fallback_rate) / (self.mean_output_tokens - 1)
+        return estimate
+
+    def _decoding_keeps_target(self, decode: Candidate, num_tokens: int, fallback_rate: float) -> bool:
+        if self.tpot_slo_s is None:
+            return True
+        return self.tpot_estimate_s(decode, num_tokens, fallback_rate) <= self.tpot_headroom * self.tpot_slo_s
 
 
 def ttft_estimate_s(c: Candidate, num_tokens: int, fallback_rate: float) -> float:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tools.demo import DEMO_MODEL_DIR
-from tools.serve_cmd import add_policy_arguments
+from tools.serve_cmd import add_policy_arguments, policy_flags
 
 _UP_TIMEOUT_S = 180.0
 _EXIT_BAD_INPUT = 2
@@ -73,7 +73,7 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     from tools.local_cluster import ClusterSpec, start_cluster
 
     try:  # the router would refuse these arguments; say so before starting anything
-        make_policy(args.policy, args.ttft_slo_ms, args.slo_headroom)
+        make_policy(args.policy, args.ttft_slo_ms, args.slo_headroom, args.tpot_slo_ms)
     except ValueError as e:
         _say(f"error: {e}")
         return _EXIT_BAD_INPUT
@@ -88,9 +88,7 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
         worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
     if args.stream_interval_ms:
         worker_args += ["--stream-interval-ms", f"{args.stream_interval_ms:g}"]
-    router_args = ["--ttft-slo-ms", str(args.ttft_slo_ms)] if args.ttft_slo_ms is not None else []
-    if args.slo_headroom is not None:
-        router_args += ["--slo-headroom", str(args.slo_headroom)]
+    router_args = [arg for flag, value in policy_flags(args) for arg in (flag, str(value))]
     spec = ClusterSpec(model_dir=args.model.resolve(), state_dir=state_dir, prefill=args.prefill,
                        decode=args.decode, mixed=args.mixed, http_port=args.http_port, grpc_port=args.grpc_port,
                        etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args),

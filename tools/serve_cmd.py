@@ -25,6 +25,16 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-headroom", type=float, default=None, metavar="FRACTION",
                    help="router, slo-aware: compute a prompt on a decode worker only when the best prefill worker's "
                         "estimated TTFT exceeds this share of the target (default 0.5)")
+    p.add_argument("--tpot-slo-ms", type=float, default=None,
+                   help="router, slo-aware: the TPOT target; a prompt is computed on a decode worker only while the "
+                        "requests decoding there would stay within 0.8 of it")
+
+
+def policy_flags(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The policy flags of ``args`` that were given (besides --policy), to pass on to a router."""
+    given = (("--ttft-slo-ms", args.ttft_slo_ms), ("--slo-headroom", args.slo_headroom),
+             ("--tpot-slo-ms", args.tpot_slo_ms))
+    return [(flag, value) for flag, value in given if value is not None]
 
 
 def add_parser(sub) -> None:
@@ -136,7 +146,7 @@ def _run_router(args: argparse.Namespace) -> int:
         print(f"tandem: error: --processes must be >= 1, got {args.processes}", file=sys.stderr)
         return _EXIT_BAD_INPUT
     try:
-        policy = make_policy(args.policy, args.ttft_slo_ms, args.slo_headroom)
+        policy = make_policy(args.policy, args.ttft_slo_ms, args.slo_headroom, args.tpot_slo_ms)
     except ValueError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return _EXIT_BAD_INPUT
@@ -157,8 +167,7 @@ def _supervise_routers(args: argparse.Namespace) -> int:
 
     child_args = [*(["-v"] if args.verbose else []), "serve", "router", "--model", str(args.model),
                   "--policy", args.policy, "--drain-grace", str(args.drain_grace)]
-    for flag, value in (("--ttft-slo-ms", args.ttft_slo_ms), ("--slo-headroom", args.slo_headroom),
-                        ("--torch-threads", args.torch_threads)):
+    for flag, value in (*policy_flags(args), ("--torch-threads", args.torch_threads)):
         if value is not None:
             child_args += [flag, str(value)]
     config = SupervisorConfig(processes=args.processes, router_id=args.id or default_router_id(),

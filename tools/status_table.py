@@ -10,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.registry import WorkerInfo, WorkerLoad
 
 _HEALTH_TIMEOUT_S = 1.0
-_COLUMNS = ("ROLE", "ID", "GRPC", "UCX", "RUNNING", "WAITING", "QUEUED-TOK", "PREFILL-TOK/S", "FREE-BLOCKS", "HEALTH",
-            "PID")
+_COLUMNS = ("ROLE", "ID", "GRPC", "UCX", "RUNNING", "WAITING", "QUEUED-TOK", "PREFILL-TOK/S", "TPOT-MS", "FREE-BLOCKS",
+            "HEALTH", "PID")
 
 
 async def probe_health(address: str) -> str:
@@ -34,7 +34,7 @@ async def render_status(workers: list[WorkerInfo], loads: dict[str, WorkerLoad],
         pid = local_pids.get(w.worker_id, w.pid)
         rows.append((w.role, w.worker_id, w.grpc_address, w.ucx_address or "-",
                      _n(load, "running_requests"), _n(load, "waiting_requests"), _n(load, "queued_prefill_tokens"),
-                     _prefill_rate(load),
+                     _prefill_rate(load), _token_interval(load),
                      f"{load.free_kv_blocks}/{load.total_kv_blocks}" if load and load.total_kv_blocks else "-",
                      h, str(pid)))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(_COLUMNS))]
@@ -52,3 +52,10 @@ def _prefill_rate(load: WorkerLoad | None) -> str:
         return "-"
     age = load.prefill_rate_age_s
     return f"{load.prefill_tokens_per_s:,.0f}" + (f" ({age / 60:.0f} min ago)" if age and age >= 60 else "")
+
+
+def _token_interval(load: WorkerLoad | None) -> str:
+    """The running requests' current time per output token; "-" while none runs (or none measured)."""
+    if load is None or not load.running_requests or load.token_interval_ms <= 0:
+        return "-"
+    return f"{load.token_interval_ms:.1f}"

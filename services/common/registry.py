@@ -134,6 +134,9 @@ class WorkerLoad(_JsonRecord):
     prefill_rate_age_s: float | None = None
     """Seconds since ``prefill_tokens_per_s`` was last measured, at publication; None = never
     (or a worker that does not say)."""
+    token_interval_ms: float = 0.0
+    """Time per output token of the requests decoding here now: mean time between decode steps
+    over about the last 5 s; 0 = not measured yet (or a worker that does not say)."""
     updated_unix_s: float = 0.0
     """Wall clock of the measurement (publisher's clock)."""
 

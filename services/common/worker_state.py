@@ -29,6 +29,8 @@ class EngineLoad:
     """The engine's measured prompt speed (EngineStats.prefill_tokens_per_s); 0.0 = not measured yet."""
     prefill_rate_age_s: float | None
     """Seconds since the speed was last measured; None = never."""
+    token_interval_s: float
+    """The decoding requests' current time per output token (EngineStats.token_interval_s); 0.0 = not measured yet."""
 
 
 def engine_load(engine: LLMEngine) -> EngineLoad:
@@ -40,7 +42,8 @@ def engine_load(engine: LLMEngine) -> EngineLoad:
     measured_at = engine.stats.prefill_measured_at
     return EngineLoad(queued, len(sched.running), len(sched.waiting) + len(sched.ready), engine.blocks.num_free_blocks,
                       engine.blocks.num_blocks, engine.stats.prefill_tokens_per_s,
-                      None if measured_at is None else round(time.monotonic() - measured_at, 3))
+                      None if measured_at is None else round(time.monotonic() - measured_at, 3),
+                      engine.stats.token_interval_s)
 
 
 def engine_counters(engine: LLMEngine) -> dict:
@@ -92,7 +95,7 @@ class WorkerState:
                           waiting_requests=e.waiting_requests, free_kv_blocks=e.free_kv_blocks,
                           total_kv_blocks=e.total_kv_blocks, reservations=reservations,
                           prefill_tokens_per_s=e.prefill_tokens_per_s, prefill_rate_age_s=e.prefill_rate_age_s,
-                          updated_unix_s=time.time())
+                          token_interval_ms=round(e.token_interval_s * 1000, 3), updated_unix_s=time.time())
 
     async def stats(self, reservations: int = 0, kv_bytes_received: int = 0) -> pb.WorkerStats:
         e, counters = await self.aengine.call(lambda engine: (engine_load(engine), engine_counters(engine)))

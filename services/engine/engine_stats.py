@@ -3,6 +3,7 @@ by the workers' Stats RPC (services/common/worker_state.py) and the benchmarks."
 
 from __future__ import annotations
 
+import math
 import time
 
 from services.engine.scheduler import SchedulerOutput
@@ -31,7 +32,16 @@ class EngineStats:
     expect it, prompt tokens over the whole time of the steps that computed them (decode
     tokens batched with them included), decayed by ``_PREFILL_RATE_DECAY`` per such step so
     that it follows the current load; 0.0 until a step computed prompt work.
+    ``token_interval_s``: the time per output token of the requests decoding here now: the mean
+    wall time between consecutive steps that advanced decoding requests (a step that also
+    computed prompt chunks included: decoding requests wait for it), over about the last
+    ``TOKEN_INTERVAL_WINDOW_S`` (exponential time decay); 0.0 until two such steps ran back to
+    back. Pacing (decode_step_period_ms) and the time between step() calls count: requests wait
+    through them too.
     """
+
+    TOKEN_INTERVAL_WINDOW_S = 5.0
+    """Time constant of ``token_interval_s``'s decay."""
 
     _PREFILL_RATE_DECAY = 0.9
     """Weight of the past in ``prefill_tokens_per_s``, per step that computed prompt work."""
@@ -49,6 +59,10 @@ class EngineStats:
         self.wasted_tokens = 0
         self.prefill_measured_at: float | None = None
         """time.monotonic() of the last step that computed prompt work (None: none yet)."""
+        self._last_decode_at: float | None = None
+        self._interval_updated_at = 0.0
+        self._decayed_interval_s = 0.0
+        self._decayed_intervals = 0.0
 
     def record(self, plan: SchedulerOutput, host_s: float, step_s: float) -> None:
         """One step() call; ``plan`` is what it launched (nothing: a call that only read the
@@ -67,6 +81,23 @@ class EngineStats:
             self._decayed_prefill_tokens = d * self._decayed_prefill_tokens + prompt_tokens
             self._decayed_prefill_s = d * self._decayed_prefill_s + step_s
             self.prefill_measured_at = time.monotonic()
+        self._time_decode_step(plan)
+
+    def _time_decode_step(self, plan: SchedulerOutput) -> None:
+        now = time.monotonic()
+        decoding = any(c.num_tokens == 1 and c.start >= len(c.request.prompt_token_ids) for c in plan.chunks)
+        if decoding and self._last_decode_at is not None:
+            keep = math.exp(-(now - self._interval_updated_at) / self.TOKEN_INTERVAL_WINDOW_S)
+            self._decayed_interval_s = keep * self._decayed_interval_s + (now - self._last_decode_at)
+            self._decayed_intervals = keep * self._decayed_intervals + 1
+            self._interval_updated_at = now
+        self._last_decode_at = now if decoding else None
+
+    @property
+    def token_interval_s(self) -> float:
+        if self._decayed_intervals <= 0:
+            return 0.0
+        return self._decayed_interval_s / self._decayed_intervals
 
     @property
     def prefill_tokens_per_s(self) -> float:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from services.engine import engine_stats
+from services.engine.engine_stats import EngineStats
 from services.engine.request import SamplingParams
+from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 from tests.engine.conftest import small_engine
 from tools.demo import DEMO_MODEL_DIR
 
@@ -40,3 +48,37 @@ def test_tokens_generated_elsewhere_are_prompt_work_when_resumed():
     engine.add_request("resumed", list(range(3, 23)), _GREEDY, generated=[7, 8, 9])
     engine.step()
     assert engine.stats.prefill_tokens == 23
+
+
+def test_token_interval_is_the_time_between_decode_steps(monkeypatch):
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(engine_stats, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    stats = EngineStats()
+    decoding = SimpleNamespace(prompt_token_ids=[1, 2, 3])
+    decode = SchedulerOutput([ScheduledChunk(decoding, start=5, num_tokens=1)])
+    prompt = ScheduledChunk(SimpleNamespace(prompt_token_ids=list(range(64))), start=0, num_tokens=64)
+
+    def step(at: float, plan: SchedulerOutput) -> float:
+        clock.now = at
+        stats.record(plan, host_s=0.0, step_s=0.0)
+        return stats.token_interval_s
+
+    assert step(100.0, decode) == 0.0  # one step: no interval yet
+    assert step(100.03, decode) == pytest.approx(0.03)
+    # a step that computes a prompt chunk too: the decoding requests wait for it (0.10 s)
+    mixed = step(100.13, SchedulerOutput([decode.chunks[0], prompt]))
+    assert 0.03 < mixed < 0.10
+    # a step that decodes nothing ends the run: the next interval starts at the next decode step
+    assert step(100.5, SchedulerOutput([prompt])) == mixed
+    assert step(101.0, decode) == mixed
+    # a minute later the old intervals have decayed away
+    assert step(160.0, SchedulerOutput()) == mixed
+    step(161.0, decode)
+    assert step(161.02, decode) == pytest.approx(0.02, rel=1e-3)
+
+
+def test_a_running_engine_measures_its_token_interval():
+    engine = small_engine(DEMO_MODEL_DIR)
+    started = time.monotonic()
+    engine.generate([list(range(3, 20))], SamplingParams(max_tokens=12, temperature=0))
+    assert 0 < engine.stats.token_interval_s < time.monotonic() - started

@@ -17,9 +17,11 @@ def _worker(worker_id: str, role: str) -> WorkerInfo:
 
 
 def _cand(worker_id: str, role: str, queued: int = 0, running: int = 0, free_blocks: int = 100,
-          in_flight: int = 0, rate: float = 0.0, in_flight_tokens: int = 0, rate_age_s: float | None = None) -> Candidate:
+          in_flight: int = 0, rate: float = 0.0, in_flight_tokens: int = 0, rate_age_s: float | None = None,
+          token_interval_ms: float = 0.0) -> Candidate:
     load = WorkerLoad(queued_prefill_tokens=queued, running_requests=running, free_kv_blocks=free_blocks,
-                      total_kv_blocks=100, prefill_tokens_per_s=rate, prefill_rate_age_s=rate_age_s)
+                      total_kv_blocks=100, prefill_tokens_per_s=rate, prefill_rate_age_s=rate_age_s,
+                      token_interval_ms=token_interval_ms)
     return Candidate(_worker(worker_id, role), load, in_flight, in_flight_tokens)
 
 
@@ -78,6 +80,11 @@ def test_make_policy_names():
     slo = make_policy("slo-aware", ttft_slo_ms=250, slo_headroom=0.8)
     assert isinstance(slo, SloAwarePolicy) and slo.ttft_slo_s == 0.25 and slo.headroom == 0.8
     assert make_policy("slo-aware", ttft_slo_ms=250, slo_headroom=1.0).headroom == 1.0
+    assert make_policy("slo-aware", ttft_slo_ms=250).tpot_slo_s is None
+    slo = make_policy("slo-aware", ttft_slo_ms=250, tpot_slo_ms=40)
+    assert slo.tpot_slo_s == 0.04 and slo.tpot_headroom == 0.8 and slo.headroom == 0.5
+    assert make_policy("slo-aware", ttft_slo_ms=250, slo_headroom=0.7, tpot_slo_ms=40).tpot_slo_s == 0.04
+    assert type(make_policy("prefix-aware", tpot_slo_ms=-1)) is PrefixAwarePolicy  # ignored
 
 
 def test_make_policy_errors():
@@ -90,6 +97,11 @@ def test_make_policy_errors():
     for headroom in (0, -0.5, 1.5):
         with pytest.raises(ValueError, match="slo-headroom"):
             make_policy("slo-aware", ttft_slo_ms=100, slo_headroom=headroom)
+    for tpot in (0, -3):
+        with pytest.raises(ValueError, match="tpot-slo-ms"):
+            make_policy("slo-aware", ttft_slo_ms=100, tpot_slo_ms=tpot)
+    with pytest.raises(ValueError, match="tpot_headroom"):
+        SloAwarePolicy(ttft_slo_s=1.0, tpot_slo_s=0.05, tpot_headroom=1.5)
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
         make_policy("fastest", ttft_slo_ms=100)
 
@@ -170,3 +182,42 @@ def test_slo_aware_computes_one_prompt_at_a_time_on_a_decode_worker():
     assert _slo_pick([long_queue], _cand("d0", "decode", queued=200)) == ("p0", "d0")
     assert _slo_pick([long_queue], _cand("d0", "decode", in_flight_tokens=200)) == ("p0", "d0")
     assert _slo_pick([long_queue], _cand("d0", "decode")) == ("d0", "d0")
+
+
+# -- slo-aware with a TPOT target of 50 ms: the requests decoding may use 0.8 of it, 40 ms -----------
+
+_LONG_QUEUE = _cand("p0", "prefill", queued=9000, rate=_RATE)  # misses the TTFT budget: a local prompt would not
+
+
+def _tpot_pick(decode: Candidate, policy: SloAwarePolicy | None = None) -> tuple[str, str]:
+    policy = policy or SloAwarePolicy(ttft_slo_s=1.0, tpot_slo_s=0.05)
+    pair = policy.pick([_LONG_QUEUE], [decode], _PROMPT)
+    return pair.prefill.worker_id, pair.decode.worker_id
+
+
+def test_slo_aware_keeps_prompts_off_a_decode_worker_whose_requests_would_miss_the_tpot_target():
+    assert _tpot_pick(_cand("d0", "decode", running=8, token_interval_ms=30)) == ("d0", "d0")
+    assert _tpot_pick(_cand("d0", "decode", running=8, token_interval_ms=40)) == ("d0", "d0")  # at the limit
+    assert _tpot_pick(_cand("d0", "decode", running=8, token_interval_ms=41)) == ("p0", "d0")
+    # the router's own requests count as decoding there before the published load shows them
+    assert _tpot_pick(_cand("d0", "decode", in_flight=2, token_interval_ms=41)) == ("p0", "d0")
+    # nothing decodes there: a slow last interval costs no one anything
+    assert _tpot_pick(_cand("d0", "decode", token_interval_ms=90)) == ("d0", "d0")
+    # without a TPOT target the interval does not matter
+    no_target = SloAwarePolicy(ttft_slo_s=1.0)
+    assert _tpot_pick(_cand("d0", "decode", running=8, token_interval_ms=90), no_target) == ("d0", "d0")
+
+
+def test_the_prompt_cost_is_spread_over_the_mean_output_length():
+    policy = SloAwarePolicy(ttft_slo_s=1.0, tpot_slo_s=0.05)
+    for n in (11, 11):
+        policy.finished(n)
+    assert policy.mean_output_tokens == pytest.approx(11)
+    decode = _cand("d0", "decode", running=8, token_interval_ms=35, rate=_RATE)
+    # 35 ms + (1000 tokens / 10000 per s) / 10 tokens = 45 ms > 40 ms
+    assert policy.tpot_estimate_s(decode, len(_PROMPT), _RATE) == pytest.approx(0.045)
+    assert _tpot_pick(decode, policy) == ("p0", "d0")
+    for _ in range(60):  # longer outputs spread it thinner: 35 + 100 / ~100 = ~36 ms
+        policy.finished(101)
+    assert 90 < policy.mean_output_tokens < 101
+    assert _tpot_pick(decode, policy) == ("d0", "d0")

@@ -69,6 +69,23 @@ def test_serve_refuses_decode_pacing_on_a_worker_that_computes_prompts():
     assert "Traceback" not in done.stderr
 
 
+def test_router_policy_flags_are_checked_before_anything_starts():
+    for command in (("serve", "router", "--etcd", "http://127.0.0.1:9"), ("up", "--state-dir", "/nonexistent/x")):
+        done = _tandem(*command, "--policy", "slo-aware", "--ttft-slo-ms", "500", "--tpot-slo-ms", "0")
+        assert done.returncode == 2 and "TPOT target must be > 0 ms (--tpot-slo-ms)" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_policy_flags_given_are_passed_on():
+    from tools.cli import _build_parser as build_parser
+    from tools.serve_cmd import policy_flags
+
+    args = build_parser().parse_args(["up", "--policy", "slo-aware", "--ttft-slo-ms", "500", "--tpot-slo-ms", "40"])
+    assert policy_flags(args) == [("--ttft-slo-ms", 500.0), ("--tpot-slo-ms", 40.0)]
+    args = build_parser().parse_args(["serve", "router", "--etcd", "x", "--slo-headroom", "0.7"])
+    assert policy_flags(args) == [("--slo-headroom", 0.7)]
+
+
 def test_generate_url_reports_an_unreachable_router():
     done = _tandem("generate", "--url", "http://127.0.0.1:9", "x")
     assert done.returncode == 2 and "cannot reach" in done.stderr
