@@ -112,9 +112,11 @@ def test_workers_sharing_a_gpu_under_mps_get_their_roles_share_of_the_sms(tmp_pa
     assert plan_layout("disaggregated", "cuda", 2, None).sharing_gpu() == []
     assert cluster_spec(plan_layout("disaggregated", "cuda", 2, None), workers, tmp_path, tmp_path).worker_name_env == {}
     assert settings(PRESETS["gpu-llama3-8b"], PRESETS["gpu-llama3-8b"].plans["chatbot"], tmp_path, 2).keys() \
-        .isdisjoint({"mps_sm_percent", "decode_step_period_ms"})  # off: as results stored before they existed
+        .isdisjoint({"mps_sm_percent", "decode_step_period_ms", "router_tpot_slo"})  # off: as results stored before
     on = replace(PRESETS["gpu-llama3-8b"], workers=workers)
     assert settings(on, on.plans["chatbot"], tmp_path, 2)["mps_sm_percent"] == [70, 40]
+    tpot = replace(on, harness=replace(on.harness, router_tpot_slo=True))
+    assert settings(tpot, tpot.plans["chatbot"], tmp_path, 2)["router_tpot_slo"] is True
 
 
 def test_mps_without_its_control_program_is_a_clear_error(tmp_path, monkeypatch):
@@ -189,6 +191,17 @@ def test_the_slo_layout_is_disaggregated_with_the_slo_aware_router_at_the_worklo
     assert (plain.policy, plain.router_args) == ("least-loaded", ())
     with pytest.raises(ValueError, match="TTFT SLO"):
         cluster_spec(layout, cpu, tmp_path / "model", tmp_path / "state")
+    # the workload's TPOT limit too, only where asked
+    spec = cluster_spec(layout, cpu, tmp_path, tmp_path, ttft_slo_ms=1500.0, tpot_slo_ms=100.0)
+    assert spec.router_args == ("--ttft-slo-ms", "1500")
+    tpot = Harness(router_tpot_slo=True)
+    spec = cluster_spec(layout, cpu, tmp_path, tmp_path, ttft_slo_ms=1500.0, harness=tpot, tpot_slo_ms=100.0)
+    assert spec.router_args == ("--ttft-slo-ms", "1500", "--tpot-slo-ms", "100")
+    plain = cluster_spec(plan_layout("disaggregated", "cpu", 0, 1), cpu, tmp_path, tmp_path, ttft_slo_ms=1500.0,
+                         harness=tpot, tpot_slo_ms=100.0)
+    assert plain.router_args == ()
+    with pytest.raises(ValueError, match="TPOT SLO"):
+        cluster_spec(layout, cpu, tmp_path, tmp_path, ttft_slo_ms=1500.0, harness=tpot)
 
 
 def test_compare_gives_each_disaggregated_layout_its_ratio():

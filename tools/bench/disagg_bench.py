@@ -11,7 +11,9 @@ without a KV store (its prefix hits would differ between layouts):
                      (KV handed over UCX)
   disaggregated-slo  as disaggregated, with the router's slo-aware policy (router/slo_policy.py),
                      its TTFT target the workload's TTFT SLO: a prompt is computed on the decode
-                     worker itself only when the prefill worker would miss that target
+                     worker itself only when the prefill worker would miss that target (with
+                     ``--router-tpot-slo``, and only while the requests decoding there keep the
+                     workload's TPOT SLO)
 
 Same number of worker processes on the same devices in both layouts. ``--workers N``
 (default 2) and ``--prefill-workers P`` (default N // 2) set other sizes and prefill :
@@ -205,9 +207,10 @@ def plan_layout(name: str, device: str, gpu_count: int, kv_cache_bytes: int | No
 
 def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state_dir: Path,
                  ttft_slo_ms: float | None = None, harness: Harness = Harness(),
-                 mps: MpsDaemon | None = None) -> ClusterSpec:
+                 mps: MpsDaemon | None = None, tpot_slo_ms: float | None = None) -> ClusterSpec:
     """The cluster of ``layout``; with ``mps``, the workers sharing a GPU are its clients, each
-    with its role's share of the SMs (``workers.mps_sm_percent``; mixed workers: all)."""
+    with its role's share of the SMs (``workers.mps_sm_percent``; mixed workers: all). An
+    slo-aware router gets ``ttft_slo_ms``, and ``tpot_slo_ms`` where ``harness.router_tpot_slo``."""
     common = ["--dtype", workers.dtype, "--max-batched-tokens", str(workers.max_batched_tokens),
               "--max-num-seqs", str(workers.max_num_seqs)]
     if workers.max_model_len is not None:
@@ -235,6 +238,10 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
         if ttft_slo_ms is None:
             raise ValueError(f"layout {layout.name} needs the workload's TTFT SLO")
         router_args = ("--ttft-slo-ms", f"{ttft_slo_ms:g}")
+        if harness.router_tpot_slo:
+            if tpot_slo_ms is None:
+                raise ValueError(f"layout {layout.name} with router_tpot_slo needs the workload's TPOT SLO")
+            router_args += ("--tpot-slo-ms", f"{tpot_slo_ms:g}")
     env = {}
     if mps is not None:
         prefill, decode = workers.mps_sm_percent or (100, 100)
@@ -256,7 +263,8 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
     mps = MpsDaemon(state_dir / "mps") if preset.workers.mps_sm_percent and layout.sharing_gpu() else None
     if preset.workers.mps_sm_percent and mps is None:
         log(f"{plan.workload} / {layout.name}: no workers share a GPU, so no MPS (--mps-sm-percent ignored)")
-    spec = cluster_spec(layout, preset.workers, model_dir, state_dir, plan.slo.ttft_ms, preset.harness, mps)
+    spec = cluster_spec(layout, preset.workers, model_dir, state_dir, plan.slo.ttft_ms, preset.harness, mps,
+                        plan.slo.tpot_ms)
     log(f"{plan.workload} / {layout.name}: starting {layout.describe()}"
         f"{f' under CUDA MPS, SMs {preset.workers.mps_sm_percent} % (prefill, decode)' if mps else ''}"
         f" (state in {state_dir}, kept if it fails)")
@@ -322,18 +330,21 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int, s
 
 
 def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) -> dict:
-    """Everything that must match for two layouts' goodputs to be compared (decode pacing and
-    MPS only where they are on, as results stored before they existed lack them)."""
+    """Everything that must match for two layouts' goodputs to be compared (decode pacing, MPS and
+    the router's TPOT target only where they are on, as results stored before they existed lack them)."""
     engine = asdict(preset.workers)
     for key in ("decode_step_period_ms", "mps_sm_percent"):
         if not engine[key]:
             del engine[key]
     if "mps_sm_percent" in engine:
         engine["mps_sm_percent"] = list(engine["mps_sm_percent"])  # as it reads back from JSON
+    harness = asdict(preset.harness)
+    if not harness["router_tpot_slo"]:
+        del harness["router_tpot_slo"]
     return {"model": str(model_dir), "random_shape": preset.random_shape, **engine, "workers": workers,
             "workload": plan.workload, "rates": list(plan.rates), "slo": asdict(plan.slo),
             "duration_s": preset.duration_s, "drain_timeout_s": preset.drain_timeout_s, "scale": preset.scale,
-            "seed": preset.seed, "transport": "grpc", **asdict(preset.harness)}
+            "seed": preset.seed, "transport": "grpc", **harness}
 
 
 def estimate_s(preset: Preset, layouts: int) -> tuple[float, float]:
@@ -479,7 +490,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     if unknown:
         raise ValueError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(p.plans)}")
     plans = {w: _override_plan(p.plans[w], args) for w in workloads}
-    harness = {k: getattr(args, k) for k in ("router_processes", "client_processes", "connections")
+    harness = {k: getattr(args, k) for k in ("router_processes", "client_processes", "connections", "router_tpot_slo")
                if getattr(args, k) is not None}
     p = replace(p, workers=replace(p.workers, **overrides), plans=plans, workloads=workloads,
                 harness=replace(p.harness, **harness),
@@ -595,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load generator processes (default: the preset's; GPU presets 2)")
     parser.add_argument("--connections", type=int, default=None, metavar="K",
                         help="gRPC connections per load generator process (default: the preset's; GPU presets 4)")
+    parser.add_argument("--router-tpot-slo", action="store_true", default=None,
+                        help="disaggregated-slo: give the router the workload's TPOT limit too (--tpot-slo-ms: a "
+                             "prompt goes to a decode worker only while its requests keep it); default: TTFT only")
     parser.add_argument("--state-dir", type=Path, default=Path(tempfile.gettempdir()) / "tandem-disagg",
                         help="a fresh cluster state directory per (workload, layout) is made in here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)

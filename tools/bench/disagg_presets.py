@@ -59,6 +59,8 @@ class Harness:
     connections: int = 1
     """``tandem bench serve --connections``: gRPC connections per client process (a router
     process gets work only over the connections it accepted)."""
+    router_tpot_slo: bool = False
+    """slo-aware router: the workload's TPOT limit as its ``--tpot-slo-ms`` too (False: TTFT only)."""
 
     def __post_init__(self) -> None:
         if min(self.router_processes, self.client_processes, self.connections) < 1:
