@@ -160,15 +160,16 @@ def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp
         "prefill-0": ("--device", "cuda:0", "--max-batched-tokens", "8192"), "decode-0": ("--device", "cuda:1")}
     shared = fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [10_000])
     assert shared.kv_cache_bytes == {"mixed-0": (9000 - 2000) // 2, "mixed-1": (9000 - 2000) // 2}
-    # prefill and decode on one GPU: the prefill worker holds a few steps of prompts, the decode worker the rest
+    # prefill and decode on one GPU: the prefill worker holds a few steps of prompts, as much again is
+    # left for the decode worker's handoff staging, the decode worker's cache gets the rest
     pd = fit_kv(plan_layout("disaggregated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [10_000])
-    assert pd.kv_cache_bytes == {"prefill-0": 768, "decode-0": 7000 - 768}
+    assert pd.kv_cache_bytes == {"prefill-0": 768, "decode-0": 7000 - 2 * 768}
     tight = fit_kv(plan_layout("disaggregated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [3000])
-    assert tight.kv_cache_bytes == {"prefill-0": 350, "decode-0": 350}  # no more than an even share either
+    assert tight.kv_cache_bytes == {"prefill-0": 233, "decode-0": 700 - 2 * 233}  # no more than an even share
     # three workers on two GPUs: the two on cuda:0 share it, the one on cuda:1 sizes its own cache
     three = fit_kv(plan_layout("disaggregated", "cuda", 2, None, workers=3, prefill_workers=1), tmp_path, small,
                    free_bytes=lambda: [5000, 1])
-    assert three.kv_cache_bytes == {"prefill-0": 768, "decode-0": None, "decode-1": 2500 - 768}
+    assert three.kv_cache_bytes == {"prefill-0": 768, "decode-0": None, "decode-1": 2500 - 2 * 768}
     with pytest.raises(ValueError, match=r"do not fit cuda:0 .*--kv-cache-bytes"):
         fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [2000])
     given = plan_layout("colocated", "cuda", 1, 4000)  # a budget on the command line is kept

@@ -9,8 +9,14 @@ evenly) or leaves it to the memory there (``kv_cache_bytes_per_device`` None):
                             before any of them starts (engines sizing themselves at start-up
                             would each see whatever the others had taken by then): a prefill
                             worker gets at most ``PREFILL_KV_STEPS`` of its steps' tokens (it
-                            holds a prompt's KV only until the handoff), the others split the
-                            rest evenly
+                            holds a prompt's KV only until the handoff), as much again is left
+                            for the receivers' handoff staging, the others split the rest evenly
+
+Handoff staging: a decode worker receives a prompt's KV into one contiguous buffer and then
+scatters it into its cache blocks, so while handoffs are in flight it holds up to what the
+prefill workers hold, outside its cache. Without that room, on one H100 (Llama-3-8B,
+summarization at 2 req/s) the decode worker ran out of memory receiving and the prefill
+worker beside it ran out in its next step.
 
 Free memory is read in a child process, so this process holds no CUDA context on the
 devices the workers will use.
@@ -50,8 +56,9 @@ def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]
                           caps: dict[str, int] | None = None) -> dict[str, int | None]:
     """Worker name -> KV bytes: None for a worker alone on its device (its engine sizes the cache);
     for workers sharing one, what is left after everyone's weights: a worker named in ``caps``
-    (a prefill worker) at most its cap and an equal share, the others an equal share of the rest.
-    ValueError when the weights alone do not fit a shared device."""
+    (a prefill worker) at most its cap and an equal share (its KV counting twice: its cache and,
+    in flight, the receivers' staging), the others an equal share of the rest after the capped
+    workers' caches and staging. ValueError when the weights alone do not fit a shared device."""
     caps = caps or {}
     on_device: dict[str, list[str]] = {}
     for name, device in devices.items():
@@ -68,9 +75,11 @@ def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]
             raise ValueError(f"{k} workers' weights ({k} x {weights / _GIB:.1f} GiB) do not fit {device} "
                              f"({free[index] / _GIB:.1f} GiB free); give a KV budget with --kv-cache-bytes "
                              "or use more GPUs")
-        capped = {n: min(caps[n], left // k) for n in names if n in caps}
-        rest = [n for n in names if n not in capped]
+        rest = [n for n in names if n not in caps]
+        shares = k + (len(names) - len(rest) if rest else 0)  # staging only where someone receives
+        capped = {n: min(caps[n], left // shares) for n in names if n in caps}
         budgets.update(capped)
         if rest:
-            budgets.update(dict.fromkeys(rest, (left - sum(capped.values())) // len(rest)))
+            staging = sum(capped.values())
+            budgets.update(dict.fromkeys(rest, (left - sum(capped.values()) - staging) // len(rest)))
     return {name: budgets[name] for name in devices}
