@@ -8,7 +8,10 @@ The engine is not thread-safe, so every touch of it (adding, aborting, reserving
 exporting, reading stats) is a command run on the engine thread between steps. Outputs
 of a step are delivered to the event loop in one callback (with a stream interval, a
 :class:`StreamCoalescer` first joins each stream's outputs of that window). A consumer that stops
-reading a stream (client gone, task cancelled) aborts its request, freeing its blocks.
+reading a stream (client gone, task cancelled) aborts its request, freeing its blocks. A step
+that runs out of device memory ends the streams of its requests with DeviceMemoryError (the
+engine stopped them) and the engine goes on; any other step failure ends every stream and
+stops the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from services.engine.engine import LLMEngine
+from services.engine.errors import DeviceMemoryError
 from services.engine.request import FinishReason, RequestOutput
 from services.engine.stream_coalescer import StreamCoalescer
 
@@ -142,7 +146,12 @@ class AsyncEngine:
                 self._run_commands()
                 if self._step_period_s > 0 and self.engine.has_unfinished():
                     self._pace()
-                outputs = self.engine.step() if self.engine.has_unfinished() else []
+                try:
+                    outputs = self.engine.step() if self.engine.has_unfinished() else []
+                except DeviceMemoryError as e:  # the step's requests were stopped; the engine goes on
+                    self._drop_held(e.request_ids)
+                    self._loop.call_soon_threadsafe(self._fail_streams, e.request_ids, e)
+                    continue
                 if self._coalescer is not None:
                     outputs = self._coalescer.take(outputs, time.monotonic())
                 if outputs:
@@ -192,6 +201,17 @@ class AsyncEngine:
             if q is not None:
                 q.put_nowait(out)
                 self.stream_messages += 1
+
+    def _drop_held(self, request_ids: list[str]) -> None:
+        if self._coalescer is not None:
+            for request_id in request_ids:
+                self._coalescer.take_held(request_id)
+
+    def _fail_streams(self, request_ids: list[str], error: Exception) -> None:
+        for request_id in request_ids:
+            q = self._streams.get(request_id)
+            if q is not None:
+                q.put_nowait(error)
 
     def _fail_all(self, error: BaseException) -> None:
         for q in self._streams.values():

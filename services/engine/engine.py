@@ -31,7 +31,7 @@ from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
 from services.engine.decode_graphs import FedTokens
 from services.engine.engine_stats import EngineStats
-from services.engine.errors import CapacityError, InvalidRequestError
+from services.engine.errors import CapacityError, DeviceMemoryError, InvalidRequestError
 from services.engine.kv_export import KVExport
 from services.engine.loader import load_model, model_fingerprint
 from services.engine.model import CausalLM
@@ -145,6 +145,13 @@ class LLMEngine:
         if self._overlap and self.runner.is_decode_step(plan) and all(c.completes for c in plan.chunks):
             self._launched = self._launch_scheduled(plan, start)
             return self._step_ahead()
+        try:
+            return self._run_plan(plan, start)
+        except torch.OutOfMemoryError as e:
+            raise self._out_of_memory(plan, e) from e
+
+    def _run_plan(self, plan: SchedulerOutput, start: float) -> list[RequestOutput]:
+        """Run a scheduled step one at a time: the device computes, the host then samples."""
         tables = {c.request.request_id: self.blocks.block_table(c.request.request_id) for c in plan.chunks}
         logits = self.runner.execute(plan, tables)
         launched = self.runner.launched_at
@@ -165,6 +172,20 @@ class LLMEngine:
         self.stats.record(plan, host_s=(launched - start) + (time.perf_counter() - computed),
                           step_s=time.perf_counter() - start)
         return outputs
+
+    def _out_of_memory(self, plan: SchedulerOutput, error: torch.OutOfMemoryError) -> DeviceMemoryError:
+        """Stop every request of a step that ran out of device memory (whatever it produced is
+        lost with it) and give the allocator's cached blocks back: the next steps, and the other
+        processes on the device, get the memory again."""
+        ids = [c.request.request_id for c in plan.chunks]
+        for request_id in ids:
+            self.abort(request_id)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("a step of %d request(s), %d tokens, ran out of device memory; they were stopped",
+                    len(ids), plan.num_tokens)
+        return DeviceMemoryError(ids, f"out of device memory in a step of {len(ids)} request(s), "
+                                      f"{plan.num_tokens} tokens: {str(error).splitlines()[0] if str(error) else ''}")
 
     # -- decode steps one ahead of their results (overlap.py) ------------------------------
 

@@ -21,5 +21,14 @@ class CapacityError(EngineError):
     """The KV cache cannot hold what was asked (e.g. importing KV with no free blocks)."""
 
 
+class DeviceMemoryError(CapacityError):
+    """A step ran out of device memory: its requests were stopped (blocks freed), the engine goes on."""
+
+    def __init__(self, request_ids: list[str], message: str):
+        super().__init__(message)
+        self.request_ids = request_ids
+        """The requests of the step, each stopped (some may have produced their last output in it)."""
+
+
 class KVFenceError(EngineError):
     """A KV write or commit for a reservation that expired, was released, or carries a stale lease."""
