@@ -10,10 +10,11 @@ import argparse
 import asyncio
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tools.demo import DEMO_MODEL_DIR
-from tools.serve_cmd import add_policy_arguments, policy_flags
+from tools.serve_cmd import DEFAULT_MAX_BATCHED_TOKENS, add_policy_arguments, policy_flags
 
 _UP_TIMEOUT_S = 180.0
 _EXIT_BAD_INPUT = 2
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace, state_dir: Path) -> int:
     from router.policy import make_policy
+    from services.engine.errors import EngineError
     from tools.local_cluster import ClusterSpec, start_cluster
 
     try:  # the router would refuse these arguments; say so before starting anything
@@ -83,7 +85,7 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     if args.router_processes < 1:
         _say(f"error: --router-processes must be >= 1, got {args.router_processes}")
         return _EXIT_BAD_INPUT
-    worker_args = ["--device", args.device, "--dtype", args.dtype]
+    worker_args = ["--dtype", args.dtype]
     if args.kv_cache_bytes:
         worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
     if args.stream_interval_ms:
@@ -96,10 +98,25 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
                        kvstore=not args.no_kvstore,
                        kvstore_args=("--cpu-bytes", str(args.kvstore_cpu_bytes), "--ssd-bytes",
                                      str(args.kvstore_ssd_bytes)))
+    try:
+        spec = replace(spec, worker_name_args=_placement(spec.worker_names(), args))
+    except (ValueError, RuntimeError, EngineError) as e:
+        _say(f"error: {e}")
+        return _EXIT_BAD_INPUT
     state = start_cluster(spec, args.timeout, progress=_say)
     print(f"tandem is up: http {state.http_url}  grpc {state.grpc_address}  etcd {state.etcd_url}")
     print(f"logs in {state_dir / 'logs'}; stop with `tandem down`")
     return 0
+
+
+def _placement(names: list[str], args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
+    """Each worker's ``--device`` (and, sharing a GPU without --kv-cache-bytes, its KV budget)."""
+    if not args.device.startswith("cuda") or args.kv_cache_bytes:
+        return {name: ("--device", args.device) for name in names}
+    from tools.bench.kv_budget import free_device_bytes
+    from tools.gpu_placement import place_workers
+
+    return place_workers(names, args.device, args.model, args.dtype, DEFAULT_MAX_BATCHED_TOKENS, free_device_bytes())
 
 
 def _status(args: argparse.Namespace, state_dir: Path) -> int:

@@ -12,6 +12,8 @@ from router.policy import POLICIES
 from tools.demo import DEMO_MODEL_DIR
 
 _EXIT_BAD_INPUT = 2
+DEFAULT_MAX_BATCHED_TOKENS = 512
+"""Workers' prompt tokens per step unless --max-batched-tokens says otherwise."""
 _DEFAULT_SSD_BYTES = 10 << 30  # kvstore: SSD tier capacity when --ssd-dir comes without --ssd-bytes
 
 
@@ -55,7 +57,7 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--max-batched-tokens", type=int, default=DEFAULT_MAX_BATCHED_TOKENS)
     p.add_argument("--decode-graphs", choices=("auto", "eager", "off"), default=None,
                    help="decode steps from CUDA graphs: auto (default; off for prefill workers, which do not "
                         "decode), eager, off")

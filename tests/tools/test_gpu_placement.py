@@ -1,0 +1,60 @@
+"""``tandem up --device cuda``: workers spread over the visible GPUs; those sharing one get KV
+budgets from the free memory measured before any starts (given here, as no GPU is needed to plan)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tools.bench import kv_budget
+from tools.demo import DEMO_MODEL_DIR
+from tools.gpu_placement import place_workers
+
+_WEIGHTS = kv_budget.weight_bytes(DEMO_MODEL_DIR)
+_PER_TOKEN = 5 * 2 * 2 * 32 * 2  # the demo model in bfloat16: layers x (k, v) x kv heads x head dim x bytes
+_FREE = 100_000_000
+
+
+def _place(names, device="cuda", free=(_FREE,), dtype="auto"):
+    return place_workers(names, device, DEMO_MODEL_DIR, dtype, 512, list(free))
+
+
+def test_workers_alone_on_their_gpus_size_their_own_caches():
+    assert _place(["prefill-0", "decode-0"], free=(_FREE, _FREE)) == {
+        "prefill-0": ("--device", "cuda:0"), "decode-0": ("--device", "cuda:1")}
+
+
+def test_workers_sharing_a_gpu_split_it_leaving_room_for_the_handoff_staging():
+    left = int(0.9 * _FREE) - 2 * _WEIGHTS
+    cap = 4 * 512 * _PER_TOKEN  # four of the prefill worker's steps
+    assert _place(["prefill-0", "decode-0"]) == {
+        "prefill-0": ("--device", "cuda:0", "--kv-cache-bytes", str(cap)),
+        "decode-0": ("--device", "cuda:0", "--kv-cache-bytes", str(left - 2 * cap))}
+    # in float32 a token's KV is twice as large
+    assert _place(["prefill-0", "decode-0"], dtype="float32")["prefill-0"][-1] == str(2 * cap)
+    # three mixed workers on two GPUs: two share cuda:0 evenly, the third is alone on cuda:1
+    placed = _place(["mixed-0", "mixed-1", "mixed-2"], free=(_FREE, _FREE))
+    assert placed["mixed-1"] == ("--device", "cuda:1")
+    assert placed["mixed-0"] == placed["mixed-2"] == ("--device", "cuda:0", "--kv-cache-bytes", str(left // 2))
+    # a named GPU takes every worker
+    assert {a[1] for a in _place(["prefill-0", "decode-0"], "cuda:1", (_FREE, _FREE)).values()} == {"cuda:1"}
+
+
+def test_bad_placements_are_clear_errors():
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        _place(["mixed-0"], free=())
+    with pytest.raises(ValueError, match="--device cuda:2: only 1 CUDA device"):
+        _place(["mixed-0"], "cuda:2")
+    with pytest.raises(ValueError, match="do not fit cuda:0"):
+        _place(["prefill-0", "decode-0"], free=(_WEIGHTS,))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without a GPU")
+def test_up_on_cuda_without_a_gpu_exits_2_before_starting_anything(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "up", "--device", "cuda", "--state-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA device is visible" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "cluster.json").exists()

@@ -1,0 +1,42 @@
+"""Where ``tandem up --device cuda`` puts its workers and how much KV each gets.
+
+``--device cuda`` spreads the workers over the visible GPUs (worker i, in the order prefill,
+decode, mixed, on cuda:(i mod GPUs)); ``--device cuda:N`` puts them all on that GPU. A worker
+alone on its GPU sizes its own cache (90 % of what is free after its weights). Workers
+sharing a GPU cannot: each would see the whole GPU free when it starts. They get budgets
+from the free memory measured before any starts (tools/bench/kv_budget.py): a prefill worker
+a few of its steps' prompts, as much again left for the decode workers' handoff staging,
+the rest split evenly. ``--kv-cache-bytes`` given on the command line replaces all of this.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from services.engine.loader import resolve_dtype
+from services.engine.model_config import load_model_config
+from tools.bench import kv_budget
+from tools.bench.roofline_bench import kv_bytes_per_token
+
+
+def place_workers(names: list[str], device: str, model_dir: Path, dtype: str, prefill_step_tokens: int,
+                  free: list[int]) -> dict[str, tuple[str, ...]]:
+    """Worker name -> its ``--device`` (and ``--kv-cache-bytes`` where it shares its GPU) arguments;
+    ``free``: free bytes of each visible GPU. ValueError for a GPU that is not there or too small."""
+    if not free:
+        raise ValueError("--device cuda: no CUDA device is visible")
+    if device == "cuda":
+        devices = {name: f"cuda:{i % len(free)}" for i, name in enumerate(names)}
+    else:
+        index = int(device.partition(":")[2])
+        if not 0 <= index < len(free):
+            raise ValueError(f"--device {device}: only {len(free)} CUDA device(s) visible")
+        devices = dict.fromkeys(names, device)
+    config = load_model_config(model_dir)
+    per_token = kv_bytes_per_token(config, resolve_dtype(dtype, config, torch.device("cuda")))
+    caps = {n: kv_budget.PREFILL_KV_STEPS * prefill_step_tokens * per_token for n in names if n.startswith("prefill-")}
+    budgets = kv_budget.shared_device_budgets(devices, kv_budget.weight_bytes(model_dir), free, caps)
+    return {name: ("--device", devices[name], *(() if budgets[name] is None else ("--kv-cache-bytes", str(budgets[name]))))
+            for name in names}
