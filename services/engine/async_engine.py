@@ -10,7 +10,8 @@ of a step are delivered to the event loop in one callback (with a stream interva
 :class:`StreamCoalescer` first joins each stream's outputs of that window). A consumer that stops
 reading a stream (client gone, task cancelled) aborts its request, freeing its blocks. A step
 that runs out of device memory ends the streams of its requests with DeviceMemoryError (the
-engine stopped them) and the engine goes on; any other step failure ends every stream and
+engine stopped them; a decode step launched ahead stops every running request) and the engine
+goes on; any other step failure ends every stream and
 stops the engine.
 """
 

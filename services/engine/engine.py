@@ -81,6 +81,8 @@ class LLMEngine:
         """A decode step launched ahead whose tokens have not been read (overlap only)."""
         self._settled: list[RequestOutput] = []
         """Outputs of a launched step read between steps, returned by the next step()."""
+        self._stepping: list[Request] = []
+        """The requests of the step being run (stopped if it runs out of device memory)."""
         log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d", num_blocks, config.block_size,
                  self.max_model_len)
 
@@ -136,19 +138,24 @@ class LLMEngine:
         if self._settled:
             outputs, self._settled = self._settled, []
             return outputs
+        try:
+            return self._step()
+        except torch.OutOfMemoryError as e:
+            raise self._out_of_memory(e) from e
+
+    def _step(self) -> list[RequestOutput]:
         if self._launched is not None:
+            self._stepping = list(self._launched.requests)
             return self._step_ahead()
         start = time.perf_counter()
         plan = self.scheduler.schedule()
+        self._stepping = [c.request for c in plan.chunks]
         if not plan.chunks:
             return []
         if self._overlap and self.runner.is_decode_step(plan) and all(c.completes for c in plan.chunks):
             self._launched = self._launch_scheduled(plan, start)
             return self._step_ahead()
-        try:
-            return self._run_plan(plan, start)
-        except torch.OutOfMemoryError as e:
-            raise self._out_of_memory(plan, e) from e
+        return self._run_plan(plan, start)
 
     def _run_plan(self, plan: SchedulerOutput, start: float) -> list[RequestOutput]:
         """Run a scheduled step one at a time: the device computes, the host then samples."""
@@ -173,19 +180,25 @@ class LLMEngine:
                           step_s=time.perf_counter() - start)
         return outputs
 
-    def _out_of_memory(self, plan: SchedulerOutput, error: torch.OutOfMemoryError) -> DeviceMemoryError:
+    def _out_of_memory(self, error: torch.OutOfMemoryError) -> DeviceMemoryError:
         """Stop every request of a step that ran out of device memory (whatever it produced is
         lost with it) and give the allocator's cached blocks back: the next steps, and the other
-        processes on the device, get the memory again."""
-        ids = [c.request.request_id for c in plan.chunks]
+        processes on the device, get the memory again. With a decode step in flight (overlap),
+        the device finishes it first (it writes blocks about to be freed), and every running
+        request stops: the step after it may have taken requests that joined since."""
+        requests = list(self._stepping)
+        if self._launched is not None:
+            self.runner.synchronize()
+            requests += [*self._launched.requests, *self.scheduler.running]
+            self._launched = None
+        ids = list(dict.fromkeys(r.request_id for r in requests))
         for request_id in ids:
             self.abort(request_id)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log.warning("a step of %d request(s), %d tokens, ran out of device memory; they were stopped",
-                    len(ids), plan.num_tokens)
-        return DeviceMemoryError(ids, f"out of device memory in a step of {len(ids)} request(s), "
-                                      f"{plan.num_tokens} tokens: {str(error).splitlines()[0] if str(error) else ''}")
+        log.warning("a step of %d request(s) ran out of device memory; they were stopped", len(ids))
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return DeviceMemoryError(ids, f"out of device memory in a step of {len(ids)} request(s): {first_line}")
 
     # -- decode steps one ahead of their results (overlap.py) ------------------------------
 

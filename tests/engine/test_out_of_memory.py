@@ -67,3 +67,33 @@ async def test_only_the_streams_of_that_step_fail(checkpoints):
             == (False, engine.blocks.num_blocks)
     finally:
         await asyncio.wait_for(aengine.close(), 10)
+
+
+def test_a_decode_step_launched_ahead_that_runs_out_of_memory_stops_the_running_requests(checkpoints):
+    path = checkpoints("qwen3", 4)
+    static = {"decode_graphs": "eager", "device": "cpu", "dtype": "float32"}
+    want = [c.token_ids for c in small_engine(path, overlap_decode="off", **static).generate(_PROMPTS, _GREEDY)]
+    engine = small_engine(path, overlap_decode="on", **static)
+    free = engine.blocks.num_free_blocks
+    for i, prompt in enumerate(_PROMPTS):
+        engine.add_request(f"r{i}", prompt, _GREEDY)
+    launch = engine.runner.execute_decode_rows
+    launches = []
+
+    def out_of_memory_on_the_second(*args, **kwargs):
+        launches.append(1)
+        if len(launches) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected, decode step ahead)")
+        return launch(*args, **kwargs)
+
+    engine.runner.execute_decode_rows = out_of_memory_on_the_second
+    tokens = {"r0": [], "r1": []}
+    with pytest.raises(DeviceMemoryError, match="step ahead") as caught:
+        for _ in range(20):
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+    assert len(launches) == 2 and sorted(caught.value.request_ids) == ["r0", "r1"]
+    assert all(0 < len(t) < _GREEDY.max_tokens for t in tokens.values())  # it failed mid-way
+    assert not engine.has_unfinished() and engine.blocks.num_free_blocks == free
+    engine.runner.execute_decode_rows = launch
+    assert [c.token_ids for c in engine.generate(_PROMPTS, _GREEDY)] == want
