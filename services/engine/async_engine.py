@@ -11,8 +11,7 @@ of a step are delivered to the event loop in one callback (with a stream interva
 reading a stream (client gone, task cancelled) aborts its request, freeing its blocks. A step
 that runs out of device memory ends the streams of its requests with DeviceMemoryError (the
 engine stopped them; a decode step launched ahead stops every running request) and the engine
-goes on; any other step failure ends every stream and
-stops the engine.
+goes on; any other step failure ends every stream and stops the engine.
 """
 
 from __future__ import annotations
