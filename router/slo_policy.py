@@ -93,7 +93,8 @@ class SloAwarePolicy(LeastLoadedPolicy):
         remote_s = ttft_s(prefill)
         if remote_s > budget_s and queued_tokens(decode) == 0:
             local_s = ttft_s(decode)
-            if local_s <= budget_s and local_s < remote_s and self._decoding_keeps_target(decode, len(tokens), known_rate):
+            keeps_tpot = self._decoding_keeps_target(decode, len(tokens), known_rate)
+            if local_s <= budget_s and local_s < remote_s and keeps_tpot:
                 return Pair(decode.info, decode.info)
         return Pair(prefill.info, decode.info)
 

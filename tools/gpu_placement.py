@@ -38,5 +38,8 @@ def place_workers(names: list[str], device: str, model_dir: Path, dtype: str, pr
     per_token = kv_bytes_per_token(config, resolve_dtype(dtype, config, torch.device("cuda")))
     caps = {n: kv_budget.PREFILL_KV_STEPS * prefill_step_tokens * per_token for n in names if n.startswith("prefill-")}
     budgets = kv_budget.shared_device_budgets(devices, kv_budget.weight_bytes(model_dir), free, caps)
-    return {name: ("--device", devices[name], *(() if budgets[name] is None else ("--kv-cache-bytes", str(budgets[name]))))
-            for name in names}
+    placed = {name: ("--device", devices[name]) for name in names}
+    for name, budget in budgets.items():
+        if budget is not None:
+            placed[name] += ("--kv-cache-bytes", str(budget))
+    return placed

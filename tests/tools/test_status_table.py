@@ -16,7 +16,8 @@ def test_rows_show_load_the_measured_prefill_speed_and_time_per_output_token():
     workers = [_worker("prefill-0", "prefill"), _worker("decode-0", "decode"), _worker("mixed-0", "mixed")]
     loads = {"prefill-0": WorkerLoad(queued_prefill_tokens=300, running_requests=1, free_kv_blocks=90,
                                      total_kv_blocks=100, prefill_tokens_per_s=35210.4, prefill_rate_age_s=0.5),
-             "decode-0": WorkerLoad(running_requests=7, free_kv_blocks=60, total_kv_blocks=100, token_interval_ms=12.345),
+             "decode-0": WorkerLoad(running_requests=7, free_kv_blocks=60, total_kv_blocks=100,
+                                    token_interval_ms=12.345),
              "mixed-0": WorkerLoad(prefill_tokens_per_s=1234.0, prefill_rate_age_s=300.0, total_kv_blocks=100,
                                    token_interval_ms=30.0)}
     header, *rows = asyncio.run(render_status(workers, loads, {"decode-0": 42})).splitlines()
