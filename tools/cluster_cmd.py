@@ -34,7 +34,8 @@ def add_parsers(sub) -> None:
     up.add_argument("--grpc-port", type=int, default=50051)
     up.add_argument("--etcd", default=None, help="use this etcd instead of starting a private one")
     up.add_argument("--cluster", default="default")
-    up.add_argument("--device", default="cpu")
+    up.add_argument("--device", default="cpu",
+                    help="cpu; cuda (the workers spread over the visible GPUs) or cuda:N (all on GPU N)")
     up.add_argument("--dtype", default="auto")
     up.add_argument("--kv-cache-bytes", type=int, default=None)
     up.add_argument("--stream-interval-ms", type=float, default=0.0, metavar="MS",

@@ -30,8 +30,11 @@ def place_workers(names: list[str], device: str, model_dir: Path, dtype: str, pr
     if device == "cuda":
         devices = {name: f"cuda:{i % len(free)}" for i, name in enumerate(names)}
     else:
-        index = int(device.partition(":")[2])
-        if not 0 <= index < len(free):
+        kind, _, number = device.partition(":")
+        if kind != "cuda" or not number.isdigit():
+            raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
+        index = int(number)
+        if index >= len(free):
             raise ValueError(f"--device {device}: only {len(free)} CUDA device(s) visible")
         devices = dict.fromkeys(names, device)
     config = load_model_config(model_dir)

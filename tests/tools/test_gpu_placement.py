@@ -48,6 +48,9 @@ def test_bad_placements_are_clear_errors():
         _place(["mixed-0"], free=())
     with pytest.raises(ValueError, match="--device cuda:2: only 1 CUDA device"):
         _place(["mixed-0"], "cuda:2")
+    for device in ("cuda:x", "cudax", "cuda:-1"):
+        with pytest.raises(ValueError, match=f"--device {device}: expected cpu, cuda or cuda:N"):
+            _place(["mixed-0"], device)
     with pytest.raises(ValueError, match="do not fit cuda:0"):
         _place(["prefill-0", "decode-0"], free=(_WEIGHTS,))
 
