@@ -18,7 +18,6 @@ import torch
 from services.engine.loader import resolve_dtype
 from services.engine.model_config import load_model_config
 from tools.bench import kv_budget
-from tools.bench.roofline_bench import kv_bytes_per_token
 
 
 def place_workers(names: list[str], device: str, model_dir: Path, dtype: str, prefill_step_tokens: int,
@@ -37,10 +36,8 @@ def place_workers(names: list[str], device: str, model_dir: Path, dtype: str, pr
         if index >= len(free):
             raise ValueError(f"--device {device}: only {len(free)} CUDA device(s) visible")
         devices = dict.fromkeys(names, device)
-    config = load_model_config(model_dir)
-    per_token = kv_bytes_per_token(config, resolve_dtype(dtype, config, torch.device("cuda")))
-    caps = {n: kv_budget.PREFILL_KV_STEPS * prefill_step_tokens * per_token for n in names if n.startswith("prefill-")}
-    budgets = kv_budget.shared_device_budgets(devices, kv_budget.weight_bytes(model_dir), free, caps)
+    kv_dtype = resolve_dtype(dtype, load_model_config(model_dir), torch.device("cuda"))
+    budgets = kv_budget.prefill_capped_budgets(devices, model_dir, kv_dtype, prefill_step_tokens, free)
     placed = {name: ("--device", devices[name]) for name in names}
     for name, budget in budgets.items():
         if budget is not None:

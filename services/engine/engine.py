@@ -81,8 +81,8 @@ class LLMEngine:
         """A decode step launched ahead whose tokens have not been read (overlap only)."""
         self._settled: list[RequestOutput] = []
         """Outputs of a launched step read between steps, returned by the next step()."""
-        self._stepping: list[Request] = []
-        """The requests of the step being run (stopped if it runs out of device memory)."""
+        self._plan: SchedulerOutput | None = None
+        """The step scheduled last (its requests stop if it runs out of device memory)."""
         log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d", num_blocks, config.block_size,
                  self.max_model_len)
 
@@ -145,11 +145,10 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         if self._launched is not None:
-            self._stepping = list(self._launched.requests)
+            self._plan = None  # the step in flight is its requests
             return self._step_ahead()
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
-        self._stepping = [c.request for c in plan.chunks]
+        plan = self._plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
         if self._overlap and self.runner.is_decode_step(plan) and all(c.completes for c in plan.chunks):
@@ -186,7 +185,7 @@ class LLMEngine:
         processes on the device, get the memory again. With a decode step in flight (overlap),
         the device finishes it first (it writes blocks about to be freed), and every running
         request stops: the step after it may have taken requests that joined since."""
-        requests = list(self._stepping)
+        requests = [c.request for c in self._plan.chunks] if self._plan is not None else []
         if self._launched is not None:
             self.runner.synchronize()
             requests += [*self._launched.requests, *self.scheduler.running]

@@ -67,8 +67,9 @@ class EngineStats:
     def record(self, plan: SchedulerOutput, host_s: float, step_s: float) -> None:
         """One step() call; ``plan`` is what it launched (nothing: a call that only read the
         results of a step launched earlier)."""
+        num_tokens = plan.num_tokens
         self.steps += 1 if plan.chunks else 0
-        self.computed_tokens += plan.num_tokens
+        self.computed_tokens += num_tokens
         self.preemptions += len(plan.preempted)
         self.host_s += host_s
         self.step_s += step_s
@@ -81,11 +82,10 @@ class EngineStats:
             self._decayed_prefill_tokens = d * self._decayed_prefill_tokens + prompt_tokens
             self._decayed_prefill_s = d * self._decayed_prefill_s + step_s
             self.prefill_measured_at = time.monotonic()
-        self._time_decode_step(plan)
+        self._time_decode_step(decoding=prompt_tokens < num_tokens)  # a decode row is one token of no prompt work
 
-    def _time_decode_step(self, plan: SchedulerOutput) -> None:
+    def _time_decode_step(self, decoding: bool) -> None:
         now = time.monotonic()
-        decoding = any(c.num_tokens == 1 and c.start >= len(c.request.prompt_token_ids) for c in plan.chunks)
         if decoding and self._last_decode_at is not None:
             keep = math.exp(-(now - self._interval_updated_at) / self.TOKEN_INTERVAL_WINDOW_S)
             self._decayed_interval_s = keep * self._decayed_interval_s + (now - self._last_decode_at)

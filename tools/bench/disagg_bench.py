@@ -122,7 +122,6 @@ from typing import Callable
 
 import torch
 
-from services.engine.model_config import load_model_config
 from tools.bench import kv_budget, serve_bench, worker_counters
 from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Harness, Preset, WorkerSettings, WorkloadPlan
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
@@ -130,7 +129,6 @@ from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_pa
                                        write_plot, write_report)
 from tools.bench.mps import MpsDaemon, parse_sm_percent
 from tools.bench.random_models import random_hf_model
-from tools.bench.roofline_bench import kv_bytes_per_token
 from tools.bench.serve_clients import LoadClient
 from tools.bench.slo import SLO, goodput
 from tools.bench.workloads import WORKLOADS
@@ -419,14 +417,14 @@ def fit_kv(layout: Layout, model_dir: Path, workers: WorkerSettings,
            free_bytes: Callable[[], list[int]] = kv_budget.free_device_bytes) -> Layout:
     """``layout`` with a KV budget for each GPU worker that shares its device and has none yet
     (measured free memory less the weights; a prefill worker gets room for a few of its steps,
-    the others split the rest evenly); workers alone keep None."""
+    as much again is left for the handoff staging, the others split the rest evenly); workers
+    alone keep None."""
     unsized = {n: d for n, d in layout.devices.items() if layout.kv_cache_bytes[n] is None}
     if len(set(unsized.values())) == len(unsized):  # each alone on its device: the engines size the caches
         return layout
     step = workers.prefill_max_batched_tokens or workers.max_batched_tokens
-    per_token = kv_bytes_per_token(load_model_config(model_dir), getattr(torch, workers.dtype))
-    caps = {n: kv_budget.PREFILL_KV_STEPS * step * per_token for n in layout.devices if n.startswith("prefill-")}
-    budgets = kv_budget.shared_device_budgets(layout.devices, kv_budget.weight_bytes(model_dir), free_bytes(), caps)
+    budgets = kv_budget.prefill_capped_budgets(layout.devices, model_dir, getattr(torch, workers.dtype), step,
+                                               free_bytes())
     return replace(layout, kv_cache_bytes={n: b if b is not None else budgets[n] for n, b in layout.kv_cache_bytes.items()})
 
 

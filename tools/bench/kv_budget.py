@@ -83,3 +83,16 @@ def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]
             staging = sum(capped.values())
             budgets.update(dict.fromkeys(rest, (left - sum(capped.values()) - staging) // len(rest)))
     return {name: budgets[name] for name in devices}
+
+
+def prefill_capped_budgets(devices: dict[str, str], model_dir: Path, kv_dtype, prefill_step_tokens: int,
+                           free: list[int]) -> dict[str, int | None]:
+    """``shared_device_budgets`` for the workers of ``model_dir`` named in ``devices``, the prefill
+    workers (``prefill-<i>``) capped at ``PREFILL_KV_STEPS`` steps of ``prefill_step_tokens``
+    tokens of KV in ``kv_dtype`` (a torch dtype)."""
+    from services.engine.model_config import load_model_config
+    from tools.bench.roofline_bench import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(load_model_config(model_dir), kv_dtype)
+    caps = {n: PREFILL_KV_STEPS * prefill_step_tokens * per_token for n in devices if n.startswith("prefill-")}
+    return shared_device_budgets(devices, weight_bytes(model_dir), free, caps)
