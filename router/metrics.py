@@ -61,7 +61,7 @@ class RouterMetrics:
                                      buckets=_TRANSFER_BUCKETS_S, registry=r)
         self.retries = Counter("tandem_retries_total", "Attempts repeated on another worker", ["stage"], registry=r)
         self.kv_waits = Counter("tandem_kv_room_waits_total",
-                                "Picks repeated after a decode worker had no KV room for the request", registry=r)
+                                "Picks repeated after a worker had no room (KV blocks, device memory) for the request", registry=r)
         if multiprocess_dir is not None:
             _check_multiprocess_files(multiprocess_dir)
             MultiProcessCollector(self.registry, path=str(multiprocess_dir))

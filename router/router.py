@@ -9,8 +9,9 @@
           Reserve on decode (blocks for prompt + generated; lease; expiry)
           Prefill on prefill (KV written over UCX into the reservation) -> next token
           Decode(reservation, lease) and stream
-        no KV room on the decode worker (Reserve: RESOURCE_EXHAUSTED) -> wait, pick again
-          (not an attempt, the worker is not excluded; RESOURCE_EXHAUSTED after busy_timeout_s)
+        no room now (RESOURCE_EXHAUSTED: no KV blocks to reserve, no device memory for a step or
+          for the handoff's landing buffer) -> wait, pick again (not an attempt, no worker is
+          excluded; the request fails with RESOURCE_EXHAUSTED after busy_timeout_s)
         a prefill/handoff failure -> release the reservation, try another prefill worker
         a decode failure mid-stream -> migrate: re-prefill prompt + tokens already streamed
           on another pair; the client sees neither a gap nor a repeated token
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 _RESERVATION_TTL_MS = 30_000
 _CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND)
 _NO_WORKER_WAIT_S = 0.25  # pause before re-picking when no pair is available
-_BUSY_WAIT_S = (0.02, 0.5)  # first and longest pause before re-picking when the decode workers are full
+_BUSY_WAIT_S = (0.02, 0.5)  # first and longest pause before re-picking when the workers are full
 
 
 @dataclass
@@ -62,9 +63,9 @@ class RouterConfig:
     wait_for_workers_s: float = 10.0
     """How long a request waits for a usable pair before failing."""
     busy_timeout_s: float = 120.0
-    """How long a request waits for KV room on a decode worker (Reserve answered
-    RESOURCE_EXHAUSTED: the blocks are held by requests that will finish) before failing
-    with RESOURCE_EXHAUSTED."""
+    """How long a request waits for room on the workers (a worker answered RESOURCE_EXHAUSTED:
+    KV blocks or device memory held by requests that will finish) before failing with
+    RESOURCE_EXHAUSTED."""
     policy: RoutingPolicy = field(default_factory=LeastLoadedPolicy)
 
 
@@ -75,7 +76,8 @@ class _WorkerFailed(Exception):
 
 
 class _WorkerBusy(Exception):
-    """The decode worker has no KV room for the request now; it will when running requests finish."""
+    """A worker has no room for the request now (KV blocks, device memory); it will when running
+    requests finish."""
 
 
 class Router:
@@ -135,7 +137,7 @@ class Router:
         try:
             while attempts < self.config.max_attempts:
                 pair = await self._pick(req, req.prompt_ids + progress.generated, excluded)
-                served_by = len(progress.workers)
+                served_by, produced = len(progress.workers), len(progress.generated)
                 progress.workers += [pair.prefill.worker_id] + ([] if pair.colocated else [pair.decode.worker_id])
                 stream = self._run(pair, req, progress.generated, progress.seed,
                                    f"{req.request_id}-{next(attempt_ids)}")
@@ -150,13 +152,14 @@ class Router:
                                 yield self._result(req, chunk.finish_reason, progress)
                                 return
                     raise _WorkerFailed(pair.decode, "decode", RuntimeError("stream ended without finishing"))
-                except _WorkerBusy:
-                    del progress.workers[served_by:]  # nothing ran there
+                except _WorkerBusy as e:
+                    if len(progress.generated) == produced:
+                        del progress.workers[served_by:]  # nothing was served from there
                     self.metrics.kv_waits.inc()
                     if not await busy.wait():
                         raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                            f"no KV room for request {req.request_id} on the decode workers "
-                                            f"within {self.config.busy_timeout_s:g} s") from None
+                                            f"no room for request {req.request_id} on the workers within "
+                                            f"{self.config.busy_timeout_s:g} s ({e})") from None
                 except _WorkerFailed as e:
                     log.warning("request %s: %s; retrying elsewhere (%d token(s) already sent)", req.request_id,
                                 e, len(progress.generated))
@@ -216,8 +219,6 @@ class Router:
             return await stub.Reserve(pb.ReserveRequest(request_id=attempt_id, num_tokens=num_tokens,
                                                         ttl_ms=_RESERVATION_TTL_MS))
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise _WorkerBusy() from None
             raise self._failure(pair.decode, "reserve", e) from None
 
     async def _prefill(self, pair: Pair, req: GenerationRequest, generated: list[int], seed: int, attempt_id: str,
@@ -309,6 +310,8 @@ class Router:
     def _failure(self, worker: WorkerInfo, stage: str, error: grpc.aio.AioRpcError) -> Exception:
         if error.code() in _CLIENT_ERRORS:
             return RequestFailed(error.code(), error.details() or str(error.code()))
+        if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return _WorkerBusy(f"{stage} on {worker.worker_id}: {error.details()}")
         return _WorkerFailed(worker, stage, error)
 
     def _spawn(self, coro) -> None:

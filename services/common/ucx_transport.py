@@ -15,17 +15,17 @@ a receive for it; until then only its announcement (RTS) waits at the receiver::
       |  control: u64 LE length + JSON header          |
       |  (<= 64 KiB)                                   |
       |----------------------------------------------->|  handler.destination(header)
-      |  payload: the whole tensor as ONE message,     |    -> tensor, or None (refuse)
-      |  posted right after the header, no waiting     |
+      |  payload: the whole tensor as ONE message,     |    -> tensor, None (refuse) or
+      |  posted right after the header, no waiting     |       ReceiverBusy (refuse, no memory now)
       |- - - - - - - - - - - (RTS waits) - - - - - - ->|  tensor: receive the payload into it,
       |                                                |          handler.complete() -> True/False
       |                                                |  refused: drop it (see below), unmoved
       |  control: 1 byte COMMITTED, REFUSED_* or error |
       |<-----------------------------------------------|
-    TransferResult(ok=reply == COMMITTED, ...)
+    TransferResult(ok=reply == COMMITTED, busy=reply == REFUSED_BUSY, ...)
 
-Refusal (no destination, bad header, handler error): the receiver posts the payload receive
-into a 1-byte scratch buffer. UCX matches the payload to it, finds it longer, completes that
+Refusal (no destination, no memory now, bad header, handler error): the receiver posts the
+payload receive into a 1-byte scratch buffer. UCX matches the payload to it, finds it longer, completes that
 receive as truncated and acknowledges the sender *without fetching the data* (UCX 1.21 proto
 v2: ``ucp_proto_rndv_receive_start_common`` turns a short receive into ``RNDV_RECV_DROP`` before
 any transport is chosen, so it holds for tcp, shared memory and cuda_ipc alike); a payload under
@@ -180,13 +180,19 @@ def wire_view(tensor: torch.Tensor) -> object:
     return flat if flat.is_cuda else flat.numpy()
 
 
+class ReceiverBusy(Exception):
+    """Raised by :meth:`TransferHandler.destination`: no memory to receive the payload now. The
+    sender hears a refusal it may retry later (:attr:`TransferResult.busy`), not a failure."""
+
+
 class TransferHandler(ABC):
     """Implemented by the decode worker: where payloads land and whether they count."""
 
     @abstractmethod
     async def destination(self, header: TransferHeader) -> torch.Tensor | None:
         """A contiguous tensor of header.shape/dtype (CPU or CUDA) to receive into, or None to refuse
-        (unknown/expired reservation, wrong lease): the payload is then never received into cache memory."""
+        (unknown/expired reservation, wrong lease): the payload is then never received into cache memory.
+        Raises ReceiverBusy when there is no memory for it now."""
 
     @abstractmethod
     async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
@@ -203,6 +209,7 @@ class TransferResult:
     nbytes: int  # payload bytes the receiver acknowledged receiving (0 when refused before)
     seconds: float  # whole send(): waiting for the endpoint, connecting, transferring
     reason: str = ""  # why refused/failed
+    busy: bool = False  # the receiver had no memory for the payload now: worth retrying later
 
 
 class _Reply(enum.IntEnum):
@@ -213,6 +220,7 @@ class _Reply(enum.IntEnum):
     REFUSED_COMPLETE = 3  # handler.complete() returned False
     BAD_HEADER = 4  # header did not parse / validate
     RECEIVER_ERROR = 5  # the handler raised, or gave a tensor that does not match the header
+    REFUSED_BUSY = 6  # handler.destination() raised ReceiverBusy
 
 
 _REFUSAL_REASONS = {
@@ -220,6 +228,7 @@ _REFUSAL_REASONS = {
     _Reply.REFUSED_COMPLETE: "refused: receiver did not commit the payload",
     _Reply.BAD_HEADER: "refused: receiver could not parse the header",
     _Reply.RECEIVER_ERROR: "refused: receiver error (see its log)",
+    _Reply.REFUSED_BUSY: "refused: receiver has no memory for the payload now",
 }
 
 
@@ -359,6 +368,9 @@ class KVTransferServer:
             raise _Refusal(_Reply.BAD_HEADER) from None
         try:
             buffer = await self._handler.destination(header)
+        except ReceiverBusy as exc:
+            logger.warning("refusing KV transfer for %s: %s", header.reservation_id, exc)
+            raise _Refusal(_Reply.REFUSED_BUSY) from None
         except Exception:
             logger.exception("destination() failed for %s", header.reservation_id)
             raise _Refusal(_Reply.RECEIVER_ERROR) from None
@@ -482,7 +494,8 @@ class KVTransferClient:
         else:
             received = header.nbytes if reply in (_Reply.COMMITTED, _Reply.REFUSED_COMPLETE) else 0
             elapsed = time.perf_counter() - started
-            return TransferResult(reply == _Reply.COMMITTED, received, elapsed, _REFUSAL_REASONS.get(reply, ""))
+            return TransferResult(reply == _Reply.COMMITTED, received, elapsed, _REFUSAL_REASONS.get(reply, ""),
+                                  busy=reply == _Reply.REFUSED_BUSY)
         finally:
             conn.users -= 1
         return TransferResult(False, 0, time.perf_counter() - started, reason)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.ucx_transport import TransferHandler, TransferHeader
+from services.common.ucx_transport import ReceiverBusy, TransferHandler, TransferHeader
 from services.engine.async_engine import AsyncEngine, log_command_failure
 from services.engine.engine import LLMEngine
 from services.engine.errors import KVFenceError
@@ -124,15 +124,24 @@ class ReservationTable(TransferHandler):
             log.warning("refusing KV write for %s: shape %s %s != %s %s", r.reservation_id, header.shape,
                         header.dtype, expected, cache.dtype)
             return None
+        try:
+            return self._landing_buffer(expected, cache)
+        except torch.OutOfMemoryError:
+            # When the buffer does not fit now, the sender hears "busy" (not a failure of either
+            # worker) and the router tries again after a pause.
+            raise ReceiverBusy(f"no device memory for {r.reservation_id}'s {header.nbytes} bytes of KV") from None
+
+    def _landing_buffer(self, shape: tuple[int, ...], cache: torch.Tensor) -> torch.Tensor:
+        """Where a payload lands before write() copies it into the reservation's blocks."""
         if not cache.is_cuda:
-            return torch.empty(expected, dtype=cache.dtype, device=cache.device)
+            return torch.empty(shape, dtype=cache.dtype, device=cache.device)
         # UCX writes outside any stream, while the caching allocator gives a freed block back to
         # the stream that freed it at once (that stream's order protects its own kernels): a block
         # taken on the engine's stream may still be read by a queued step. Taken on a stream that
         # runs nothing, it is idle (write() records the engine's use, so the block returns only
         # after that copy ran), and no step is waited for.
         with torch.cuda.stream(self._staging_stream(cache.device)):
-            return torch.empty(expected, dtype=cache.dtype, device=cache.device)
+            return torch.empty(shape, dtype=cache.dtype, device=cache.device)
 
     def _staging_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._staging is None:

@@ -73,9 +73,9 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             return response
         result = await self._transfers.send(request.target.ucx_address, request.target.reservation_id,
                                             request.target.lease, kv.kv, timeout_s=_TRANSFER_TIMEOUT_S)
-        if not result.ok:
-            await context.abort(grpc.StatusCode.ABORTED, f"KV handoff to {request.target.worker_id} failed: "
-                                                         f"{result.reason}")
+        if not result.ok:  # busy: the decode worker had no memory to receive it now, a pause may help
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if result.busy else grpc.StatusCode.ABORTED
+            await context.abort(code, f"KV handoff to {request.target.worker_id} failed: {result.reason}")
         self._state.kv_bytes_sent += result.nbytes
         response.transfer_ms = result.seconds * 1000
         return response

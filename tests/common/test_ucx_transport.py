@@ -25,6 +25,7 @@ from services.common.ucx_transport import (
     _PAYLOAD_TAG,
     KVTransferClient,
     KVTransferServer,
+    ReceiverBusy,
     TransferHandler,
     TransferHeader,
     TransferResult,
@@ -167,6 +168,35 @@ async def test_refused_destination_never_touches_cache_memory():
         assert fresh.ok
         assert torch.equal(cache, torch.full((4096,), 3.0))
         assert (server.transfers_ok, server.transfers_refused, server.connections_accepted) == (1, 1, 1)
+    await client.close()
+
+
+@_MODULE_LOOP
+async def test_a_busy_receiver_refuses_without_receiving_and_the_sender_may_retry():
+    """destination() raising ReceiverBusy (no memory for the landing buffer now) is a refusal the
+    sender can tell from the others; the payload is dropped and the next try lands."""
+    handler = _Handler()
+    busy = {"left": 2}
+
+    class _Crowded(_Handler):
+        async def destination(self, header):
+            if busy["left"]:
+                busy["left"] -= 1
+                raise ReceiverBusy("no device memory for 4 MiB (test)")
+            return await handler.destination(header)
+
+    client = KVTransferClient("prefill-0")
+    payload = torch.full((1 << 20,), 2.0)
+    async with _serving(_Crowded()) as (server, address):
+        for _ in range(2):
+            refused = await client.send(address, "r", lease=1, tensor=payload)
+            assert (refused.ok, refused.busy, refused.nbytes) == (False, True, 0)
+            assert "no memory" in refused.reason
+        assert server.bytes_received == 0
+        landed = await client.send(address, "r", lease=1, tensor=payload)
+        assert (landed.ok, landed.busy, landed.nbytes) == (True, False, 4 << 20)
+        assert torch.equal(handler.buffers["r"], payload)
+        assert (server.transfers_ok, server.transfers_refused, server.connections_accepted) == (1, 2, 1)
     await client.close()
 
 
