@@ -62,6 +62,8 @@ class WorkerState:
         self._idle = asyncio.Event()
         self._idle.set()
         self.kv_bytes_sent = 0
+        self.handoffs_refused_busy = 0
+        """Handoffs this (prefill) worker sent that a decode worker refused for lack of memory."""
 
     async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
         if self.draining:
@@ -105,4 +107,5 @@ class WorkerState:
                               total_kv_blocks=e.total_kv_blocks, reservations=reservations,
                               kv_bytes_received=kv_bytes_received, kv_bytes_sent=self.kv_bytes_sent,
                               prefill_tokens_per_s=e.prefill_tokens_per_s, prefill_rate_age_s=e.prefill_rate_age_s,
-                              stream_messages=self.aengine.stream_messages, **counters)
+                              stream_messages=self.aengine.stream_messages,
+                              handoffs_refused_busy=self.handoffs_refused_busy, **counters)

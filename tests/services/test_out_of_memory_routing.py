@@ -2,8 +2,9 @@
 tries the same pair again instead of excluding a worker (the only one of its role here) and
 failing the request:
 
-- a decode worker with no memory for a handoff's landing buffer refuses the KV as busy, and the
-  prefill worker answers RESOURCE_EXHAUSTED;
+- a decode worker with no memory for a handoff's landing buffer refuses the KV as busy; the
+  prefill worker sends it again after a pause, and answers RESOURCE_EXHAUSTED only when the
+  refusals go on for longer;
 - a decode step that runs out of memory ends its requests' streams with RESOURCE_EXHAUSTED, and
   the request goes on from the tokens already sent (re-prefilled, none repeated).
 
@@ -63,9 +64,9 @@ def _fail_forward(engine: LLMEngine, after: int) -> None:
 
 
 async def _generate(etcd, config: RouterConfig, max_tokens: int, decode_forwards_before_oom: int | None = None
-                    ) -> tuple[list[int], int, GenerationResult]:
+                    ) -> tuple[list[int], int, GenerationResult, pb.WorkerStats]:
     """One request through an in-process prefill worker, decode worker and router: its tokens,
-    the router's pauses for room, and its result."""
+    the router's pauses for room, its result and the prefill worker's counters."""
     workers = [Worker(WorkerConfig(role=role, model_dir=DEMO_MODEL_DIR, etcd_url=etcd.url, engine=ENGINE,
                                    worker_id=f"{role}-0")) for role in ("prefill", "decode")]
     for w in workers:
@@ -89,7 +90,8 @@ async def _generate(etcd, config: RouterConfig, max_tokens: int, decode_forwards
         assert result is not None and result.completion_tokens == len(tokens)
         waits = next(line for line in router.metrics.render().decode().splitlines()
                      if line.startswith("tandem_kv_room_waits_total "))
-        return tokens, int(float(waits.split()[1])), result
+        stats = await workers[0].state.stats()
+        return tokens, int(float(waits.split()[1])), result, stats
     finally:
         await router.close()
         await membership.close()
@@ -98,20 +100,21 @@ async def _generate(etcd, config: RouterConfig, max_tokens: int, decode_forwards
 
 
 @pytest.mark.asyncio
-async def test_a_refused_handoff_for_lack_of_memory_waits_and_retries_the_same_pair(etcd, monkeypatch):
+async def test_a_handoff_refused_for_lack_of_memory_is_sent_again_by_the_prefill_worker(etcd, monkeypatch):
     refused = _failing_landing_buffers(monkeypatch, failures=2)
-    tokens, waits, result = await _generate(etcd, RouterConfig(busy_timeout_s=30), max_tokens=8)
+    tokens, waits, result, prefill = await _generate(etcd, RouterConfig(busy_timeout_s=30), max_tokens=8)
     want = LLMEngine.from_pretrained(DEMO_MODEL_DIR, ENGINE).generate(
         [PROMPT], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
     assert tokens == want
-    assert len(refused) == 2 and waits == 2
-    assert result.workers == ["prefill-0", "decode-0"]  # the refused attempts served nothing
+    assert len(refused) == 2 and prefill.handoffs_refused_busy == 2
+    assert waits == 0 and result.workers == ["prefill-0", "decode-0"]  # the prompt was computed once
+    assert prefill.prefill_tokens == len(PROMPT)
 
 
 @pytest.mark.asyncio
 async def test_a_decode_step_out_of_memory_mid_stream_resumes_on_the_same_pair(etcd):
-    tokens, waits, result = await _generate(etcd, RouterConfig(busy_timeout_s=30), max_tokens=12,
-                                            decode_forwards_before_oom=4)
+    tokens, waits, result, _ = await _generate(etcd, RouterConfig(busy_timeout_s=30), max_tokens=12,
+                                               decode_forwards_before_oom=4)
     want = LLMEngine.from_pretrained(DEMO_MODEL_DIR, ENGINE).generate(
         [PROMPT], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
     assert tokens == want  # none lost, none repeated
@@ -121,6 +124,8 @@ async def test_a_decode_step_out_of_memory_mid_stream_resumes_on_the_same_pair(e
 
 @pytest.mark.asyncio
 async def test_a_handoff_that_never_finds_memory_fails_with_resource_exhausted(etcd, monkeypatch):
+    """The prefill worker gives up after a while; the router waits, tries again, and gives up
+    at its busy timeout."""
     _failing_landing_buffers(monkeypatch, failures=10_000)
     with pytest.raises(RequestFailed) as failed:
         await _generate(etcd, RouterConfig(busy_timeout_s=0.5), max_tokens=4)

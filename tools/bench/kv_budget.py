@@ -9,14 +9,15 @@ evenly) or leaves it to the memory there (``kv_cache_bytes_per_device`` None):
                             before any of them starts (engines sizing themselves at start-up
                             would each see whatever the others had taken by then): a prefill
                             worker gets at most ``PREFILL_KV_STEPS`` of its steps' tokens (it
-                            holds a prompt's KV only until the handoff), as much again is left
-                            for the receivers' handoff staging, the others split the rest evenly
+                            holds a prompt's KV only until the handoff), room for its handoffs
+                            in flight is left beside it, the others split the rest evenly
 
-Handoff staging: a decode worker receives a prompt's KV into one contiguous buffer and then
-scatters it into its cache blocks, so while handoffs are in flight it holds up to what the
-prefill workers hold, outside its cache. Without that room, on one H100 (Llama-3-8B,
-summarization at 2 req/s) the decode worker ran out of memory receiving and the prefill
-worker beside it ran out in its next step.
+Handoffs in flight: a prompt's KV leaves the prefill worker's cache as one contiguous tensor
+that lives until the handoff is done (at most ``HANDOFF_STEPS`` steps of it,
+services/prefill/service.py), and the decode worker receives it into one contiguous buffer
+before scattering it into its blocks: outside both caches, twice that much. Without that
+room, on one H100 (Llama-3-8B, summarization at 2 req/s) the decode worker ran out of memory
+receiving and the prefill worker beside it ran out in its next step.
 
 Free memory is read in a child process, so this process holds no CUDA context on the
 devices the workers will use.
@@ -53,13 +54,16 @@ def free_device_bytes() -> list[int]:
 
 
 def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int],
-                          caps: dict[str, int] | None = None) -> dict[str, int | None]:
+                          caps: dict[str, int] | None = None,
+                          in_flight: dict[str, int] | None = None) -> dict[str, int | None]:
     """Worker name -> KV bytes: None for a worker alone on its device (its engine sizes the cache);
     for workers sharing one, what is left after everyone's weights: a worker named in ``caps``
-    (a prefill worker) at most its cap and an equal share (its KV counting twice: its cache and,
-    in flight, the receivers' staging), the others an equal share of the rest after the capped
-    workers' caches and staging. ValueError when the weights alone do not fit a shared device."""
+    (a prefill worker) at most its cap and an equal share (its cache and its handoffs in flight,
+    ``in_flight`` bytes, default its cap, each counting as a share), the others an equal share of
+    the rest after the capped workers' caches and handoffs. ValueError when the weights alone do
+    not fit a shared device."""
     caps = caps or {}
+    in_flight = in_flight or caps
     on_device: dict[str, list[str]] = {}
     for name, device in devices.items():
         on_device.setdefault(device, []).append(name)
@@ -80,7 +84,7 @@ def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]
         capped = {n: min(caps[n], left // shares) for n in names if n in caps}
         budgets.update(capped)
         if rest:
-            staging = sum(capped.values())
+            staging = sum(min(in_flight[n], left // shares) for n in capped)
             budgets.update(dict.fromkeys(rest, (left - sum(capped.values()) - staging) // len(rest)))
     return {name: budgets[name] for name in devices}
 
@@ -89,10 +93,14 @@ def prefill_capped_budgets(devices: dict[str, str], model_dir: Path, kv_dtype, p
                            free: list[int]) -> dict[str, int | None]:
     """``shared_device_budgets`` for the workers of ``model_dir`` named in ``devices``, the prefill
     workers (``prefill-<i>``) capped at ``PREFILL_KV_STEPS`` steps of ``prefill_step_tokens``
-    tokens of KV in ``kv_dtype`` (a torch dtype)."""
+    tokens of KV in ``kv_dtype`` (a torch dtype), with twice ``HANDOFF_STEPS`` such steps in flight
+    (the prefill worker's exports and the decode worker's landing buffers)."""
     from services.engine.model_config import load_model_config
+    from services.prefill.service import HANDOFF_STEPS
     from tools.bench.roofline_bench import kv_bytes_per_token
 
-    per_token = kv_bytes_per_token(load_model_config(model_dir), kv_dtype)
-    caps = {n: PREFILL_KV_STEPS * prefill_step_tokens * per_token for n in devices if n.startswith("prefill-")}
-    return shared_device_budgets(devices, weight_bytes(model_dir), free, caps)
+    step = prefill_step_tokens * kv_bytes_per_token(load_model_config(model_dir), kv_dtype)
+    prefills = [n for n in devices if n.startswith("prefill-")]
+    caps = {n: PREFILL_KV_STEPS * step for n in prefills}
+    in_flight = {n: 2 * HANDOFF_STEPS * step for n in prefills}
+    return shared_device_budgets(devices, weight_bytes(model_dir), free, caps, in_flight)

@@ -19,6 +19,8 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
   messages_per_s        token messages handed to the worker's streams / wall time
   preemptions           requests preempted for KV room (freed, to be recomputed): a decode
                         worker computing prompt work is recomputing them
+  busy_refusals         handoffs a decode worker refused for lack of memory (a prefill
+                        worker's count; it sends them again after a pause)
 A figure whose divisor is zero (no steps, no step time) is None.
 
 Beside them, ``run["cpu"]``: the CPU share of every cluster process and of the load generator
@@ -47,7 +49,7 @@ ENGINE_ROLES = ("prefill", "decode", "mixed")
 STATS_TIMEOUT_S = 2.0
 """A worker that takes longer to answer is recorded as missing: the bench does not wait on it."""
 FIGURES = ("steps", "mean_step_ms", "host_share", "busy", "mean_decode_batch", "prefill_tokens_per_s",
-           "messages_per_s", "preemptions")
+           "messages_per_s", "preemptions", "busy_refusals")
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ def _figures(old: pb.WorkerStats, new: pb.WorkerStats, wall_s: float) -> dict:
             "mean_decode_batch": _ratio(decode_tokens, steps, 2),
             "prefill_tokens_per_s": _ratio(new.prefill_tokens - old.prefill_tokens, wall_s, 1),
             "messages_per_s": _ratio(new.stream_messages - old.stream_messages, wall_s, 1),
-            "preemptions": new.preemptions - old.preemptions}
+            "preemptions": new.preemptions - old.preemptions,
+            "busy_refusals": new.handoffs_refused_busy - old.handoffs_refused_busy}
 
 
 def _ratio(part: float, whole: float, digits: int) -> float | None:
@@ -146,7 +149,8 @@ def describe(figures: dict) -> str:
             f"host {_shown(figures['host_share'], '.0%')}, busy {_shown(figures['busy'], '.0%')}, "
             f"decode batch {_shown(figures['mean_decode_batch'], '.1f')}, "
             f"prefill {_shown(figures['prefill_tokens_per_s'], '.0f')} tok/s, "
-            f"{_shown(figures['messages_per_s'], '.1f')} messages/s, {figures['preemptions']} preemptions")
+            f"{_shown(figures['messages_per_s'], '.1f')} messages/s, {figures['preemptions']} preemptions"
+            + (f", {figures['busy_refusals']} handoffs refused as busy" if figures["busy_refusals"] else ""))
 
 
 def _shown(value: float | None, spec: str) -> str:
