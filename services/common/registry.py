@@ -190,7 +190,13 @@ def _new_client(endpoint_url: str) -> aetcd.Client:
 
 
 async def _bounded(awaitable: Awaitable[T], timeout_s: float = _CALL_TIMEOUT_S) -> T:
-    return await asyncio.wait_for(awaitable, timeout_s)
+    result = await asyncio.wait_for(awaitable, timeout_s)
+    # Python 3.11's wait_for returns the result of a call that finished as the task was
+    # cancelled, dropping the cancellation: a loop that awaits only here would never stop.
+    task = asyncio.current_task()
+    if task is not None and getattr(task, "cancelling", lambda: 0)() > 0:
+        raise asyncio.CancelledError
+    return result
 
 
 async def _close_client(client: aetcd.Client | None) -> None:

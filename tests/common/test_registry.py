@@ -21,6 +21,7 @@ from services.common.registry import (
     RegistryUnavailableError,
     WorkerInfo,
     WorkerLoad,
+    _bounded,
     read_cluster,
 )
 
@@ -306,3 +307,24 @@ async def test_unreachable_etcd_at_startup_is_a_clear_error():
     assert time.monotonic() - started < 6
     with pytest.raises(ValueError):
         Membership("https://127.0.0.1:2379", "c6")
+
+
+@pytest.mark.asyncio
+async def test_a_call_that_finishes_as_its_task_is_cancelled_still_stops_the_task():
+    """Python 3.11's wait_for hands back the result of a call that completed in the same turn as
+    the task's cancellation; a registry loop awaiting only such calls then never stopped."""
+    call: asyncio.Future = asyncio.get_running_loop().create_future()
+    probes = 0
+
+    async def follow() -> None:  # as Membership._follow: probe, wait, probe ...
+        nonlocal probes
+        while True:
+            await _bounded(call if probes == 0 else asyncio.sleep(0, result=1))
+            probes += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0)  # the task now awaits the call
+    asyncio.get_running_loop().call_soon(lambda: (call.set_result(1), task.cancel()))
+    done, _ = await asyncio.wait({task}, timeout=2)
+    assert done and task.cancelled(), f"the task went on ({probes} more probes)"
