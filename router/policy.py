@@ -116,8 +116,7 @@ def make_policy(name: str, ttft_slo_ms: float | None = None, slo_headroom: float
             raise ValueError(f"the slo-aware headroom must be in (0, 1] (--slo-headroom), got {slo_headroom}")
         if tpot_slo_ms is not None and not tpot_slo_ms > 0:
             raise ValueError(f"the slo-aware TPOT target must be > 0 ms (--tpot-slo-ms), got {tpot_slo_ms}")
+        headroom = {} if slo_headroom is None else {"headroom": slo_headroom}
         tpot_slo_s = None if tpot_slo_ms is None else tpot_slo_ms / 1000
-        if slo_headroom is None:
-            return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000, tpot_slo_s=tpot_slo_s)
-        return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000, headroom=slo_headroom, tpot_slo_s=tpot_slo_s)
+        return SloAwarePolicy(ttft_slo_s=ttft_slo_ms / 1000, tpot_slo_s=tpot_slo_s, **headroom)
     raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -5,8 +5,9 @@ decode, mixed, on cuda:(i mod GPUs)); ``--device cuda:N`` puts them all on that 
 alone on its GPU sizes its own cache (90 % of what is free after its weights). Workers
 sharing a GPU cannot: each would see the whole GPU free when it starts. They get budgets
 from the free memory measured before any starts (tools/bench/kv_budget.py): a prefill worker
-a few of its steps' prompts, as much again left for the decode workers' handoff staging,
-the rest split evenly. ``--kv-cache-bytes`` given on the command line replaces all of this.
+a few of its steps' prompts, room left beside it for its handoffs in flight (its exported KV
+and the decode workers' landing buffers), the rest split evenly. ``--kv-cache-bytes`` given
+on the command line replaces all of this.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ tried again after growing pauses (the KV is kept, not recomputed) for up to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -60,8 +61,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         await self._state.refuse_if_draining(context)
         async with self._state.in_flight():
             try:
-                num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
-                async with self.handoff_room.hold(-(-num_tokens // self._block_size) * self._block_bytes):
+                async with self._room_for_handoff(request):
                     return await self._prefill(request, context)
             except (EngineError, ValueError) as e:
                 await abort_with(context, e)
@@ -99,6 +99,13 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self._state.kv_bytes_sent += result.nbytes
         response.transfer_ms = result.seconds * 1000
         return response
+
+    def _room_for_handoff(self, request: pb.PrefillRequest):
+        """Room for the request's exported KV among the handoffs in flight (none without a target)."""
+        if not request.target.ucx_address:
+            return contextlib.nullcontext()
+        num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
+        return self.handoff_room.hold(-(-num_tokens // self._block_size) * self._block_bytes)
 
     async def _handoff(self, target: pb.KVTarget, kv: torch.Tensor) -> TransferResult:
         """Send ``kv`` into the reservation; a busy refusal is sent again after a pause, for a while."""

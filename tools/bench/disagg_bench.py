@@ -417,7 +417,7 @@ def fit_kv(layout: Layout, model_dir: Path, workers: WorkerSettings,
            free_bytes: Callable[[], list[int]] = kv_budget.free_device_bytes) -> Layout:
     """``layout`` with a KV budget for each GPU worker that shares its device and has none yet
     (measured free memory less the weights; a prefill worker gets room for a few of its steps,
-    as much again is left for the handoff staging, the others split the rest evenly); workers
+    room for its handoffs in flight is left beside it, the others split the rest evenly); workers
     alone keep None."""
     unsized = {n: d for n, d in layout.devices.items() if layout.kv_cache_bytes[n] is None}
     if len(set(unsized.values())) == len(unsized):  # each alone on its device: the engines size the caches
