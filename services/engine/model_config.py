@@ -18,13 +18,16 @@ from services.engine.errors import ModelLoadError, UnsupportedModelError
 # architecture name in config.json -> family that decides the layer layout
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",  # Llama's layers without any bias; full attention only
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# rope types whose scaling is relative to the context length the model was pre-trained with
+_PRETRAINED_CONTEXT_ROPE_TYPES = ("llama3", "yarn")
 _SUPPORTED_ACTIVATIONS = ("silu",)
 
 
@@ -35,15 +38,27 @@ class RopeConfig:
     theta: float
     """Base of the rotary frequencies (``rope_theta``)."""
     rope_type: str = "default"
-    """One of ``default``, ``linear`` or ``llama3``."""
+    """One of ``default``, ``linear``, ``llama3`` or ``yarn``."""
     factor: float = 1.0
-    """Scaling factor for ``linear`` and ``llama3``."""
+    """Scaling factor for ``linear``, ``llama3`` and ``yarn``."""
     low_freq_factor: float = 1.0
     """``llama3`` only: wavelengths above original_max / low_freq_factor are scaled fully."""
     high_freq_factor: float = 4.0
     """``llama3`` only: wavelengths below original_max / high_freq_factor are kept."""
     original_max_position_embeddings: int = 8192
-    """``llama3`` only: the context length the model was pre-trained with."""
+    """``llama3`` and ``yarn``: the context length the model was pre-trained with."""
+    beta_fast: float = 32.0
+    """``yarn`` only: dimensions turning at least this many times over the pre-trained context keep their frequency."""
+    beta_slow: float = 1.0
+    """``yarn`` only: dimensions turning fewer times than this over the pre-trained context are divided by factor."""
+    truncate: bool = True
+    """``yarn`` only: widen the blend between those two bounds to whole dimensions."""
+    attention_factor: float | None = None
+    """``yarn`` only: multiplier on cos and sin; None derives it from factor (and mscale / mscale_all_dim)."""
+    mscale: float | None = None
+    """``yarn`` only: with mscale_all_dim, the numerator's weight of log(factor) in the derived attention_factor."""
+    mscale_all_dim: float | None = None
+    """``yarn`` only: with mscale, the denominator's weight of log(factor) in the derived attention_factor."""
 
     def __post_init__(self) -> None:
         if self.rope_type not in _SUPPORTED_ROPE_TYPES:
@@ -189,15 +204,30 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or params.get("type") or "default"
     kwargs: dict[str, Any] = {}
-    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "truncate", "attention_factor", "mscale",
+                "mscale_all_dim"):
         if params.get(key) is not None:
             kwargs[key] = params[key]
+    for key in ("beta_fast", "beta_slow"):  # transformers takes 0 as unset too
+        if params.get(key):
+            kwargs[key] = params[key]
+    if rope_type in _PRETRAINED_CONTEXT_ROPE_TYPES:
+        max_pos = int(raw.get("max_position_embeddings", 2048))
+        # As transformers resolves it: a top-level value (Phi-3 style) wins over the rope
+        # parameters' one; without either, the model's own context length.
+        original = next((v for v in (raw.get("original_max_position_embeddings"),
+                                     params.get("original_max_position_embeddings")) if v is not None), max_pos)
+        kwargs["original_max_position_embeddings"] = int(original)
+        if rope_type == "yarn" and "factor" not in kwargs:
+            kwargs["factor"] = max_pos / int(original)
     return RopeConfig(theta=float(theta), rope_type=rope_type, **kwargs)
 
 
 def _qkv_bias(raw: dict[str, Any], family: str) -> bool:
     if family in ("qwen2", "qwen2_moe"):
         return bool(raw.get("qkv_bias", raw.get("attention_bias", True)))
+    if family in ("mistral", "mixtral"):
+        return False  # transformers builds these projections without bias whatever the config says
     return bool(raw.get("attention_bias", False))
 
 

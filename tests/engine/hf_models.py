@@ -14,7 +14,14 @@ FAMILIES = {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 32}, "rope_theta": 500000.0}),
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True, "attention_bias": True}),
+    # Mistral's layers have no bias whatever attention_bias / mlp_bias say
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None, "attention_bias": True,
+                                                          "mlp_bias": True}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_theta": 1000000.0}),
+    # pre-trained context 32 < the test sequences; head_dim 32 puts pairs 1-2 inside yarn's blend
+    "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM", {
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+        "max_position_embeddings": 128, "head_dim": 32}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {

@@ -13,7 +13,7 @@ from services.engine.engine import LLMEngine
 from services.engine.errors import UnsupportedModelError
 from services.engine.model_config import load_model_config, parse_model_config
 from services.engine.request import SamplingParams
-from services.engine.rope import inverse_frequencies
+from services.engine.rope import cos_sin_scale, inverse_frequencies
 from tests.engine.conftest import small_engine
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, min_tokens=8)
@@ -42,15 +42,45 @@ def test_llama3_frequencies_match_transformers(checkpoints):
     torch.testing.assert_close(ours, theirs.float())
 
 
+@pytest.mark.parametrize("extra,top_level", [
+    ({}, {}),
+    ({"truncate": False, "beta_fast": 8, "beta_slow": 2}, {}),
+    ({"attention_factor": 1.25}, {}),
+    ({"mscale": 0.707, "mscale_all_dim": 1.0}, {}),
+    ({"factor": None}, {}),  # derived from max_position_embeddings / original
+    ({}, {"original_max_position_embeddings": 64}),  # wins over the rope parameters' value
+])
+def test_yarn_frequencies_and_scale_match_transformers(extra, top_level):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
+    raw = {"vocab_size": 10, "hidden_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 64,
+           "max_position_embeddings": 2048, "rope_parameters": {**params, **extra}, **top_level}
+    rope = parse_model_config({**raw, "architectures": ["LlamaForCausalLM"]}).rope
+    theirs, scale = ROPE_INIT_FUNCTIONS["yarn"](LlamaConfig(**raw), "cpu")
+    assert torch.equal(inverse_frequencies(rope, 64), theirs.float())
+    assert cos_sin_scale(rope) == scale
+
+
 def test_unsupported_rope_and_sliding_window_are_named():
     base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
             "num_attention_heads": 2, "max_position_embeddings": 64}
-    with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):
-        parse_model_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(UnsupportedModelError, match="rope type 'dynamic'"):
+        parse_model_config({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         parse_model_config({**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
                             "sliding_window": 16})
     parse_model_config({**base, "sliding_window": 4096})  # wider than the context: no effect
+
+
+def test_mistral_needs_full_attention_and_has_no_bias():
+    base = {"architectures": ["MistralForCausalLM"], "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 32768}
+    with pytest.raises(UnsupportedModelError, match=r"sliding-window attention \(sliding_window=4096\)"):
+        parse_model_config({**base, "sliding_window": 4096})  # Mistral-7B-v0.1
+    config = parse_model_config({**base, "sliding_window": None, "attention_bias": True, "mlp_bias": True})
+    assert (config.family, config.qkv_bias, config.o_bias, config.mlp_bias) == ("mistral", False, False, False)
 
 
 def test_sharded_checkpoint_loads(checkpoints, tmp_path):
