@@ -195,7 +195,7 @@ class ModelRunner:
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """[L, 2, len(block_ids), block_size, Hkv, D] copy of the given blocks, complete on return:
         it is handed to UCX, which reads device memory outside torch's stream order."""
-        copy = self.kv_cache[:, :, self._tensor(block_ids)].clone()
+        copy = torch.index_select(self.kv_cache, 2, self._tensor(block_ids))  # a new tensor: the one copy
         self.synchronize()
         return copy
 

@@ -9,13 +9,16 @@ import sys
 import pytest
 import torch
 
+from services.engine.model_config import load_model_config, parse_model_config
 from tools.bench import kv_budget
 from tools.demo import DEMO_MODEL_DIR
 from tools.gpu_placement import place_workers
 
 _WEIGHTS = kv_budget.weight_bytes(DEMO_MODEL_DIR)
 _PER_TOKEN = 5 * 2 * 2 * 32 * 2  # the demo model in bfloat16: layers x (k, v) x kv heads x head dim x bytes
-_FREE = 100_000_000
+_FREE = 10 << 30
+# each process: its context and libraries, and a 512-token step's activations (tools/bench/kv_budget.py)
+_WORKING = kv_budget.working_bytes(load_model_config(DEMO_MODEL_DIR), 512, torch.bfloat16)
 
 
 def _place(names, device="cuda", free=(_FREE,), dtype="auto"):
@@ -28,7 +31,7 @@ def test_workers_alone_on_their_gpus_size_their_own_caches():
 
 
 def test_workers_sharing_a_gpu_split_it_leaving_room_for_the_handoff_staging():
-    left = int(0.9 * _FREE) - 2 * _WEIGHTS
+    left = int(0.9 * _FREE) - 2 * _WEIGHTS - 2 * _WORKING
     cap = 4 * 512 * _PER_TOKEN  # four of the prefill worker's steps
     assert _place(["prefill-0", "decode-0"]) == {
         "prefill-0": ("--device", "cuda:0", "--kv-cache-bytes", str(cap)),
@@ -61,3 +64,24 @@ def test_up_on_cuda_without_a_gpu_exits_2_before_starting_anything(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no CUDA device is visible" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "cluster.json").exists()
+
+
+def test_each_process_sharing_a_gpu_is_counted_its_working_memory():
+    # Llama-3-8B: a token's residual stream (4 x 4,096) and its MLP's gate/up and product
+    # (3 x 14,336) in bfloat16, three times over, beside 2 GiB for the process itself
+    llama3_8b = parse_model_config({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8})
+    per_token = 4 * 4096 + 3 * 14336
+    assert kv_budget.working_bytes(llama3_8b, 8192, torch.bfloat16) == (2 << 30) + 3 * 8192 * per_token * 2
+    # what it takes comes out of the caches, not out of the 10 % left as slack
+    gib = 1 << 30
+    free, weights = [79 * gib], 15 * gib
+    devices = {"prefill-0": "cuda:0", "decode-0": "cuda:0"}
+    work = {"prefill-0": 3 * gib, "decode-0": 2 * gib}
+    without = kv_budget.shared_device_budgets(devices, weights, free, {"prefill-0": 4 * gib})
+    counted = kv_budget.shared_device_budgets(devices, weights, free, {"prefill-0": 4 * gib}, working=work)
+    assert counted == {"prefill-0": 4 * gib, "decode-0": without["decode-0"] - 5 * gib}
+    with pytest.raises(ValueError, match=r"weights \(2 x 15.0 GiB\) and working memory \(50.0 GiB\) do not fit"):
+        kv_budget.shared_device_budgets(devices, weights, free, working={"prefill-0": 25 * gib, "decode-0": 25 * gib})

@@ -424,7 +424,7 @@ def fit_kv(layout: Layout, model_dir: Path, workers: WorkerSettings,
         return layout
     step = workers.prefill_max_batched_tokens or workers.max_batched_tokens
     budgets = kv_budget.prefill_capped_budgets(layout.devices, model_dir, getattr(torch, workers.dtype), step,
-                                               free_bytes())
+                                               free_bytes(), step_tokens=workers.max_batched_tokens)
     return replace(layout, kv_cache_bytes={n: b if b is not None else budgets[n] for n, b in layout.kv_cache_bytes.items()})
 
 

@@ -12,6 +12,13 @@ evenly) or leaves it to the memory there (``kv_cache_bytes_per_device`` None):
                             holds a prompt's KV only until the handoff), room for its handoffs
                             in flight is left beside it, the others split the rest evenly
 
+Beside its weights and cache, every process sharing a GPU is counted its own working memory
+(``working_bytes``): its CUDA context and libraries, and the activations of its largest step.
+The 10 % left over is slack for the caching allocator, not the place for those: on one H100,
+the prefill worker (8,192-token steps) held ~8 GiB and the decode worker (CUDA graphs,
+landing buffers) ~7 GiB beyond their weights and caches, more than the slack and the
+handoff room together, and the prefill worker's steps ran out of memory.
+
 Handoffs in flight: a prompt's KV leaves the prefill worker's cache as one contiguous tensor
 that lives until the handoff is done (at most ``HANDOFF_STEPS`` steps of it,
 services/prefill/service.py), and the decode worker receives it into one contiguous buffer
@@ -34,6 +41,10 @@ FREE_MEMORY_FRACTION = 0.9
 """As the engine's own default: the rest is for activations, CUDA graphs and the CUDA context."""
 PREFILL_KV_STEPS = 4
 """A prefill worker sharing its GPU keeps room for this many full steps of prompts."""
+PROCESS_BYTES = 2 << 30
+"""Per process: the CUDA context, cuBLAS and UCX workspaces, CUDA graph pools."""
+ACTIVATION_SAFETY = 3
+"""Times the tensors a step's layer holds at once (the caching allocator rounds and splits)."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE_TIMEOUT_S = 120.0
 _GIB = 1 << 30
@@ -53,17 +64,33 @@ def free_device_bytes() -> list[int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def working_bytes(mc, step_tokens: int, dtype) -> int:
+    """What one process needs on its GPU beside its weights and KV cache: ``PROCESS_BYTES`` and
+    the activations of a step of ``step_tokens`` tokens (``mc`` a ModelConfig, ``dtype`` a torch
+    dtype): the residual stream, a layer's attention projections and its MLP's widest tensors,
+    ``ACTIVATION_SAFETY`` times over."""
+    h, qkv = mc.hidden_size, (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+    mlp = mc.intermediate_size
+    if mc.moe is not None:  # routed tokens x top_k through experts, plus any shared expert
+        mlp = max(mlp, mc.moe.top_k * mc.moe.expert_intermediate_size + mc.moe.shared_expert_intermediate_size)
+    per_token = 4 * h + max(qkv + h, 3 * mlp)
+    return PROCESS_BYTES + ACTIVATION_SAFETY * step_tokens * per_token * dtype.itemsize
+
+
 def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int],
                           caps: dict[str, int] | None = None,
-                          in_flight: dict[str, int] | None = None) -> dict[str, int | None]:
+                          in_flight: dict[str, int] | None = None,
+                          working: dict[str, int] | None = None) -> dict[str, int | None]:
     """Worker name -> KV bytes: None for a worker alone on its device (its engine sizes the cache);
-    for workers sharing one, what is left after everyone's weights: a worker named in ``caps``
-    (a prefill worker) at most its cap and an equal share (its cache and its handoffs in flight,
-    ``in_flight`` bytes, default its cap, each counting as a share), the others an equal share of
-    the rest after the capped workers' caches and handoffs. ValueError when the weights alone do
-    not fit a shared device."""
+    for workers sharing one, what is left after everyone's weights and working memory
+    (``working`` bytes each, default none): a worker named in ``caps`` (a prefill worker) at most
+    its cap and an equal share (its cache and its handoffs in flight, ``in_flight`` bytes, default
+    its cap, each counting as a share), the others an equal share of the rest after the capped
+    workers' caches and handoffs. ValueError when the weights and working memory alone do not fit
+    a shared device."""
     caps = caps or {}
     in_flight = in_flight or caps
+    working = working or {}
     on_device: dict[str, list[str]] = {}
     for name, device in devices.items():
         on_device.setdefault(device, []).append(name)
@@ -74,11 +101,12 @@ def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]
             budgets.update(dict.fromkeys(names))
             continue
         index = int(device.partition(":")[2] or 0)
-        left = int(FREE_MEMORY_FRACTION * free[index]) - k * weights
+        work = sum(working.get(n, 0) for n in names)
+        left = int(FREE_MEMORY_FRACTION * free[index]) - k * weights - work
         if left <= 0:
-            raise ValueError(f"{k} workers' weights ({k} x {weights / _GIB:.1f} GiB) do not fit {device} "
-                             f"({free[index] / _GIB:.1f} GiB free); give a KV budget with --kv-cache-bytes "
-                             "or use more GPUs")
+            raise ValueError(f"{k} workers' weights ({k} x {weights / _GIB:.1f} GiB) and working memory "
+                             f"({work / _GIB:.1f} GiB) do not fit {device} ({free[index] / _GIB:.1f} GiB free); "
+                             "give a KV budget with --kv-cache-bytes or use more GPUs")
         rest = [n for n in names if n not in caps]
         shares = k + (len(names) - len(rest) if rest else 0)  # staging only where someone receives
         capped = {n: min(caps[n], left // shares) for n in names if n in caps}
@@ -90,17 +118,22 @@ def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]
 
 
 def prefill_capped_budgets(devices: dict[str, str], model_dir: Path, kv_dtype, prefill_step_tokens: int,
-                           free: list[int]) -> dict[str, int | None]:
+                           free: list[int], step_tokens: int | None = None) -> dict[str, int | None]:
     """``shared_device_budgets`` for the workers of ``model_dir`` named in ``devices``, the prefill
     workers (``prefill-<i>``) capped at ``PREFILL_KV_STEPS`` steps of ``prefill_step_tokens``
     tokens of KV in ``kv_dtype`` (a torch dtype), with twice ``HANDOFF_STEPS`` such steps in flight
-    (the prefill worker's exports and the decode worker's landing buffers)."""
+    (the prefill worker's exports and the decode worker's landing buffers). Each worker's working
+    memory counts a step of ``prefill_step_tokens`` (prefill workers) or ``step_tokens`` (the
+    others; default the same)."""
     from services.engine.model_config import load_model_config
     from services.prefill.service import HANDOFF_STEPS
     from tools.bench.roofline_bench import kv_bytes_per_token
 
-    step = prefill_step_tokens * kv_bytes_per_token(load_model_config(model_dir), kv_dtype)
+    mc = load_model_config(model_dir)
+    step = prefill_step_tokens * kv_bytes_per_token(mc, kv_dtype)
     prefills = [n for n in devices if n.startswith("prefill-")]
     caps = {n: PREFILL_KV_STEPS * step for n in prefills}
     in_flight = {n: 2 * HANDOFF_STEPS * step for n in prefills}
-    return shared_device_budgets(devices, weight_bytes(model_dir), free, caps, in_flight)
+    others = step_tokens or prefill_step_tokens
+    working = {n: working_bytes(mc, prefill_step_tokens if n in caps else others, kv_dtype) for n in devices}
+    return shared_device_budgets(devices, weight_bytes(model_dir), free, caps, in_flight, working)
