@@ -29,6 +29,8 @@ _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # rope types whose scaling is relative to the context length the model was pre-trained with
 _PRETRAINED_CONTEXT_ROPE_TYPES = ("llama3", "yarn")
 _SUPPORTED_ACTIVATIONS = ("silu",)
+_O_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe")
+"""Families whose ``attention_bias`` also gives the output projection a bias."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             rope=_parse_rope(raw),
             qkv_bias=_qkv_bias(raw, family),
-            o_bias=family == "llama" and bool(raw.get("attention_bias", False)),
+            o_bias=family in _O_BIAS_FAMILIES and bool(raw.get("attention_bias", False)),
             mlp_bias=family == "llama" and bool(raw.get("mlp_bias", False)),
             qk_norm=family in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
