@@ -205,6 +205,10 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     params = {**scaling, **params}
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or params.get("type") or "default"
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported; only rotary embeddings "
+                                    "over the whole head are")
     kwargs: dict[str, Any] = {}
     for key in ("factor", "low_freq_factor", "high_freq_factor", "truncate", "attention_factor", "mscale",
                 "mscale_all_dim"):

@@ -68,6 +68,10 @@ def test_unsupported_rope_and_sliding_window_are_named():
             "num_attention_heads": 2, "max_position_embeddings": 64}
     with pytest.raises(UnsupportedModelError, match="rope type 'dynamic'"):
         parse_model_config({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
+    for partial in ({"partial_rotary_factor": 0.5}, {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}):
+        with pytest.raises(UnsupportedModelError, match="partial_rotary_factor=0.5"):
+            parse_model_config({**base, **partial})
+    parse_model_config({**base, "partial_rotary_factor": 1.0})
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         parse_model_config({**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
                             "sliding_window": 16})
