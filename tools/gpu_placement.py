@@ -6,8 +6,9 @@ alone on its GPU sizes its own cache (90 % of what is free after its weights). W
 sharing a GPU cannot: each would see the whole GPU free when it starts. They get budgets
 from the free memory measured before any starts (tools/bench/kv_budget.py): a prefill worker
 a few of its steps' prompts, room left beside it for its handoffs in flight (its exported KV
-and the decode workers' landing buffers), the rest split evenly. ``--kv-cache-bytes`` given
-on the command line replaces all of this.
+and the decode workers' landing buffers), the rest split evenly, and each is capped at its
+share of the GPU (``--device-memory-bytes``). ``--kv-cache-bytes`` given on the command line
+replaces all of this.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from tools.bench import kv_budget
 
 def place_workers(names: list[str], device: str, model_dir: Path, dtype: str, prefill_step_tokens: int,
                   free: list[int]) -> dict[str, tuple[str, ...]]:
-    """Worker name -> its ``--device`` (and ``--kv-cache-bytes`` where it shares its GPU) arguments;
-    ``free``: free bytes of each visible GPU. ValueError for a GPU that is not there or too small."""
+    """Worker name -> its ``--device`` (and ``--kv-cache-bytes`` and ``--device-memory-bytes`` where
+    it shares its GPU) arguments; ``free``: free bytes of each visible GPU. ValueError for a GPU
+    that is not there or too small."""
     if not free:
         raise ValueError("--device cuda: no CUDA device is visible")
     if device == "cuda":
@@ -38,9 +40,10 @@ def place_workers(names: list[str], device: str, model_dir: Path, dtype: str, pr
             raise ValueError(f"--device {device}: only {len(free)} CUDA device(s) visible")
         devices = dict.fromkeys(names, device)
     kv_dtype = resolve_dtype(dtype, load_model_config(model_dir), torch.device("cuda"))
-    budgets = kv_budget.prefill_capped_budgets(devices, model_dir, kv_dtype, prefill_step_tokens, free)
+    plan = kv_budget.prefill_capped_plan(devices, model_dir, kv_dtype, prefill_step_tokens, free)
     placed = {name: ("--device", devices[name]) for name in names}
-    for name, budget in budgets.items():
+    for name, budget in plan.kv_cache_bytes.items():
         if budget is not None:
-            placed[name] += ("--kv-cache-bytes", str(budget))
+            placed[name] += ("--kv-cache-bytes", str(budget), "--device-memory-bytes",
+                             str(plan.device_memory_bytes[name]))
     return placed

@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--device-memory-bytes", type=int, default=None,
+                   help="CUDA: the most this worker may hold on its GPU, weights, cache and activations "
+                        "together (for workers sharing one); default no cap")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batched-tokens", type=int, default=DEFAULT_MAX_BATCHED_TOKENS)
@@ -120,12 +123,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"tandem: error: --gil-switch-interval-ms must be >= 0, got {args.gil_switch_interval_ms}",
               file=sys.stderr)
         return _EXIT_BAD_INPUT
-    engine = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes,
-                          max_model_len=args.max_model_len, decode_graphs=graphs,
-                          overlap_decode=args.overlap_decode, mixed_graph_tokens=args.mixed_graph_tokens,
-                          scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                                    max_num_batched_tokens=args.max_batched_tokens))
     try:
+        engine = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes,
+                              device_memory_bytes=args.device_memory_bytes, max_model_len=args.max_model_len,
+                              decode_graphs=graphs, overlap_decode=args.overlap_decode,
+                              mixed_graph_tokens=args.mixed_graph_tokens,
+                              scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                                        max_num_batched_tokens=args.max_batched_tokens))
         config = WorkerConfig(role=args.role, model_dir=args.model, etcd_url=args.etcd, cluster=args.cluster,
                               model_name=args.model_name, worker_id=args.id, host=args.host,
                               grpc_port=args.grpc_port, ucx_port=args.ucx_port, engine=engine,

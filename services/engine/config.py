@@ -21,6 +21,11 @@ class EngineConfig:
     """Tokens per KV cache block."""
     kv_cache_bytes: int | None = None
     """Memory for the KV cache; None = 512 MiB on CPU, 90% of free GPU memory after the weights on GPU."""
+    device_memory_bytes: int | None = None
+    """CUDA: the most this process's caching allocator may hold on its device, weights, cache and
+    activations together (``torch.cuda.set_per_process_memory_fraction``). For processes sharing a
+    GPU: one that reaches its share fails the step or transfer that needed more (out of device
+    memory) instead of taking memory the others were counted. None: no cap. Ignored on CPU."""
     max_model_len: int | None = None
     """Longest prompt + output; None = the model's max_position_embeddings, capped by the cache size."""
     enable_prefix_caching: bool = True
@@ -46,6 +51,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.device_memory_bytes is not None and self.device_memory_bytes <= 0:
+            raise ValueError(f"device_memory_bytes must be positive, got {self.device_memory_bytes}")
         if self.decode_graphs not in DECODE_GRAPH_MODES:
             raise ValueError(f"decode_graphs must be one of {', '.join(DECODE_GRAPH_MODES)}, got {self.decode_graphs!r}")
         if self.overlap_decode not in OVERLAP_MODES:

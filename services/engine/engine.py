@@ -57,6 +57,7 @@ class LLMEngine:
         self.fingerprint = fingerprint
         dtype = model.model.embed_tokens.weight.dtype
         device = model.model.embed_tokens.weight.device
+        _cap_device_memory(config, device)
         per_block = ModelRunner.bytes_per_block(model, config.block_size, dtype)
         num_blocks = _kv_cache_bytes(config, device) // per_block
         self.max_model_len = _max_model_len(config, model.config.max_position_embeddings, num_blocks)
@@ -485,6 +486,14 @@ def _overlap_enabled(mode: str, runner: ModelRunner) -> bool:
     if mode == "off" or runner.decode_graphs is None:
         return False
     return mode == "on" or runner.device.type == "cuda"
+
+
+def _cap_device_memory(config: EngineConfig, device: torch.device) -> None:
+    if config.device_memory_bytes is None or device.type != "cuda":
+        return
+    _, total = torch.cuda.mem_get_info(device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, config.device_memory_bytes / total), device)
+    log.info("device memory capped at %.1f GiB of %.1f GiB", config.device_memory_bytes / (1 << 30), total / (1 << 30))
 
 
 def _kv_cache_bytes(config: EngineConfig, device: torch.device) -> int:

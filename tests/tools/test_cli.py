@@ -63,6 +63,14 @@ def test_serve_refuses_a_negative_gil_switch_interval():
     assert "Traceback" not in done.stderr
 
 
+def test_serve_refuses_bad_memory_sizes_before_loading_anything():
+    for flag, message in (("--device-memory-bytes", "device_memory_bytes must be positive"),
+                          ("--kv-cache-bytes", "kv_cache_bytes must be positive")):
+        done = _tandem("serve", "decode", "--etcd", "http://127.0.0.1:9", flag, "0")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_serve_refuses_decode_pacing_on_a_worker_that_computes_prompts():
     done = _tandem("serve", "mixed", "--etcd", "http://127.0.0.1:9", "--decode-step-period-ms", "20")
     assert done.returncode == 2 and "decode pacing is for decode workers" in done.stderr

@@ -167,6 +167,13 @@ def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp
     # left for the decode worker's handoff staging, the decode worker's cache gets the rest
     pd = fit_kv(plan_layout("disaggregated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [10_000])
     assert pd.kv_cache_bytes == {"prefill-0": 768, "decode-0": 7000 - 2 * 768}
+    # each capped at its weights and cache and half of the rest of the free memory
+    rest = 10_000 - (1000 + 768) - (1000 + 7000 - 2 * 768)
+    assert pd.device_memory_bytes == {"prefill-0": 1768 + rest // 2, "decode-0": 8000 - 2 * 768 + rest // 2}
+    args = cluster_spec(pd, small, tmp_path, tmp_path).worker_name_args
+    assert args["decode-0"][:6] == ("--device", "cuda:0", "--kv-cache-bytes", str(7000 - 2 * 768),
+                                    "--device-memory-bytes", str(8000 - 2 * 768 + rest // 2))
+    assert pd.to_json()["workers"]["prefill-0"]["device_memory_bytes"] == 1768 + rest // 2
     tight = fit_kv(plan_layout("disaggregated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [3000])
     assert tight.kv_cache_bytes == {"prefill-0": 233, "decode-0": 700 - 2 * 233}  # no more than an even share
     # three workers on two GPUs: the two on cuda:0 share it, the one on cuda:1 sizes its own cache

@@ -33,15 +33,21 @@ def test_workers_alone_on_their_gpus_size_their_own_caches():
 def test_workers_sharing_a_gpu_split_it_leaving_room_for_the_handoff_staging():
     left = int(0.9 * _FREE) - 2 * _WEIGHTS - 2 * _WORKING
     cap = 4 * 512 * _PER_TOKEN  # four of the prefill worker's steps
+    kv = {"prefill-0": cap, "decode-0": left - 2 * cap}
+    # each process may hold its weights, cache and working memory, and half of what is left
+    rest = _FREE - sum(_WEIGHTS + b + _WORKING for b in kv.values())
+    share = {n: _WEIGHTS + b + _WORKING + rest // 2 for n, b in kv.items()}
     assert _place(["prefill-0", "decode-0"]) == {
-        "prefill-0": ("--device", "cuda:0", "--kv-cache-bytes", str(cap)),
-        "decode-0": ("--device", "cuda:0", "--kv-cache-bytes", str(left - 2 * cap))}
+        n: ("--device", "cuda:0", "--kv-cache-bytes", str(kv[n]), "--device-memory-bytes", str(share[n]))
+        for n in kv}
+    assert sum(share.values()) <= _FREE
     # in float32 a token's KV is twice as large
-    assert _place(["prefill-0", "decode-0"], dtype="float32")["prefill-0"][-1] == str(2 * cap)
+    assert _place(["prefill-0", "decode-0"], dtype="float32")["prefill-0"][3] == str(2 * cap)
     # three mixed workers on two GPUs: two share cuda:0 evenly, the third is alone on cuda:1
     placed = _place(["mixed-0", "mixed-1", "mixed-2"], free=(_FREE, _FREE))
     assert placed["mixed-1"] == ("--device", "cuda:1")
-    assert placed["mixed-0"] == placed["mixed-2"] == ("--device", "cuda:0", "--kv-cache-bytes", str(left // 2))
+    assert placed["mixed-0"] == placed["mixed-2"] == ("--device", "cuda:0", "--kv-cache-bytes", str(left // 2),
+                                                      "--device-memory-bytes", str(_FREE // 2))
     # a named GPU takes every worker
     assert {a[1] for a in _place(["prefill-0", "decode-0"], "cuda:1", (_FREE, _FREE)).values()} == {"cuda:1"}
 

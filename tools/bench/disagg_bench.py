@@ -116,7 +116,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -156,6 +156,8 @@ class Layout:
     gpus_visible: int
     policy: str = "least-loaded"
     """The router's policy; ``slo-aware`` gets the workload's TTFT SLO as its target."""
+    device_memory_bytes: dict[str, int] = field(default_factory=dict)
+    """Worker name -> the most it may hold on its GPU, for workers sharing one (kv_budget.memory_shares)."""
 
     def count(self, role: str) -> int:
         return sum(1 for name in self.devices if name.startswith(f"{role}-"))
@@ -171,6 +173,8 @@ class Layout:
     def to_json(self) -> dict:
         workers = {n: {"role": n.rsplit("-", 1)[0], "device": d, "kv_cache_bytes": self.kv_cache_bytes[n]}
                    for n, d in self.devices.items()}
+        for n, cap in self.device_memory_bytes.items():
+            workers[n]["device_memory_bytes"] = cap
         return {"name": self.name, "workers": workers, "gpus_visible": self.gpus_visible,
                 "shared_device": len(set(self.devices.values())) < len(self.devices), "router_policy": self.policy}
 
@@ -223,6 +227,8 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
     for name, budget in layout.kv_cache_bytes.items():
         if budget is not None:
             per_worker[name] += ("--kv-cache-bytes", str(budget))
+    for name, cap in layout.device_memory_bytes.items():
+        per_worker[name] += ("--device-memory-bytes", str(cap))
     if workers.prefill_max_batched_tokens is not None:
         for name in per_worker:
             if name.startswith("prefill-"):
@@ -417,15 +423,17 @@ def fit_kv(layout: Layout, model_dir: Path, workers: WorkerSettings,
            free_bytes: Callable[[], list[int]] = kv_budget.free_device_bytes) -> Layout:
     """``layout`` with a KV budget for each GPU worker that shares its device and has none yet
     (measured free memory less the weights; a prefill worker gets room for a few of its steps,
-    room for its handoffs in flight is left beside it, the others split the rest evenly); workers
-    alone keep None."""
+    room for its handoffs in flight is left beside it, the others split the rest evenly) and its
+    share of the device as a cap; workers alone keep None."""
     unsized = {n: d for n, d in layout.devices.items() if layout.kv_cache_bytes[n] is None}
     if len(set(unsized.values())) == len(unsized):  # each alone on its device: the engines size the caches
         return layout
     step = workers.prefill_max_batched_tokens or workers.max_batched_tokens
-    budgets = kv_budget.prefill_capped_budgets(layout.devices, model_dir, getattr(torch, workers.dtype), step,
-                                               free_bytes(), step_tokens=workers.max_batched_tokens)
-    return replace(layout, kv_cache_bytes={n: b if b is not None else budgets[n] for n, b in layout.kv_cache_bytes.items()})
+    plan = kv_budget.prefill_capped_plan(layout.devices, model_dir, getattr(torch, workers.dtype), step,
+                                         free_bytes(), step_tokens=workers.max_batched_tokens)
+    caps = {n: cap for n, cap in plan.device_memory_bytes.items() if cap is not None and n in unsized}
+    return replace(layout, kv_cache_bytes={n: b if b is not None else plan.kv_cache_bytes[n]
+                                           for n, b in layout.kv_cache_bytes.items()}, device_memory_bytes=caps)
 
 
 def plan_layouts(preset: Preset, names: list[str], workers: int = 2, prefill_workers: int | None = None) -> list[Layout]:

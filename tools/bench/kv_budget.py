@@ -19,6 +19,12 @@ the prefill worker (8,192-token steps) held ~8 GiB and the decode worker (CUDA g
 landing buffers) ~7 GiB beyond their weights and caches, more than the slack and the
 handoff room together, and the prefill worker's steps ran out of memory.
 
+Each process sharing a GPU is also capped at its share of it (``memory_shares``,
+``--device-memory-bytes``): its weights, cache and working memory and an equal part of the
+rest. A process past its share fails the step or transfer that needed more, instead of
+taking the memory the other was counted (on one H100 the decode worker's allocator, holding
+freed landing buffers for reuse, had left the prefill worker too little for its steps).
+
 Handoffs in flight: a prompt's KV leaves the prefill worker's cache as one contiguous tensor
 that lives until the handoff is done (at most ``HANDOFF_STEPS`` steps of it,
 services/prefill/service.py), and the decode worker receives it into one contiguous buffer
@@ -35,6 +41,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 FREE_MEMORY_FRACTION = 0.9
@@ -117,14 +124,42 @@ def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]
     return {name: budgets[name] for name in devices}
 
 
-def prefill_capped_budgets(devices: dict[str, str], model_dir: Path, kv_dtype, prefill_step_tokens: int,
-                           free: list[int], step_tokens: int | None = None) -> dict[str, int | None]:
+def memory_shares(devices: dict[str, str], weights: int, free: list[int], budgets: dict[str, int | None],
+                  working: dict[str, int]) -> dict[str, int | None]:
+    """Worker name -> the most its process may hold on its device (``--device-memory-bytes``):
+    None for a worker alone there; for workers sharing one, its weights, cache and working
+    memory, and an equal part of what is left of the free memory (the handoffs in flight and
+    the slack), so that no process can take what another was counted."""
+    on_device: dict[str, list[str]] = {}
+    for name, device in devices.items():
+        on_device.setdefault(device, []).append(name)
+    shares: dict[str, int | None] = {}
+    for device, names in on_device.items():
+        if budgets[names[0]] is None:
+            shares.update(dict.fromkeys(names))
+            continue
+        own = {n: weights + budgets[n] + working.get(n, 0) for n in names}
+        rest = free[int(device.partition(":")[2] or 0)] - sum(own.values())
+        shares.update({n: own[n] + max(rest, 0) // len(names) for n in names})
+    return {name: shares[name] for name in devices}
+
+
+@dataclass(frozen=True)
+class SharedPlan:
+    kv_cache_bytes: dict[str, int | None]
+    """Worker name -> ``--kv-cache-bytes`` (None: alone on its device, its engine sizes the cache)."""
+    device_memory_bytes: dict[str, int | None]
+    """Worker name -> ``--device-memory-bytes`` (None: alone on its device, no cap)."""
+
+
+def prefill_capped_plan(devices: dict[str, str], model_dir: Path, kv_dtype, prefill_step_tokens: int,
+                        free: list[int], step_tokens: int | None = None) -> SharedPlan:
     """``shared_device_budgets`` for the workers of ``model_dir`` named in ``devices``, the prefill
     workers (``prefill-<i>``) capped at ``PREFILL_KV_STEPS`` steps of ``prefill_step_tokens``
     tokens of KV in ``kv_dtype`` (a torch dtype), with twice ``HANDOFF_STEPS`` such steps in flight
-    (the prefill worker's exports and the decode worker's landing buffers). Each worker's working
-    memory counts a step of ``prefill_step_tokens`` (prefill workers) or ``step_tokens`` (the
-    others; default the same)."""
+    (the prefill worker's exports and the decode worker's landing buffers), and each process's
+    share of its device (``memory_shares``). Each worker's working memory counts a step of
+    ``prefill_step_tokens`` (prefill workers) or ``step_tokens`` (the others; default the same)."""
     from services.engine.model_config import load_model_config
     from services.prefill.service import HANDOFF_STEPS
     from tools.bench.roofline_bench import kv_bytes_per_token
@@ -136,4 +171,6 @@ def prefill_capped_budgets(devices: dict[str, str], model_dir: Path, kv_dtype, p
     in_flight = {n: 2 * HANDOFF_STEPS * step for n in prefills}
     others = step_tokens or prefill_step_tokens
     working = {n: working_bytes(mc, prefill_step_tokens if n in caps else others, kv_dtype) for n in devices}
-    return shared_device_budgets(devices, weight_bytes(model_dir), free, caps, in_flight, working)
+    weights = weight_bytes(model_dir)
+    budgets = shared_device_budgets(devices, weights, free, caps, in_flight, working)
+    return SharedPlan(budgets, memory_shares(devices, weights, free, budgets, working))
