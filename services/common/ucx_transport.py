@@ -24,6 +24,15 @@ a receive for it; until then only its announcement (RTS) waits at the receiver::
       |<-----------------------------------------------|
     TransferResult(ok=reply == COMMITTED, busy=reply == REFUSED_BUSY, ...)
 
+Parts: a sender may split a large payload into ``header.parts`` messages of whole rows (first
+dimension; ``TransferHeader.part_rows``), posted back to back on the payload tag. The handler
+then gives a staging tensor of two parts (``header.staging_shape``) instead of the whole
+payload: part i lands in half i % 2 once ``handler.part_landed()`` has copied part i - 2 out of
+it, so a receiver needs two parts of memory for a payload of any size. A part the handler
+refuses ends the transfer as REFUSED_COMPLETE, the parts not yet received dropped as below; a
+handler that does not take parts (``part_landed`` left as is) gives a tensor that does not
+match and every part is dropped (RECEIVER_ERROR).
+
 Refusal (no destination, no memory now, bad header, handler error): the receiver posts the
 payload receive into a 1-byte scratch buffer. UCX matches the payload to it, finds it longer, completes that
 receive as truncated and acknowledges the sender *without fetching the data* (UCX 1.21 proto
@@ -97,6 +106,7 @@ logger = logging.getLogger(__name__)
 _LENGTH_PREFIX = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024
 _PAYLOAD_TAG = 1  # ucxx hashes it with the endpoint's own tag; an int: hash(str) differs per process
+_MAX_PARTS = 4096  # a header announcing more is not believed (the connection ends)
 _RECEIVE_TIMEOUT_S = 30.0  # server: longest wait for a payload after its header arrived
 _REAP_TIMEOUT_S = 1.0  # client: longest wait for an aborted endpoint's sends to report cancellation
 _CLOSE_GRACE_S = 5.0  # server.close(): longest wait for ucxx's connection handshakes to retire
@@ -136,6 +146,8 @@ class TransferHeader:
     dtype: str  # torch dtype name, e.g. "bfloat16"
     shape: tuple[int, ...]
     sender: str  # sender worker id
+    parts: int = 1
+    """Payload messages: the tensor's rows (first dimension) in ``part_rows()`` slices."""
 
     def __post_init__(self) -> None:
         dtype = torch_dtype(self.dtype)
@@ -143,6 +155,25 @@ class TransferHeader:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         if self.nbytes != math.prod(self.shape) * dtype.itemsize:
             raise ValueError(f"nbytes {self.nbytes} != prod({self.shape}) * {dtype.itemsize}")
+        if self.parts != 1 and not (self.shape and 1 <= self.parts <= self.shape[0]
+                                    and len(self.part_rows()) == self.parts):
+            raise ValueError(f"{self.parts} parts do not split shape {self.shape} by rows")
+
+    def part_rows(self) -> list[tuple[int, int]]:
+        """[start, stop) rows of each payload message: equal slices, the last one shorter."""
+        if self.parts == 1:
+            return [(0, self.shape[0] if self.shape else 1)]
+        per = -(-self.shape[0] // self.parts)
+        return [(a, min(a + per, self.shape[0])) for a in range(0, self.shape[0], per)]
+
+    @property
+    def staging_shape(self) -> tuple[int, ...]:
+        """What ``TransferHandler.destination`` gives: the whole tensor for one part; for several,
+        room for two parts (one received while the other is copied where it belongs)."""
+        if self.parts == 1:
+            return self.shape
+        per = self.part_rows()[0][1]
+        return (2 * per, *self.shape[1:])
 
     def to_json(self) -> bytes:
         fields = dict(self.__dict__, shape=list(self.shape))
@@ -158,6 +189,7 @@ class TransferHeader:
             dtype=str(fields["dtype"]),
             shape=tuple(fields["shape"]),
             sender=str(fields["sender"]),
+            parts=int(fields.get("parts", 1)),
         )
 
 
@@ -190,13 +222,23 @@ class TransferHandler(ABC):
 
     @abstractmethod
     async def destination(self, header: TransferHeader) -> torch.Tensor | None:
-        """A contiguous tensor of header.shape/dtype (CPU or CUDA) to receive into, or None to refuse
+        """A contiguous tensor of header.staging_shape/dtype (CPU or CUDA) to receive into (the
+        payload's shape unless it comes in parts), or None to refuse
         (unknown/expired reservation, wrong lease): the payload is then never received into cache memory.
         Raises ReceiverBusy when there is no memory for it now."""
 
+    async def part_landed(self, header: TransferHeader, index: int, rows: tuple[int, int],
+                          part: torch.Tensor) -> bool:
+        """Transfers of several parts only: part ``index`` (rows ``rows`` of header.shape) is in
+        ``part``, a slice of the staging buffer. Put it where it belongs and return once ``part``
+        may be written again (True), or refuse the transfer (False). Handlers that keep the
+        default refuse such transfers."""
+        return False
+
     @abstractmethod
     async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
-        """The payload arrived in `buffer`; commit it (True) or refuse it (False, e.g. the lease expired meanwhile)."""
+        """The payload arrived in `buffer` (for several parts: every part landed); commit it
+        (True) or refuse it (False, e.g. the lease expired meanwhile)."""
 
     async def abandoned(self, header: TransferHeader, buffer: torch.Tensor) -> None:
         """The payload receive into `buffer` failed or was cut short (sender gone, timeout, server
@@ -233,11 +275,13 @@ _REFUSAL_REASONS = {
 
 
 class _Refusal(Exception):
-    """A transfer refused before its payload was received; carries the reply to send."""
+    """A transfer refused before its payload was received; carries the reply to send and how
+    many payload messages to drop."""
 
-    def __init__(self, reply: _Reply) -> None:
+    def __init__(self, reply: _Reply, parts: int = 1) -> None:
         super().__init__(reply.name)
         self.reply = reply
+        self.parts = parts
 
 
 async def _send_reply(ep, reply: _Reply) -> None:
@@ -255,8 +299,19 @@ def _matches(buffer: torch.Tensor, header: TransferHeader) -> bool:
         isinstance(buffer, torch.Tensor)
         and buffer.is_contiguous()
         and dtype_name(buffer.dtype) == header.dtype
-        and tuple(buffer.shape) == header.shape
+        and tuple(buffer.shape) == header.staging_shape
     )
+
+
+def _declared_parts(raw_header: bytes) -> int | None:
+    """How many payload messages a header that failed to validate announced: one unless it
+    says otherwise; None when it names a count that cannot be believed."""
+    try:
+        fields = json.loads(raw_header)
+    except ValueError:
+        return 1
+    parts = fields.get("parts", 1) if isinstance(fields, dict) else 1
+    return parts if isinstance(parts, int) and 1 <= parts <= _MAX_PARTS else None
 
 
 class KVTransferServer:
@@ -353,9 +408,15 @@ class KVTransferServer:
         try:
             header, buffer = await self._destination(raw_header)
         except _Refusal as refusal:
-            await self._drop_payload(ep)
+            for _ in range(refusal.parts):
+                await self._drop_payload(ep)
             return await self._refuse(ep, refusal.reply)
-        await self._recv_payload(ep, header, buffer)
+        if header.parts == 1:
+            await self._recv_payload(ep, header, buffer)
+        else:
+            refused = await self._recv_parts(ep, header, buffer)
+            if refused is not None:
+                return await self._refuse(ep, refused)
         self.bytes_received += header.nbytes
         await self._commit(ep, header, buffer)
 
@@ -365,20 +426,23 @@ class KVTransferServer:
             header = TransferHeader.from_json(raw_header)
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("bad KV transfer header: %r", exc)
-            raise _Refusal(_Reply.BAD_HEADER) from None
+            parts = _declared_parts(raw_header)
+            if parts is None:  # how many payload messages follow is unknown: the dialogue cannot go on
+                raise ucxx.exceptions.UCXError(f"KV transfer header with a bad part count: {exc!r}") from None
+            raise _Refusal(_Reply.BAD_HEADER, parts) from None
         try:
             buffer = await self._handler.destination(header)
         except ReceiverBusy as exc:
             logger.warning("refusing KV transfer for %s: %s", header.reservation_id, exc)
-            raise _Refusal(_Reply.REFUSED_BUSY) from None
+            raise _Refusal(_Reply.REFUSED_BUSY, header.parts) from None
         except Exception:
             logger.exception("destination() failed for %s", header.reservation_id)
-            raise _Refusal(_Reply.RECEIVER_ERROR) from None
+            raise _Refusal(_Reply.RECEIVER_ERROR, header.parts) from None
         if buffer is None:
-            raise _Refusal(_Reply.REFUSED_DESTINATION)
+            raise _Refusal(_Reply.REFUSED_DESTINATION, header.parts)
         if not _matches(buffer, header):
             logger.error("destination() gave %s, header says %s", _describe(buffer), header)
-            raise _Refusal(_Reply.RECEIVER_ERROR)
+            raise _Refusal(_Reply.RECEIVER_ERROR, header.parts)
         return header, buffer
 
     async def _drop_payload(self, ep) -> None:
@@ -390,20 +454,61 @@ class KVTransferServer:
         except ucxx.exceptions.UCXMsgTruncated:
             pass  # the usual outcome; a payload of at most 1 byte simply lands in scratch
 
-    async def _recv_payload(self, ep, header: TransferHeader, buffer: torch.Tensor) -> None:
+    async def _recv_payload(self, ep, header: TransferHeader, buffer: torch.Tensor,
+                            target: torch.Tensor | None = None, copying: tuple = ()) -> None:
+        """Receive one payload message into ``target`` (default all of ``buffer``). On failure the
+        endpoint is aborted and, once the part copies in ``copying`` are done, the handler told."""
         try:
             if ep.closed:  # the sender gave up while destination() ran: its payload is not for us
                 raise ucxx.exceptions.UCXCloseError("sender closed the endpoint before its payload was received")
-            await asyncio.wait_for(ep.recv(wire_view(buffer), tag=_PAYLOAD_TAG), self._receive_timeout_s)
+            view = wire_view(buffer if target is None else target)
+            await asyncio.wait_for(ep.recv(view, tag=_PAYLOAD_TAG), self._receive_timeout_s)
         except BaseException:
             # Close first: it cancels the receive, so nothing lands in buffer once we tell the handler.
             ep.abort()
             self.transfers_failed += 1
+            await asyncio.gather(*copying, return_exceptions=True)
             try:
                 await self._handler.abandoned(header, buffer)
             except Exception:
                 logger.exception("abandoned() failed for %s", header.reservation_id)
             raise
+
+    async def _recv_parts(self, ep, header: TransferHeader, buffer: torch.Tensor) -> _Reply | None:
+        """Receive a payload of several parts through the two halves of ``buffer``: part i lands
+        in half i % 2 once the copy of part i - 2 out of it is done. None when every part landed;
+        the refusal to send when the handler refused one (the parts not yet received dropped)."""
+        per = header.part_rows()[0][1]
+        copies: list[asyncio.Future | None] = [None, None]
+        for index, (a, b) in enumerate(header.part_rows()):
+            half = index % 2
+            refused = await self._copied(header, copies[half])
+            if refused is not None:
+                return await self._stop_parts(ep, header, copies, index, refused)
+            target = buffer[half * per: half * per + (b - a)]
+            await self._recv_payload(ep, header, buffer, target, tuple(c for c in copies if c is not None))
+            copies[half] = asyncio.ensure_future(self._handler.part_landed(header, index, (a, b), target))
+        for half in (0, 1):
+            refused = await self._copied(header, copies[half])
+            if refused is not None:
+                return await self._stop_parts(ep, header, copies, header.parts, refused)
+        return None
+
+    async def _copied(self, header: TransferHeader, copy: asyncio.Future | None) -> _Reply | None:
+        if copy is None:
+            return None
+        try:
+            return None if await copy else _Reply.REFUSED_COMPLETE
+        except Exception:
+            logger.exception("part_landed() failed for %s", header.reservation_id)
+            return _Reply.RECEIVER_ERROR
+
+    async def _stop_parts(self, ep, header: TransferHeader, copies: list, received: int, reply: _Reply) -> _Reply:
+        """A refused part: wait for the other copy, drop the parts not yet received."""
+        await asyncio.gather(*(c for c in copies if c is not None), return_exceptions=True)
+        for _ in range(header.parts - received):
+            await self._drop_payload(ep)
+        return reply
 
     async def _commit(self, ep, header: TransferHeader, buffer: torch.Tensor) -> None:
         try:
@@ -444,6 +549,10 @@ class _Connection:
 
 ENDPOINTS_PER_PEER = 4
 """Default of KVTransferClient's ``endpoints_per_peer``: transfers in flight to one address."""
+HANDOFF_PART_BYTES = 1 << 30
+"""``max_part_bytes`` of a prefill worker's handoffs: a larger prompt's KV goes as several
+messages of whole layers, so that the decode worker stages two parts at a time, not the whole
+KV (a long prompt's KV can be larger than the memory it has beside its cache)."""
 
 
 class KVTransferClient:
@@ -464,12 +573,17 @@ class KVTransferClient:
         lease: int,
         tensor: torch.Tensor,
         timeout_s: float = 30.0,
+        max_part_bytes: int | None = None,
     ) -> TransferResult:
-        """Write `tensor` into the reservation's blocks at `address` ("host:port").
+        """Write `tensor` into the reservation's blocks at `address` ("host:port"); larger than
+        `max_part_bytes`, as several messages of whole rows (the receiver's handler must take
+        parts: ``TransferHandler.part_landed``).
 
-        Raises ValueError for a tensor it cannot send (not contiguous); every failure of the
-        peer or the network is an ok=False result, returned within `timeout_s`.
+        Raises ValueError for a tensor it cannot send (not contiguous) or a max_part_bytes < 1;
+        every failure of the peer or the network is an ok=False result, returned within `timeout_s`.
         """
+        if max_part_bytes is not None and max_part_bytes < 1:
+            raise ValueError(f"max_part_bytes must be >= 1, got {max_part_bytes}")
         header = TransferHeader(
             reservation_id=reservation_id,
             lease=lease,
@@ -477,8 +591,9 @@ class KVTransferClient:
             dtype=dtype_name(tensor.dtype),
             shape=tuple(tensor.shape),
             sender=self._sender,
+            parts=_parts(tensor, max_part_bytes),
         )
-        payload = wire_view(tensor)
+        payload = [wire_view(tensor[a:b] if header.parts > 1 else tensor) for a, b in header.part_rows()]
         started = time.perf_counter()
         if self._closed:
             return TransferResult(False, 0, 0.0, "client closed")
@@ -536,6 +651,17 @@ class KVTransferClient:
         self._pools.clear()
 
 
+def _parts(tensor: torch.Tensor, max_part_bytes: int | None) -> int:
+    """Messages for ``tensor``: one, or enough slices of whole rows of at most max_part_bytes
+    each (a row larger than that goes alone)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if max_part_bytes is None or nbytes <= max_part_bytes or tensor.dim() == 0 or tensor.shape[0] < 2:
+        return 1
+    rows = tensor.shape[0]
+    per = max(1, max_part_bytes // (nbytes // rows), -(-rows // _MAX_PARTS))
+    return -(-rows // per)
+
+
 async def _connect(address: str):
     ensure_ucx_initialized()
     host, _, port = address.rpartition(":")
@@ -564,16 +690,14 @@ def _forget_tracebacks(exc: BaseException) -> None:
         pending += [exc.__cause__, exc.__context__]
 
 
-async def _run_dialogue(ep, header: TransferHeader, payload) -> _Reply:
-    """Header and payload go out back to back; the receiver's one reply byte ends the transfer."""
+async def _run_dialogue(ep, header: TransferHeader, payload: list) -> _Reply:
+    """Header and payload messages go out back to back; the receiver's one reply byte ends the transfer."""
     raw_header = header.to_json()
     message = np.frombuffer(_LENGTH_PREFIX.pack(len(raw_header)) + raw_header, dtype=np.uint8)
-    # ep.send() posts its UCX request when its task first runs: both run on the loop's next
+    # ep.send() posts its UCX request when its task first runs: all run on the loop's next
     # turn, header first, and nothing waits for the receiver in between.
-    sends = [
-        asyncio.ensure_future(ep.send(message)),
-        asyncio.ensure_future(ep.send(payload, tag=_PAYLOAD_TAG)),
-    ]
+    sends = [asyncio.ensure_future(ep.send(message))]
+    sends += [asyncio.ensure_future(ep.send(part, tag=_PAYLOAD_TAG)) for part in payload]
     for task in sends:
         task.add_done_callback(_retrieve_outcome)
     try:

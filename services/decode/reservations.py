@@ -34,6 +34,7 @@ from services.engine.request import SamplingParams
 log = logging.getLogger(__name__)
 
 _EXPIRY_SWEEP_INTERVAL_S = 0.1
+_COPY_POLL_S = 0.0002  # a part's copy into the cache is polled for, not waited on in a thread
 
 
 class ReservationState(enum.Enum):
@@ -125,7 +126,7 @@ class ReservationTable(TransferHandler):
                         header.dtype, expected, cache.dtype)
             return None
         try:
-            return self._landing_buffer(expected, cache)
+            return self._landing_buffer(header.staging_shape, cache)
         except torch.OutOfMemoryError:
             # When the buffer does not fit now, the sender hears "busy" (not a failure of either
             # worker) and the router tries again after a pause.
@@ -148,10 +149,37 @@ class ReservationTable(TransferHandler):
             self._staging = torch.cuda.Stream(device)
         return self._staging
 
+    async def part_landed(self, header: TransferHeader, index: int, rows: tuple[int, int],
+                          part: torch.Tensor) -> bool:
+        """Copy one part (a range of layers) into the reservation's blocks on the engine thread,
+        where the fence is checked atomically with any free of those blocks; return once the
+        copy has run, so the staging half it came from can take the next part."""
+
+        def write(engine: LLMEngine) -> torch.cuda.Event | bool:
+            try:
+                r = self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
+            except KVFenceError as e:
+                log.warning("dropping landed KV: %s", e)
+                return False
+            engine.write_reserved(r.reservation_id, part, slice(*rows))
+            if not part.is_cuda:
+                return True
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(part.device))
+            return done
+
+        done = await self._aengine.call(write)
+        if isinstance(done, bool):
+            return done
+        while not done.query():
+            await asyncio.sleep(_COPY_POLL_S)
+        return True
+
     async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
-        """Acknowledge the landed payload and queue its copy into the cache. The copy runs on
-        the engine thread before any later command (so before the Decode that commits it), and
-        re-checks the fence there: an expiry in between drops it and the commit then fails."""
+        """Acknowledge the landed payload and queue its copy into the cache (for a payload in
+        parts, already copied: only the state changes). That runs on the engine thread before any
+        later command (so before the Decode that commits it), and re-checks the fence there: an
+        expiry in between drops it and the commit then fails."""
         try:
             self._checked(header.reservation_id, header.lease, ReservationState.RESERVED)
         except KVFenceError as e:
@@ -164,9 +192,10 @@ class ReservationTable(TransferHandler):
             except KVFenceError as e:
                 log.warning("dropping landed KV: %s", e)
                 return
-            if buffer.is_cuda:  # the copy below reads it on the engine's stream: no reuse before it ran
-                buffer.record_stream(torch.cuda.current_stream(buffer.device))
-            engine.write_reserved(r.reservation_id, buffer)
+            if header.parts == 1:
+                if buffer.is_cuda:  # the copy below reads it on the engine's stream: no reuse before it ran
+                    buffer.record_stream(torch.cuda.current_stream(buffer.device))
+                engine.write_reserved(r.reservation_id, buffer)
             r.state = ReservationState.FILLED
             self.bytes_received += header.nbytes
 

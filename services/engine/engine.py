@@ -350,12 +350,13 @@ class LLMEngine:
         self._reserved[request_id] = num_tokens
         return self.blocks.allocate(request_id, num_tokens)
 
-    def write_reserved(self, request_id: str, kv: torch.Tensor) -> None:
-        """Fill a reservation's blocks from kv [L, 2, num_blocks, block_size, Hkv, D]."""
+    def write_reserved(self, request_id: str, kv: torch.Tensor, layers: slice = slice(None)) -> None:
+        """Fill a reservation's blocks from kv [L, 2, num_blocks, block_size, Hkv, D], or only the
+        ``layers`` of them that kv holds."""
         table = self.blocks.block_table(request_id)
         if request_id not in self._reserved or kv.shape[2] != len(table):
             raise InvalidRequestError(f"KV of {kv.shape[2]} blocks does not fit reservation {request_id!r}")
-        self.runner.write_blocks(table, kv)
+        self.runner.write_blocks(table, kv, layers)
 
     def commit_reserved(self, request_id: str, prompt: list[int], generated: list[int], num_computed_tokens: int,
                         params: SamplingParams | None = None) -> None:

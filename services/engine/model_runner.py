@@ -199,5 +199,6 @@ class ModelRunner:
         self.synchronize()
         return copy
 
-    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        self.kv_cache[:, :, self._tensor(block_ids)] = kv.to(device=self.device, dtype=self.kv_cache.dtype)
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None:
+        """Fill the blocks from kv [layers, 2, len(block_ids), block_size, Hkv, D]."""
+        self.kv_cache[layers, :, self._tensor(block_ids)] = kv.to(device=self.device, dtype=self.kv_cache.dtype)

@@ -5,7 +5,8 @@ generated) through the engine as a one-token request added with ``export_kv``: t
 step that computes it also copies its KV out as one contiguous tensor and frees the
 blocks (full ones stay in the prefix cache for later prompts), so the handoff never
 waits for another step. It writes the tensor over UCX into the decode worker's
-reservation and answers with the sampled token. The decode worker only
+reservation (KV over ``HANDOFF_PART_BYTES`` as several messages of whole layers, which the
+decode worker stages two at a time) and answers with the sampled token. The decode worker only
 joins the request to its batch after this answer, when the router calls Decode.
 
 Exported KV waits outside the cache until its handoff is done, so a prompt first waits for
@@ -29,7 +30,7 @@ import torch
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from services.common.rpc import abort_with, sampling_params
-from services.common.ucx_transport import KVTransferClient, TransferResult
+from services.common.ucx_transport import HANDOFF_PART_BYTES, KVTransferClient, TransferResult
 from services.common.worker_state import WorkerState
 from services.prefill.handoff_room import HandoffRoom
 from services.prefill.store_link import StoreLink
@@ -112,7 +113,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         deadline, pause = time.monotonic() + _BUSY_RETRY_S, _BUSY_PAUSE_S[0]
         while True:
             result = await self._transfers.send(target.ucx_address, target.reservation_id, target.lease, kv,
-                                                timeout_s=_TRANSFER_TIMEOUT_S)
+                                                timeout_s=_TRANSFER_TIMEOUT_S, max_part_bytes=HANDOFF_PART_BYTES)
             if not result.busy or time.monotonic() + pause > deadline:
                 return result
             self._state.handoffs_refused_busy += 1

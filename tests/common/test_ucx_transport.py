@@ -149,6 +149,87 @@ async def test_round_trip_is_exact(dtype):
     assert handler.committed == [f"r{i}" for i in range(len(sizes))]
 
 
+class _Parts(_Handler):
+    """Takes payloads in parts: stages them in header.staging_shape and copies each part into a
+    whole tensor; ``refuse_part`` names a part index to refuse."""
+
+    def __init__(self, refuse_part: int | None = None) -> None:
+        super().__init__()
+        self.refuse_part = refuse_part
+        self.staged: dict[str, tuple[int, ...]] = {}
+        self.parts_landed: list[int] = []
+
+    async def destination(self, header):
+        self.buffers[header.reservation_id] = torch.zeros(header.shape, dtype=torch_dtype(header.dtype))
+        self.staged[header.reservation_id] = header.staging_shape
+        return torch.zeros(header.staging_shape, dtype=torch_dtype(header.dtype))
+
+    async def part_landed(self, header, index, rows, part):
+        await asyncio.sleep(0.001 * (index % 3))  # copies that take a while, unevenly
+        if index == self.refuse_part:
+            return False
+        self.buffers[header.reservation_id][rows[0]:rows[1]] = part
+        self.parts_landed.append(index)
+        return True
+
+
+@_MODULE_LOOP
+@pytest.mark.parametrize("rows,max_part_bytes", [(10, 4096), (7, 3 * 1024 * 4), (1000, 4096 * 333), (3, 10)])
+async def test_a_payload_in_parts_lands_whole_through_two_staged_parts(rows, max_part_bytes):
+    handler = _Parts()
+    client = KVTransferClient("prefill-0")
+    tensor = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows))
+    async with _serving(handler) as (server, address):
+        result = await client.send(address, "r", lease=1, tensor=tensor, max_part_bytes=max_part_bytes)
+        assert (result.ok, result.nbytes) == (True, tensor.nbytes)
+        assert torch.equal(handler.buffers["r"], tensor)
+        per = max(1, max_part_bytes // 4096)
+        parts = -(-rows // per)
+        assert sorted(handler.parts_landed) == list(range(parts)) and handler.committed == ["r"]
+        assert handler.staged["r"][0] == 2 * -(-rows // parts)  # two parts' rows, not the whole
+        whole = await client.send(address, "w", lease=1, tensor=tensor)  # no limit: one message
+        assert whole.ok and handler.staged["w"] == tuple(tensor.shape)
+    await client.close()
+    with pytest.raises(ValueError, match="max_part_bytes must be >= 1"):
+        await client.send(address, "r", lease=1, tensor=tensor, max_part_bytes=0)
+
+
+@_MODULE_LOOP
+async def test_parts_refused_by_a_handler_or_one_part_are_dropped_and_the_endpoint_stays():
+    client = KVTransferClient("prefill-0")
+    tensor = torch.randn(12, 1024)
+    # a handler that does not take parts: its whole-tensor buffer does not match, every part is dropped
+    async with _serving(_Handler()) as (server, address):
+        refused = await client.send(address, "r", lease=1, tensor=tensor, max_part_bytes=4096)
+        assert (refused.ok, refused.nbytes) == (False, 0) and "receiver error" in refused.reason
+        assert (await client.send(address, "r", lease=1, tensor=tensor)).ok
+        assert (server.transfers_ok, server.transfers_refused, server.connections_accepted) == (1, 1, 1)
+    # the third of twelve parts refused: the rest are dropped unreceived, the dialogue goes on
+    handler = _Parts(refuse_part=2)
+    async with _serving(handler) as (server, address):
+        refused = await client.send(address, "r", lease=1, tensor=tensor, max_part_bytes=4096)
+        assert (refused.ok, refused.busy) == (False, False) and "did not commit" in refused.reason
+        assert server.bytes_received == 0 and handler.committed == [] and max(handler.parts_landed) < 4
+        handler.refuse_part = None
+        landed = await client.send(address, "s", lease=1, tensor=tensor, max_part_bytes=4096)
+        assert landed.ok and torch.equal(handler.buffers["s"], tensor)
+        assert (server.transfers_ok, server.transfers_refused, server.connections_accepted) == (1, 1, 1)
+    await client.close()
+
+
+@_MODULE_LOOP
+async def test_a_header_with_an_unbelievable_part_count_ends_the_connection():
+    async with _serving(_Parts()) as (server, address):
+        host, port = address.rsplit(":", 1)
+        ep = await ucxx.create_endpoint(host, int(port))  # speaks the wire protocol by hand
+        header = b'{"reservation_id": "r", "parts": 100000000}'
+        await ep.send(_header_message(header))
+        with pytest.raises(ucxx.exceptions.UCXError):
+            await asyncio.wait_for(ep.recv(np.zeros(1, dtype=np.uint8)), 5)
+        ep.abort()
+        assert server.transfers_ok == 0
+
+
 @_MODULE_LOOP
 async def test_refused_destination_never_touches_cache_memory():
     cache = torch.zeros(4096, dtype=torch.float32)  # the decode worker's cache blocks

@@ -170,3 +170,26 @@ async def test_a_worker_whose_engine_dies_leaves_the_cluster_and_exits_1(etcd):
             worker.stop()
             await asyncio.wait_for(run, 30)
         await membership.close()
+
+
+@pytest.mark.asyncio
+async def test_kv_handed_over_a_layer_at_a_time_decodes_as_in_one_piece(decode_worker):
+    """A prompt's KV in parts (the way a long prompt's goes): each layer lands in the reserved
+    blocks on its own, and generation continues exactly as from the whole KV at once."""
+    _, stub = decode_worker
+    kv = _kv_for(PROMPT)
+    client = KVTransferClient("test-prefill")
+    layer_bytes = kv.kv[0].nbytes
+    try:
+        r = await stub.Reserve(pb.ReserveRequest(request_id="parts", num_tokens=len(PROMPT), ttl_ms=20_000))
+        sent = await client.send(r.ucx_address, r.reservation_id, r.lease, kv.kv, max_part_bytes=layer_bytes)
+        assert sent.ok and sent.nbytes == kv.nbytes
+    finally:
+        await client.close()
+    events = [e async for e in stub.Decode(pb.DecodeRequest(
+        request_id="parts", prompt_token_ids=PROMPT, output_token_ids=kv.output_token_ids,
+        sampling=pb.SamplingOptions(max_tokens=10, temperature=0), reservation_id=r.reservation_id, lease=r.lease))]
+    tokens = list(kv.output_token_ids) + [t for e in events for t in e.token_ids]
+    want = LLMEngine.from_pretrained(DEMO_MODEL_DIR, ENGINE).generate(
+        [PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].token_ids
+    assert tokens == want and events[-1].finished

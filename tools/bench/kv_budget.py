@@ -27,8 +27,9 @@ freed landing buffers for reuse, had left the prefill worker too little for its 
 
 Handoffs in flight: a prompt's KV leaves the prefill worker's cache as one contiguous tensor
 that lives until the handoff is done (at most ``HANDOFF_STEPS`` steps of it,
-services/prefill/service.py), and the decode worker receives it into one contiguous buffer
-before scattering it into its blocks: outside both caches, twice that much. Without that
+services/prefill/service.py), and the decode worker receives it into a staging buffer (the
+whole KV, or two 1 GiB parts of whole layers for a larger one) before copying it into its
+blocks: outside both caches, up to twice that much. Without that
 room, on one H100 (Llama-3-8B, summarization at 2 req/s) the decode worker ran out of memory
 receiving and the prefill worker beside it ran out in its next step.
 
