@@ -33,6 +33,18 @@ def _kv_for(prompt: list[int]):
     return out.kv
 
 
+async def _decodes_as_in_process(stub, request_id: str, reservation, kv) -> None:
+    """Decode from the filled reservation: the greedy tokens of an in-process engine."""
+    events = [e async for e in stub.Decode(pb.DecodeRequest(
+        request_id=request_id, prompt_token_ids=PROMPT, output_token_ids=kv.output_token_ids,
+        sampling=pb.SamplingOptions(max_tokens=10, temperature=0), reservation_id=reservation.reservation_id,
+        lease=reservation.lease))]
+    tokens = list(kv.output_token_ids) + [t for e in events for t in e.token_ids]
+    want = LLMEngine.from_pretrained(DEMO_MODEL_DIR, ENGINE).generate(
+        [PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].token_ids
+    assert tokens == want and events[-1].finished
+
+
 @pytest_asyncio.fixture
 async def decode_worker(etcd):
     worker = Worker(WorkerConfig(role="decode", model_dir=DEMO_MODEL_DIR, etcd_url=etcd.url, engine=ENGINE,
@@ -106,13 +118,7 @@ async def test_writes_are_fenced_by_lease_and_expiry(decode_worker):
         assert good.ok and good.nbytes == kv.nbytes
     finally:
         await client.close()
-    events = [e async for e in stub.Decode(pb.DecodeRequest(
-        request_id="a", prompt_token_ids=PROMPT, output_token_ids=kv.output_token_ids,
-        sampling=pb.SamplingOptions(max_tokens=10, temperature=0), reservation_id=r.reservation_id, lease=r.lease))]
-    tokens = list(kv.output_token_ids) + [t for e in events for t in e.token_ids]
-    want = LLMEngine.from_pretrained(DEMO_MODEL_DIR, ENGINE).generate(
-        [PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].token_ids
-    assert tokens == want and events[-1].finished
+    await _decodes_as_in_process(stub, "a", r, kv)
     assert (await stub.Stats(pb.StatsRequest())).reservations == 0
 
 
@@ -186,10 +192,4 @@ async def test_kv_handed_over_a_layer_at_a_time_decodes_as_in_one_piece(decode_w
         assert sent.ok and sent.nbytes == kv.nbytes
     finally:
         await client.close()
-    events = [e async for e in stub.Decode(pb.DecodeRequest(
-        request_id="parts", prompt_token_ids=PROMPT, output_token_ids=kv.output_token_ids,
-        sampling=pb.SamplingOptions(max_tokens=10, temperature=0), reservation_id=r.reservation_id, lease=r.lease))]
-    tokens = list(kv.output_token_ids) + [t for e in events for t in e.token_ids]
-    want = LLMEngine.from_pretrained(DEMO_MODEL_DIR, ENGINE).generate(
-        [PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].token_ids
-    assert tokens == want and events[-1].finished
+    await _decodes_as_in_process(stub, "parts", r, kv)
