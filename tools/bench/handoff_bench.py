@@ -7,6 +7,9 @@ receiver uses cuda:1 when two GPUs exist, else the sender's cuda:0). Per payload
   handoff  KVTransferClient.send(tensor of the size) into a KVTransferServer whose handler
            returns a preallocated destination tensor and commits at once (header and payload
            back to back, commit byte: the full protocol of services/common/ucx_transport.py)
+  parts    the same send as ``PARTS`` messages (``max_part_bytes``, the way a prefill worker hands
+           over a prompt's KV above 1 GiB): the handler stages two parts at a time and copies each
+           into the destination, as a decode worker copies them into its blocks
   refused  the same send of a different tensor (the bitwise complement) for a reservation the
            handler refuses: the receiver drops the payload without moving it, so this is the
            protocol's fixed cost, and the payload must never reach the receiver's buffer
@@ -71,6 +74,9 @@ _RECEIVER_EXIT_TIMEOUT_S = 60.0
 _SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _PAYLOAD_DTYPE = torch.bfloat16  # what KV blocks are; bytes are bytes to UCX
 _REFUSED_PREFIX = "refuse"
+_PARTS_PREFIX = "parts"
+PARTS = 8
+_COPY_POLL_S = 0.0002
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class SizeResult:
     size_bytes: int
     raw_seconds: list[float]
     handoff_seconds: list[float]
+    parts_seconds: list[float]
     refused_seconds: list[float]
 
     @property
@@ -95,6 +102,10 @@ class SizeResult:
     @property
     def handoff_gbps(self) -> float:
         return self.size_bytes / 1e9 / statistics.median(self.handoff_seconds)
+
+    @property
+    def parts_gbps(self) -> float:
+        return self.size_bytes / 1e9 / statistics.median(self.parts_seconds)
 
     @property
     def refused_ms(self) -> float:
@@ -137,16 +148,35 @@ def _log(message: str) -> None:
 
 class _PreallocatedHandler(TransferHandler):
     """Every transfer of n bytes lands in the one preallocated n-byte buffer and commits, except
-    that reservations named "refuse*" get no destination."""
+    that reservations named "refuse*" get no destination. A transfer in parts lands in a staging
+    buffer of two parts (allocated once per shape), each part copied into the n-byte buffer."""
 
     def __init__(self, buffers: dict[int, torch.Tensor]) -> None:
         self._buffers = buffers
+        self._staging: dict[tuple, torch.Tensor] = {}
 
     async def destination(self, header: TransferHeader) -> torch.Tensor | None:
         buffer = self._buffers.get(header.nbytes)
         if buffer is None or header.reservation_id.startswith(_REFUSED_PREFIX):
             return None
-        return buffer.view(torch_dtype(header.dtype)).view(header.shape)
+        dtype = torch_dtype(header.dtype)
+        if header.parts == 1:
+            return buffer.view(dtype).view(header.shape)
+        key = (header.staging_shape, header.dtype)
+        if key not in self._staging:
+            self._staging[key] = torch.empty(header.staging_shape, dtype=dtype, device=buffer.device)
+        return self._staging[key]
+
+    async def part_landed(self, header: TransferHeader, index: int, rows: tuple[int, int],
+                          part: torch.Tensor) -> bool:
+        whole = self._buffers[header.nbytes].view(torch_dtype(header.dtype)).view(header.shape)
+        whole[rows[0]:rows[1]].copy_(part)
+        if part.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+            while not done.query():
+                await asyncio.sleep(_COPY_POLL_S)
+        return True
 
     async def complete(self, header: TransferHeader, buffer: torch.Tensor) -> bool:
         return True
@@ -215,12 +245,15 @@ async def _raw_exchange(ep, view, ack: np.ndarray) -> None:
 async def _time_handoff(
     client: KVTransferClient, address: str, payload: torch.Tensor, count: int, prefix: str = "bench"
 ) -> list[float]:
-    """`count` sends; reservations named prefix* must commit, _REFUSED_PREFIX* must be refused."""
+    """`count` sends; reservations named prefix* must commit, _REFUSED_PREFIX* must be refused;
+    _PARTS_PREFIX* go as ``PARTS`` messages."""
     expect_ok = prefix != _REFUSED_PREFIX
+    part_bytes = -(-payload.nbytes // PARTS) if prefix == _PARTS_PREFIX else None
     samples = []
     for i in range(count):
         started = time.perf_counter()
-        result = await client.send(address, f"{prefix}-{payload.numel()}-{i}", 1, payload, _SEND_TIMEOUT_S)
+        result = await client.send(address, f"{prefix}-{payload.numel()}-{i}", 1, payload, _SEND_TIMEOUT_S,
+                                   max_part_bytes=part_bytes)
         samples.append(time.perf_counter() - started)
         if result.ok != expect_ok or (not expect_ok and "no destination" not in result.reason):
             raise RuntimeError(f"{prefix} handoff of {payload.nbytes} bytes: ok={result.ok} {result.reason}")
@@ -238,14 +271,15 @@ async def _send_all(config: BenchConfig, raw_port: int, address: str, device: st
             sums[n] = checksum(payload)
             raw = await _time_raw(ep, payload, _WARMUP + config.repeats)
             handoff = await _time_handoff(client, address, payload, _WARMUP + config.repeats)
+            parts = await _time_handoff(client, address, payload, _WARMUP + config.repeats, _PARTS_PREFIX)
             complement = (~payload.view(torch.uint8)).view(_PAYLOAD_DTYPE)  # must never land
             if complement.is_cuda:
                 torch.cuda.synchronize()
             refused = await _time_handoff(client, address, complement, _WARMUP + config.repeats, _REFUSED_PREFIX)
-            result = SizeResult(n, raw[_WARMUP:], handoff[_WARMUP:], refused[_WARMUP:])
+            result = SizeResult(n, raw[_WARMUP:], handoff[_WARMUP:], parts[_WARMUP:], refused[_WARMUP:])
             _log(
                 f"{size_label(n)}: raw {result.raw_gbps:.2f} GB/s, handoff {result.handoff_gbps:.2f} GB/s, "
-                f"refused in {result.refused_ms:.3f} ms"
+                f"{PARTS} parts {result.parts_gbps:.2f} GB/s, refused in {result.refused_ms:.3f} ms"
             )
             results.append(result)
             del payload, complement
@@ -319,12 +353,11 @@ def environment(config: BenchConfig, devices: dict) -> dict:
 
 
 def format_table(results: list[SizeResult]) -> str:
-    rows = [("size", "raw GB/s", "handoff GB/s", "handoff/raw", "refused ms")]
+    rows = [("size", "raw GB/s", "handoff GB/s", "handoff/raw", f"{PARTS} parts GB/s", "parts/handoff", "refused ms")]
     for r in results:
-        ratio = r.handoff_gbps / r.raw_gbps
-        rows.append(
-            (size_label(r.size_bytes), f"{r.raw_gbps:.3f}", f"{r.handoff_gbps:.3f}", f"{ratio:.2f}", f"{r.refused_ms:.3f}")
-        )
+        rows.append((size_label(r.size_bytes), f"{r.raw_gbps:.3f}", f"{r.handoff_gbps:.3f}",
+                     f"{r.handoff_gbps / r.raw_gbps:.2f}", f"{r.parts_gbps:.3f}",
+                     f"{r.parts_gbps / r.handoff_gbps:.2f}", f"{r.refused_ms:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -346,6 +379,9 @@ def write_json(config: BenchConfig, results: list[SizeResult], extra: dict, star
                 "raw_gbps_median": r.raw_gbps,
                 "handoff_gbps_median": r.handoff_gbps,
                 "handoff_over_raw": r.handoff_gbps / r.raw_gbps,
+                "parts": PARTS,
+                "parts_gbps_median": r.parts_gbps,
+                "parts_over_handoff": r.parts_gbps / r.handoff_gbps,
                 "refused_ms_median": r.refused_ms,
             }
             for r in results
