@@ -46,6 +46,10 @@ from services.engine.tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 512 << 20
+EXPORT_DEVICE_BYTES = 1 << 30
+"""A request's exported KV up to this size is a device tensor; larger (a long prompt), it goes
+to host memory a layer at a time: a 128K-token prompt of an 8B model is 16 GiB of KV, more
+than a worker has beside its cache."""
 _GPU_FREE_MEMORY_FRACTION = 0.9
 
 
@@ -302,7 +306,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request {request_id!r} has no KV to export")
         table = self.blocks.block_table(request_id)[: self.blocks.blocks_needed(r.num_computed_tokens)]
         return KVExport(self.fingerprint, self.config.block_size, list(r.prompt_token_ids), r.output_token_ids,
-                        r.num_computed_tokens, self.runner.read_blocks(table))
+                        r.num_computed_tokens, self.runner.read_blocks(table, EXPORT_DEVICE_BYTES))
 
     def release(self, request_id: str) -> bool:
         """Free a reservation that will not be committed; False if there is none."""

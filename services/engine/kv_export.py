@@ -7,6 +7,9 @@ Layout of :attr:`KVExport.kv` (one contiguous tensor, so it moves as one message
 Token at position p is at ``kv[:, :, p // block_size, p % block_size]``. Positions
 from ``num_computed_tokens`` to the end of the last block hold no meaning. Keys are
 stored after rotary embedding (and q/k norm), exactly as the attention reads them.
+The tensor is on the engine's device, except that KV larger than
+``engine.EXPORT_DEVICE_BYTES`` (a long prompt's) is copied out a layer at a time into host
+memory (pinned on CUDA), so that exporting it never needs its whole size on the device.
 """
 
 from __future__ import annotations

@@ -192,10 +192,20 @@ class ModelRunner:
 
     # -- KV export / import -------------------------------------------------------------
 
-    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+    def read_blocks(self, block_ids: list[int], host_above_bytes: int | None = None) -> torch.Tensor:
         """[L, 2, len(block_ids), block_size, Hkv, D] copy of the given blocks, complete on return:
-        it is handed to UCX, which reads device memory outside torch's stream order."""
-        copy = torch.index_select(self.kv_cache, 2, self._tensor(block_ids))  # a new tensor: the one copy
+        it is handed to UCX, which reads device memory outside torch's stream order. A copy of
+        more than ``host_above_bytes`` goes to host memory (pinned on CUDA) a layer at a time,
+        so that the device holds at most one layer of it beside the cache."""
+        index = self._tensor(block_ids)
+        nbytes = self.kv_cache[:, :, 0].nbytes * len(block_ids)
+        if host_above_bytes is None or nbytes <= host_above_bytes:
+            copy = torch.index_select(self.kv_cache, 2, index)  # a new tensor: the one copy
+        else:
+            shape = (self.kv_cache.shape[0], 2, len(block_ids), *self.kv_cache.shape[3:])
+            copy = torch.empty(shape, dtype=self.kv_cache.dtype, pin_memory=self.device.type == "cuda")
+            for layer, cache in enumerate(self.kv_cache):
+                copy[layer].copy_(torch.index_select(cache, 1, index), non_blocking=True)
         self.synchronize()
         return copy
 

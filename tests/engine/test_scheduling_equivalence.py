@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from proto.tandem.v1 import tandem_pb2 as pb
 from services.common.worker_state import engine_counters
+from services.engine import engine as engine_module
 from services.engine.errors import CapacityError, InvalidRequestError
 from services.engine.request import FinishReason, SamplingParams
 from tests.engine.conftest import small_engine
@@ -120,6 +122,25 @@ def test_export_on_finish_hands_over_the_kv_in_the_finishing_step(model, expecte
     while decode.has_unfinished():
         tokens += [t for o in decode.step() for t in o.new_token_ids]
     assert tokens == expected[5]
+
+
+def test_a_large_export_is_copied_a_layer_at_a_time_and_continues_exactly(model, expected, monkeypatch):
+    """KV over EXPORT_DEVICE_BYTES (a long prompt's) is read out one layer at a time, into host
+    memory (pinned on CUDA): the same tensor, and decoding goes on from it exactly."""
+    prompts = _prompts(8)
+    running = small_engine(model)
+    running.add_request("p", prompts[3], SamplingParams(max_tokens=2, temperature=0))
+    running.step()
+    whole = running.export_kv("p")
+    monkeypatch.setattr(engine_module, "EXPORT_DEVICE_BYTES", whole.nbytes - 1)
+    by_layer = running.export_kv("p")
+    assert by_layer.kv.device.type == "cpu" and by_layer.kv.is_contiguous() and torch.equal(by_layer.kv, whole.kv)
+    decode = small_engine(model)
+    decode.import_request("p", by_layer, GREEDY)
+    tokens = list(by_layer.output_token_ids)
+    while decode.has_unfinished():
+        tokens += [t for o in decode.step() for t in o.new_token_ids]
+    assert tokens == expected[3]
 
 
 def test_import_rejects_other_models_and_full_caches(model, checkpoints):
