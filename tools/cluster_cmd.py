@@ -36,6 +36,10 @@ def add_parsers(sub) -> None:
     up.add_argument("--cluster", default="default")
     up.add_argument("--device", default="cpu",
                     help="cpu; cuda (the workers spread over the visible GPUs) or cuda:N (all on GPU N)")
+    up.add_argument("--mps-sm-percent", default=None, metavar="PREFILL,DECODE",
+                    help="workers sharing a GPU run as clients of a private CUDA MPS daemon, their kernels "
+                         "side by side; prefill and decode workers may use these percentages of the SMs "
+                         "(e.g. 70,100), mixed workers all")
     up.add_argument("--dtype", default="auto")
     up.add_argument("--kv-cache-bytes", type=int, default=None)
     up.add_argument("--stream-interval-ms", type=float, default=0.0, metavar="MS",
@@ -101,6 +105,7 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
                                      str(args.kvstore_ssd_bytes)))
     try:
         spec = replace(spec, worker_name_args=_placement(spec.worker_names(), args))
+        spec = _with_mps(spec, args.mps_sm_percent)
     except (ValueError, RuntimeError, EngineError) as e:
         _say(f"error: {e}")
         return _EXIT_BAD_INPUT
@@ -118,6 +123,23 @@ def _placement(names: list[str], args: argparse.Namespace) -> dict[str, tuple[st
     from tools.gpu_placement import place_workers
 
     return place_workers(names, args.device, args.model, args.dtype, DEFAULT_MAX_BATCHED_TOKENS, free_device_bytes())
+
+
+def _with_mps(spec, sm_percent: str | None):
+    """``spec`` with its workers that share a GPU as clients of a CUDA MPS daemon (``--mps-sm-percent``)."""
+    if sm_percent is None:
+        return spec
+    from tools.bench.mps import MpsDaemon, parse_sm_percent
+
+    prefill, decode = parse_sm_percent(sm_percent)
+    devices = {name: dict(zip(a[::2], a[1::2])).get("--device", "cpu") for name, a in spec.worker_name_args.items()}
+    sharing = [n for n, d in devices.items() if d.startswith("cuda") and list(devices.values()).count(d) > 1]
+    if not sharing:
+        raise ValueError("--mps-sm-percent is for workers sharing a GPU (--device cuda:N, or more workers than GPUs)")
+    daemon = MpsDaemon(spec.state_dir / "mps")
+    share = {"prefill": prefill, "decode": decode, "mixed": 100}
+    env = {name: daemon.client_env(share[name.rsplit("-", 1)[0]]) for name in sharing}
+    return replace(spec, worker_name_env=env, mps_dir=daemon.pipe_dir.parent)
 
 
 def _status(args: argparse.Namespace, state_dir: Path) -> int:

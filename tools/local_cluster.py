@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.common.etcd_server import EtcdServer
+from tools.bench.mps import MpsDaemon
 
 _POLL_INTERVAL_S = 0.25
 _STOP_TIMEOUT_S = 40.0
@@ -50,6 +51,9 @@ class ClusterSpec:
     (e.g. a GPU per worker when several of one role share a machine)."""
     worker_name_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """Extra environment per worker name (e.g. a CUDA MPS client's settings)."""
+    mps_dir: Path | None = None
+    """A private CUDA MPS control daemon to start in this directory before the workers, and to
+    stop after them (tools/bench/mps.py); its clients' settings go in ``worker_name_env``."""
     policy: str = "least-loaded"
     """The router's routing policy."""
     router_args: tuple[str, ...] = ()
@@ -90,6 +94,8 @@ class ClusterState:
     grpc_address: str
     processes: dict[str, int] = field(default_factory=dict)
     """name -> pid (etcd, router, prefill-0, decode-0, ...)."""
+    mps_dir: str | None = None
+    """The CUDA MPS daemon's directory, when one was started."""
 
     def save(self, state_dir: Path) -> None:
         (state_dir / "cluster.json").write_text(json.dumps(asdict(self), indent=2))
@@ -114,6 +120,11 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
             state.processes["kvstore"] = _spawn(spec, "kvstore", [
                 "serve", "kvstore", "--id", "kvstore", "--ssd-dir", str(spec.state_dir / "kvstore"),
                 *spec.kvstore_args], state)
+        if spec.mps_dir is not None:
+            progress("starting the CUDA MPS daemon")
+            MpsDaemon(spec.mps_dir).start()
+            state.mps_dir = str(spec.mps_dir)
+            state.save(spec.state_dir)  # so that a failed start still stops it
         for name in spec.worker_names():
             role = name.rsplit("-", 1)[0]
             args = ["serve", role, "--id", name, "--model", str(spec.model_dir), *spec.worker_args,
@@ -149,6 +160,9 @@ def stop_cluster(state_dir: Path, progress=print, timeout_s: float = _STOP_TIMEO
             if _alive(pid):
                 progress(f"{name} did not stop in {timeout_s:.0f} s; killing it")
                 _signal(pid, signal.SIGKILL)
+        if group == workers and state.mps_dir:  # its clients are gone
+            progress("stopping the CUDA MPS daemon")
+            MpsDaemon(Path(state.mps_dir)).stop_started_elsewhere()
     (state_dir / "cluster.json").unlink(missing_ok=True)
     return True
 

@@ -91,3 +91,39 @@ def test_each_process_sharing_a_gpu_is_counted_its_working_memory():
     assert counted == {"prefill-0": 4 * gib, "decode-0": without["decode-0"] - 5 * gib}
     with pytest.raises(ValueError, match=r"weights \(2 x 15.0 GiB\) and working memory \(50.0 GiB\) do not fit"):
         kv_budget.shared_device_budgets(devices, weights, free, working={"prefill-0": 25 * gib, "decode-0": 25 * gib})
+
+
+def test_up_puts_workers_sharing_a_gpu_under_mps_with_their_share_of_the_sms(tmp_path):
+    from tools.cluster_cmd import _with_mps
+    from tools.local_cluster import ClusterSpec
+
+    spec = ClusterSpec(DEMO_MODEL_DIR, tmp_path, prefill=1, decode=1, mixed=1,
+                       worker_name_args={"prefill-0": ("--device", "cuda:0", "--kv-cache-bytes", "1"),
+                                         "decode-0": ("--device", "cuda:0"), "mixed-0": ("--device", "cuda:1")})
+    assert _with_mps(spec, None) is spec
+    mps = _with_mps(spec, "70,100")
+    assert mps.mps_dir == tmp_path / "mps"
+    assert set(mps.worker_name_env) == {"prefill-0", "decode-0"}  # mixed-0 is alone on its GPU
+    assert mps.worker_name_env["prefill-0"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "70"
+    assert mps.worker_name_env["decode-0"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"
+    assert mps.worker_name_env["decode-0"]["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "mps" / "pipe")
+    with pytest.raises(ValueError, match="PREFILL,DECODE with each 1-100"):
+        _with_mps(spec, "70")
+    alone = ClusterSpec(DEMO_MODEL_DIR, tmp_path, worker_name_args={"prefill-0": ("--device", "cuda:0"),
+                                                                   "decode-0": ("--device", "cuda:1")})
+    with pytest.raises(ValueError, match="for workers sharing a GPU"):
+        _with_mps(alone, "70,100")
+
+
+def test_up_with_mps_on_cpu_exits_2_and_down_stops_a_recorded_daemon_quietly(tmp_path):
+    from tools.local_cluster import ClusterState, stop_cluster
+
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "up", "--mps-sm-percent", "70,100",
+                           "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "for workers sharing a GPU" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "cluster.json").exists()
+    # a cluster recorded with an MPS daemon: down asks it to quit (here no MPS tools: nothing to do)
+    ClusterState("http://127.0.0.1:1", "default", "", "", mps_dir=str(tmp_path / "mps")).save(tmp_path)
+    said = []
+    assert stop_cluster(tmp_path, progress=said.append)
+    assert said == ["stopping the CUDA MPS daemon"] and not (tmp_path / "cluster.json").exists()

@@ -1,4 +1,5 @@
-"""CUDA MPS (Multi-Process Service) for ``tandem bench disagg`` workers sharing one GPU.
+"""CUDA MPS (Multi-Process Service) for workers sharing one GPU (``tandem bench disagg``,
+``tandem up``).
 
 Without MPS the CUDA contexts of two processes on one GPU are time-sliced: the prefill
 worker's long kernels and the decode worker's short ones never run at the same time, so a
@@ -8,8 +9,8 @@ share the SMs at once; ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` caps the share of S
 may use, a spatial split of the GPU (prefill is bound by compute, decode by memory bandwidth,
 which a fraction of the SMs already draws).
 
-Each benchmark cluster gets a private control daemon (its pipe and log directories under the
-cluster's state directory), started before the workers and stopped after them.
+Each cluster gets a private control daemon (its pipe and log directories under the cluster's
+state directory), started before the workers and stopped after them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ class MpsDaemon:
         control, self._control = self._control, None
         if control is None:
             return
+        self._quit(control)
+
+    def stop_started_elsewhere(self) -> None:
+        """Ask a daemon another process started in this directory to quit (``tandem down``)."""
+        control = shutil.which(CONTROL)
+        if control is not None and self.pipe_dir.is_dir():
+            self._quit(control)
+
+    def _quit(self, control: str) -> None:
         try:
             subprocess.run([control], input="quit\n", env=self._env(), capture_output=True, text=True,
                            timeout=_TIMEOUT_S)
