@@ -131,15 +131,13 @@ def _with_mps(spec, sm_percent: str | None):
         return spec
     from tools.bench.mps import MpsDaemon, parse_sm_percent
 
-    prefill, decode = parse_sm_percent(sm_percent)
+    percent = parse_sm_percent(sm_percent)
     devices = {name: dict(zip(a[::2], a[1::2])).get("--device", "cpu") for name, a in spec.worker_name_args.items()}
     sharing = [n for n, d in devices.items() if d.startswith("cuda") and list(devices.values()).count(d) > 1]
     if not sharing:
         raise ValueError("--mps-sm-percent is for workers sharing a GPU (--device cuda:N, or more workers than GPUs)")
     daemon = MpsDaemon(spec.state_dir / "mps")
-    share = {"prefill": prefill, "decode": decode, "mixed": 100}
-    env = {name: daemon.client_env(share[name.rsplit("-", 1)[0]]) for name in sharing}
-    return replace(spec, worker_name_env=env, mps_dir=daemon.pipe_dir.parent)
+    return replace(spec, worker_name_env=daemon.worker_envs(sharing, percent), mps_dir=daemon.directory)
 
 
 def _status(args: argparse.Namespace, state_dir: Path) -> int:

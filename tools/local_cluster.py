@@ -122,9 +122,8 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
                 *spec.kvstore_args], state)
         if spec.mps_dir is not None:
             progress("starting the CUDA MPS daemon")
-            MpsDaemon(spec.mps_dir).start()
             state.mps_dir = str(spec.mps_dir)
-            state.save(spec.state_dir)  # so that a failed start still stops it
+            MpsDaemon(spec.mps_dir).start()
         for name in spec.worker_names():
             role = name.rsplit("-", 1)[0]
             args = ["serve", role, "--id", name, "--model", str(spec.model_dir), *spec.worker_args,
@@ -137,6 +136,7 @@ def start_cluster(spec: ClusterSpec, timeout_s: float, progress=print) -> Cluste
         state.save(spec.state_dir)
         _wait_ready(spec, state, timeout_s, progress)
     except BaseException:
+        state.save(spec.state_dir)  # what was started so far, for stop_cluster to stop
         stop_cluster(spec.state_dir, progress=lambda *_: None)
         raise
     return state
@@ -160,9 +160,9 @@ def stop_cluster(state_dir: Path, progress=print, timeout_s: float = _STOP_TIMEO
             if _alive(pid):
                 progress(f"{name} did not stop in {timeout_s:.0f} s; killing it")
                 _signal(pid, signal.SIGKILL)
-        if group == workers and state.mps_dir:  # its clients are gone
-            progress("stopping the CUDA MPS daemon")
-            MpsDaemon(Path(state.mps_dir)).stop_started_elsewhere()
+    if state.mps_dir:  # its clients are gone
+        progress("stopping the CUDA MPS daemon")
+        MpsDaemon(Path(state.mps_dir)).stop()
     (state_dir / "cluster.json").unlink(missing_ok=True)
     return True
 

@@ -106,6 +106,7 @@ def test_workers_sharing_a_gpu_under_mps_get_their_roles_share_of_the_sms(tmp_pa
             "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "mps" / "log")}
     assert spec.worker_name_env == {"prefill-0": {**dirs, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "70"},
                                     "decode-0": {**dirs, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40"}}
+    assert spec.mps_dir == tmp_path / "mps"  # start_cluster starts the daemon, stop_cluster stops it
     mixed = cluster_spec(plan_layout("colocated", "cuda", 1, 2), workers, tmp_path, tmp_path, mps=mps)
     assert {e["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] for e in mixed.worker_name_env.values()} == {"100"}
     # each worker alone on its GPU: nothing to share, no MPS
@@ -135,8 +136,8 @@ def test_mps_control_daemon_is_started_and_asked_to_quit_with_its_directories(tm
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     daemon = MpsDaemon(tmp_path / "mps")
     daemon.start()
-    daemon.stop()
-    daemon.stop()
+    MpsDaemon(tmp_path / "mps").stop()  # as `tandem down` does: another object, the same directory
+    MpsDaemon(tmp_path / "other").stop()  # none started there: nothing to ask
     pipe = tmp_path / "mps" / "pipe"
     assert pipe.is_dir() and (tmp_path / "mps" / "log").is_dir()
     assert record.read_text().splitlines() == [f"-d {pipe} ", f" {pipe} quit"]

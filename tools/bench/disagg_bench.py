@@ -246,16 +246,12 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
             if tpot_slo_ms is None:
                 raise ValueError(f"layout {layout.name} with router_tpot_slo needs the workload's TPOT SLO")
             router_args += ("--tpot-slo-ms", f"{tpot_slo_ms:g}")
-    env = {}
-    if mps is not None:
-        prefill, decode = workers.mps_sm_percent or (100, 100)
-        percent = {"prefill": prefill, "decode": decode, "mixed": 100}
-        env = {name: mps.client_env(percent[name.rsplit("-", 1)[0]]) for name in layout.sharing_gpu()}
+    env = {} if mps is None else mps.worker_envs(layout.sharing_gpu(), workers.mps_sm_percent or (100, 100))
     return ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=layout.count("prefill"),
                        decode=layout.count("decode"), mixed=layout.count("mixed"), http_port=free_port(),
                        grpc_port=free_port(), worker_args=tuple(common), worker_name_args=per_worker,
-                       worker_name_env=env, kvstore=False, policy=layout.policy, router_args=router_args,
-                       router_processes=harness.router_processes)
+                       worker_name_env=env, mps_dir=None if mps is None else mps.directory, kvstore=False,
+                       policy=layout.policy, router_args=router_args, router_processes=harness.router_processes)
 
 
 # -- running -------------------------------------------------------------------------------
@@ -273,19 +269,13 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
         f"{f' under CUDA MPS, SMs {preset.workers.mps_sm_percent} % (prefill, decode)' if mps else ''}"
         f" (state in {state_dir}, kept if it fails)")
     started_at, start = _now(), time.monotonic()
+    state = start_cluster(spec, _CLUSTER_START_TIMEOUT_S, progress=log)  # and the MPS daemon, if any
+    start_s = time.monotonic() - start
     try:
-        if mps is not None:
-            mps.start()
-        state = start_cluster(spec, _CLUSTER_START_TIMEOUT_S, progress=log)
-        start_s = time.monotonic() - start
-        try:
-            args = serve_args(f"grpc://{state.grpc_address}", model_dir, plan, preset)
-            result = asyncio.run(_warm_up_and_sweep(args, plan.slo, len(layout.devices), state))
-        finally:
-            stop_cluster(state_dir, progress=log)
+        args = serve_args(f"grpc://{state.grpc_address}", model_dir, plan, preset)
+        result = asyncio.run(_warm_up_and_sweep(args, plan.slo, len(layout.devices), state))
     finally:
-        if mps is not None:
-            mps.stop()
+        stop_cluster(state_dir, progress=log)
     errors = Counter(r["error"] for run in result["runs"] for r in run["requests"] if r.get("error"))
     if errors:  # a worker that died shows in its log
         common = "; ".join(f"{n} x {e[:120]}" for e, n in errors.most_common(3))

@@ -85,6 +85,14 @@ def working_bytes(mc, step_tokens: int, dtype) -> int:
     return PROCESS_BYTES + ACTIVATION_SAFETY * step_tokens * per_token * dtype.itemsize
 
 
+def _by_device(devices: dict[str, str]) -> dict[str, list[str]]:
+    """Device -> the names of the workers on it."""
+    on_device: dict[str, list[str]] = {}
+    for name, device in devices.items():
+        on_device.setdefault(device, []).append(name)
+    return on_device
+
+
 def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int],
                           caps: dict[str, int] | None = None,
                           in_flight: dict[str, int] | None = None,
@@ -99,11 +107,8 @@ def shared_device_budgets(devices: dict[str, str], weights: int, free: list[int]
     caps = caps or {}
     in_flight = in_flight or caps
     working = working or {}
-    on_device: dict[str, list[str]] = {}
-    for name, device in devices.items():
-        on_device.setdefault(device, []).append(name)
     budgets: dict[str, int | None] = {}
-    for device, names in on_device.items():
+    for device, names in _by_device(devices).items():
         k = len(names)
         if k == 1 or not device.startswith("cuda"):
             budgets.update(dict.fromkeys(names))
@@ -131,11 +136,8 @@ def memory_shares(devices: dict[str, str], weights: int, free: list[int], budget
     None for a worker alone there; for workers sharing one, its weights, cache and working
     memory, and an equal part of what is left of the free memory (the handoffs in flight and
     the slack), so that no process can take what another was counted."""
-    on_device: dict[str, list[str]] = {}
-    for name, device in devices.items():
-        on_device.setdefault(device, []).append(name)
     shares: dict[str, int | None] = {}
-    for device, names in on_device.items():
+    for device, names in _by_device(devices).items():
         if budgets[names[0]] is None:
             shares.update(dict.fromkeys(names))
             continue

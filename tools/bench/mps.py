@@ -26,10 +26,9 @@ _TIMEOUT_S = 30.0
 
 class MpsDaemon:
     def __init__(self, directory: Path):
+        self.directory = directory
         self.pipe_dir = directory / "pipe"
         self.log_dir = directory / "log"
-        self._control: str | None = None
-        """The control program, found on PATH at start."""
 
     def start(self) -> None:
         """Start the control daemon; RuntimeError when there is none to start or it fails."""
@@ -42,22 +41,13 @@ class MpsDaemon:
         if done.returncode != 0:
             raise RuntimeError(f"{CONTROL} -d failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}"
                                f"; logs in {self.log_dir}")
-        self._control = control
 
     def stop(self) -> None:
-        """Ask the daemon to quit (it stops its server once the clients are gone); no-op if not started."""
-        control, self._control = self._control, None
-        if control is None:
-            return
-        self._quit(control)
-
-    def stop_started_elsewhere(self) -> None:
-        """Ask a daemon another process started in this directory to quit (``tandem down``)."""
+        """Ask the daemon of this directory to quit (it stops its server once the clients are
+        gone), whichever process started it; a no-op where none was started."""
         control = shutil.which(CONTROL)
-        if control is not None and self.pipe_dir.is_dir():
-            self._quit(control)
-
-    def _quit(self, control: str) -> None:
+        if control is None or not self.pipe_dir.is_dir():
+            return
         try:
             subprocess.run([control], input="quit\n", env=self._env(), capture_output=True, text=True,
                            timeout=_TIMEOUT_S)
@@ -67,6 +57,12 @@ class MpsDaemon:
     def client_env(self, sm_percent: int) -> dict[str, str]:
         """Environment of a client process that may use ``sm_percent`` % of the GPU's SMs."""
         return {**self._dirs(), "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(sm_percent)}
+
+    def worker_envs(self, names: list[str], sm_percent: tuple[int, int]) -> dict[str, dict[str, str]]:
+        """Worker name (``<role>-<i>``) -> its client environment: prefill workers may use the
+        first share of the SMs (``PREFILL,DECODE``), decode workers the second, mixed workers all."""
+        share = {"prefill": sm_percent[0], "decode": sm_percent[1], "mixed": 100}
+        return {name: self.client_env(share[name.rsplit("-", 1)[0]]) for name in names}
 
     def _dirs(self) -> dict[str, str]:
         return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
