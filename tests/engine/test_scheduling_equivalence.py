@@ -13,6 +13,7 @@ from services.engine import engine as engine_module
 from services.engine.errors import CapacityError, InvalidRequestError
 from services.engine.request import FinishReason, SamplingParams
 from tests.engine.conftest import small_engine
+from tests.integration.cluster import TEST_DEVICE
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, min_tokens=12)
 
@@ -126,21 +127,25 @@ def test_export_on_finish_hands_over_the_kv_in_the_finishing_step(model, expecte
 
 def test_a_large_export_is_copied_a_layer_at_a_time_and_continues_exactly(model, expected, monkeypatch):
     """KV over EXPORT_DEVICE_BYTES (a long prompt's) is read out one layer at a time, into host
-    memory (pinned on CUDA): the same tensor, and decoding goes on from it exactly."""
+    memory (pinned on CUDA, ``TANDEM_TEST_DEVICE=cuda``): the same tensor, and decoding goes on
+    from it exactly."""
     prompts = _prompts(8)
-    running = small_engine(model)
+    on_device = {"device": TEST_DEVICE, "dtype": "float32"}
+    running = small_engine(model, **on_device)
     running.add_request("p", prompts[3], SamplingParams(max_tokens=2, temperature=0))
     running.step()
     whole = running.export_kv("p")
     monkeypatch.setattr(engine_module, "EXPORT_DEVICE_BYTES", whole.nbytes - 1)
     by_layer = running.export_kv("p")
-    assert by_layer.kv.device.type == "cpu" and by_layer.kv.is_contiguous() and torch.equal(by_layer.kv, whole.kv)
-    decode = small_engine(model)
+    assert by_layer.kv.device.type == "cpu" and by_layer.kv.is_contiguous() and torch.equal(by_layer.kv, whole.kv.cpu())
+    assert by_layer.kv.is_pinned() == (TEST_DEVICE != "cpu")
+    decode = small_engine(model, **on_device)
     decode.import_request("p", by_layer, GREEDY)
     tokens = list(by_layer.output_token_ids)
     while decode.has_unfinished():
         tokens += [t for o in decode.step() for t in o.new_token_ids]
-    assert tokens == expected[3]
+    want = expected[3] if TEST_DEVICE == "cpu" else small_engine(model, **on_device).generate([prompts[3]], GREEDY)[0].token_ids
+    assert tokens == want
 
 
 def test_import_rejects_other_models_and_full_caches(model, checkpoints):

@@ -19,9 +19,12 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.request import SamplingParams
 from tests.common.test_registry import wait_until
+from tests.integration.cluster import TEST_DEVICE
 from tools.demo import DEMO_MODEL_DIR
 
-ENGINE = EngineConfig(kv_cache_bytes=32 << 20)
+ENGINE = EngineConfig(kv_cache_bytes=32 << 20, device=TEST_DEVICE, dtype="float32")
+"""With ``TANDEM_TEST_DEVICE=cuda`` the worker, the KV sent and the references are on a GPU: the
+handoff then lands through the CUDA staging and copy path (parts included)."""
 PROMPT = list(range(40, 77))
 
 
