@@ -327,8 +327,11 @@ def test_the_estimate_counts_every_cluster_and_rate():
     assert worst == 4 * (30 + 5) + 28 * (10 + 20)
 
 
-def _entry(rates_attained: list[tuple[float, float]], good: float | None, seed: int = 0) -> dict:
-    return {"settings": {"seed": seed}, "goodput_rate": good,
+def _entry(rates_attained: list[tuple[float, float]], good: float | None, seed: int = 0,
+           devices: tuple[str, ...] = ("cuda:0", "cuda:1"), **shape) -> dict:
+    """A layout's entry with its workers on ``devices``; ``shape``: settings of how it runs (workers, MPS)."""
+    return {"settings": {"seed": seed, **shape}, "goodput_rate": good,
+            "layout": {"workers": {f"w-{i}": {"device": d} for i, d in enumerate(devices)}},
             "runs": [{"rate": r, "summary": {"slo_attainment": a}} for r, a in rates_attained]}
 
 
@@ -340,8 +343,22 @@ def test_compare_gives_a_ratio_only_for_the_same_settings():
     assert both["notes"] == ["disaggregated met the SLO at its highest rate: its goodput is at least 4/s"]
     other = compare({"colocated": co, "disaggregated": _entry([(1, 1.0)], 1, seed=1)})
     assert other["ratio"] is None and "different settings" in other["notes"][0]
+    more_gpus = compare({"colocated": co, "disaggregated": _entry([(1, 1.0)], 1, devices=("cuda:0", "cuda:1", "cuda:2"))})
+    assert more_gpus["ratio"] is None and "other GPU counts" in more_gpus["notes"][0]
     none = compare({"colocated": _entry([(1, 0.2)], None), "disaggregated": dis})
     assert none["ratio"] is None and none["notes"][0] == "colocated met the SLO at no swept rate (sweep lower rates)"
+
+
+def test_one_mixed_worker_compares_with_two_processes_sharing_its_gpu():
+    """On one GPU the baseline is one mixed worker (``--workers 1``), the disaggregated layout two
+    processes, perhaps under MPS: the same requests on as many GPUs, so their goodputs divide."""
+    one = _entry([(1, 1.0), (2, 0.5)], 1, devices=("cuda:0",), workers=1)
+    shared = _entry([(1, 1.0), (2, 0.95)], 2, devices=("cuda:0", "cuda:0"), workers=2, mps_sm_percent=[70, 100])
+    slo = _entry([(1, 1.0), (2, 0.95)], 2, devices=("cuda:0", "cuda:0"), workers=2, router_tpot_slo=True)
+    both = compare({"colocated": one, "disaggregated": shared, "disaggregated-slo": slo})
+    assert both["ratios"] == {"disaggregated": 2.0, "disaggregated-slo": 2.0} and both["same_settings"]
+    other_seed = compare({"colocated": one, "disaggregated": _entry([(1, 1.0)], 1, seed=1, devices=("cuda:0", "cuda:0"))})
+    assert other_seed["ratio"] is None
 
 
 # -- SLO sensitivity: recomputed from the stored records ---------------------------------------
@@ -566,3 +583,7 @@ def test_ratio_text_names_a_layout_that_met_a_limit_nowhere_once():
             "ratios": {"disaggregated": None, "disaggregated-slo": 1.0}}
     assert disagg_report._ratio_text(item, {"colocated": 64, "disaggregated-slo": 64}) == \
         "disaggregated met it at no swept rate; disaggregated-slo 1.00x"
+    baseline_nowhere = {"goodput": {"colocated": None, "disaggregated": 5, "disaggregated-slo": 3}, "ratio": None,
+                        "ratios": {"disaggregated": None, "disaggregated-slo": None}}
+    assert disagg_report._ratio_text(baseline_nowhere, {"colocated": 7, "disaggregated": 7, "disaggregated-slo": 7}) == \
+        "colocated met it at no swept rate"

@@ -68,6 +68,24 @@ def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: Ot
     return report
 
 
+LAYOUT_SHAPE = ("workers", "mps_sm_percent", "decode_step_period_ms", "router_tpot_slo")
+"""Settings that say how a layout runs on its GPUs, not what it serves: two layouts that differ
+only in these still compare (one mixed worker against a prefill and a decode process on one GPU,
+or a layout run under MPS against one run without)."""
+
+
+def comparable(entry: dict, baseline: dict) -> bool:
+    """Whether ``entry``'s goodput may be divided by ``baseline``'s: the same requests (model,
+    workload, rates, seed, SLO, engine settings) on as many GPUs."""
+    def load(e: dict) -> dict:
+        return {k: v for k, v in e["settings"].items() if k not in LAYOUT_SHAPE}
+
+    def gpus(e: dict) -> int:
+        return len({w["device"] for w in e["layout"]["workers"].values()})
+
+    return load(entry) == load(baseline) and gpus(entry) == gpus(baseline)
+
+
 def compare(layouts: dict[str, dict]) -> dict | None:
     """Each other layout's goodput / colocated goodput, where both ran with the same settings.
     ``ratio`` (and ``disaggregated_goodput``) is the plain disaggregated layout's, the headline;
@@ -76,10 +94,10 @@ def compare(layouts: dict[str, dict]) -> dict | None:
     if BASELINE not in layouts or not others:
         return None
     co = layouts[BASELINE]
-    same = {name: layouts[name]["settings"] == co["settings"] for name in others}
+    same = {name: comparable(layouts[name], co) for name in others}
     good = {name: layouts[name]["goodput_rate"] for name in (BASELINE, *others)}
     ratios = {name: _goodput_ratio(good[BASELINE], good[name], same[name]) for name in others}
-    notes = [f"{name} and colocated ran with different settings: run one again to compare"
+    notes = [f"{name} and colocated ran with different settings or on other GPU counts: run one again to compare"
              for name in others if not same[name]]
     for name in (BASELINE, *others):
         top = max(run["rate"] for run in layouts[name]["runs"])
@@ -112,8 +130,7 @@ def slo_sensitivity(layouts: dict[str, dict], slos: Sequence[SLO]) -> list[dict]
     recomputed from the stored request records: the same requests as the headline, on its rate
     grid. A layout whose runs lack their records is listed under ``no_records`` with goodput None."""
     names = [name for name in LAYOUTS if name in layouts]
-    same = {name: BASELINE in layouts and layouts[name]["settings"] == layouts[BASELINE]["settings"]
-            for name in _others(layouts)}
+    same = {name: BASELINE in layouts and comparable(layouts[name], layouts[BASELINE]) for name in _others(layouts)}
     block = []
     for slo in slos:
         points = {name: _attainment_points(layouts[name], slo) for name in names}
@@ -285,9 +302,9 @@ def _ratio_text(item: dict, tops: dict[str, float]) -> str:
         return ""
     if len(texts) == 1:
         return texts[0]
-    # a missing ratio's text names the layouts that met the limit nowhere itself
-    return "; ".join(text if ratio is None and text != "-" else f"{name} {text}"
-                     for (name, ratio), text in zip(ratios.items(), texts))
+    # a missing ratio's text names the layouts that met the limit nowhere itself (once: all may name colocated)
+    return "; ".join(dict.fromkeys(text if ratio is None and text != "-" else f"{name} {text}"
+                                   for (name, ratio), text in zip(ratios.items(), texts)))
 
 
 def _one_ratio_text(item: dict, name: str, ratio: float | None, tops: dict[str, float]) -> str:
