@@ -20,7 +20,9 @@ Same number of worker processes on the same devices in both layouts. ``--workers
 decode ratios: worker i runs on cuda:(i mod visible GPUs), e.g. 3 prefill + 1 decode
 against 4 mixed on four GPUs; ``--workers 1 --layouts colocated`` runs one mixed worker
 with the whole device, the other baseline when two processes share one GPU (same requests,
-its own ``-x1`` results file). ``--kv-cache-bytes`` is a budget per device: processes
+its own ``-x1`` results file; give both runs one ``--results-file`` to get their ratio: layouts
+that differ only in worker count, MPS, decode pacing or the router's TPOT target compare where
+they ran on as many GPUs, ``disagg_report.comparable``). ``--kv-cache-bytes`` is a budget per device: processes
 sharing a device get an equal share each. The GPU presets name none: a worker alone on its
 GPU lets its engine take the memory left after its weights, workers sharing one split what
 is free less their weights (tools/bench/kv_budget.py); each run stores the cache size every
