@@ -63,6 +63,7 @@ class Worker:
                                    step_period_s=c.decode_step_period_s, on_failure=self._engine_failed)
         await self.aengine.start()
         self.state = WorkerState(c, self.aengine)
+        self.state.loop_lag.start()
         self.server, port, self.health = new_server(c.host, c.grpc_port)
         self.grpc_address = f"{c.host}:{port}"
         services = []
@@ -138,6 +139,7 @@ class Worker:
             shutdown_ucx()  # ucxx's notifier thread would otherwise keep the process alive
         except Exception:  # e.g. an endpoint to a dead peer still referenced: log, still exit
             log.exception("ucx shutdown failed")
+        await self.state.loop_lag.close()
         await self.aengine.close()
         log.info("%s stopped", c.worker_id)
 

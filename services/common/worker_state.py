@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import grpc
 
 from proto.tandem.v1 import tandem_pb2 as pb
+from services.common.loop_lag import LoopLagMonitor
 from services.common.registry import WorkerLoad
 from services.common.worker_config import WorkerConfig
 from services.engine.async_engine import AsyncEngine
@@ -64,6 +65,8 @@ class WorkerState:
         self.kv_bytes_sent = 0
         self.handoffs_refused_busy = 0
         """Handoffs this (prefill) worker sent that a decode worker refused for lack of memory."""
+        self.loop_lag = LoopLagMonitor()
+        """How late the event loop runs (started by the worker)."""
 
     async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
         if self.draining:
@@ -108,4 +111,6 @@ class WorkerState:
                               kv_bytes_received=kv_bytes_received, kv_bytes_sent=self.kv_bytes_sent,
                               prefill_tokens_per_s=e.prefill_tokens_per_s, prefill_rate_age_s=e.prefill_rate_age_s,
                               stream_messages=self.aengine.stream_messages,
-                              handoffs_refused_busy=self.handoffs_refused_busy, **counters)
+                              handoffs_refused_busy=self.handoffs_refused_busy,
+                              loop_lag_seconds=self.loop_lag.lag_s, loop_lag_samples=self.loop_lag.samples,
+                              loop_stalls=self.loop_lag.stalls, **counters)

@@ -195,6 +195,9 @@ def _check_all_ok(report: dict, rate: float, duration: float, seed: int) -> None
     assert all(r["ok"] and r["error"] is None for r in reqs), [r["error"] for r in reqs]
     assert [r["output_len"] for r in reqs] == [r["output_len_requested"] for r in reqs]
     assert all(r["ttft_ms"] > 0 and r["tpot_ms"] >= 0 and r["e2e_ms"] >= r["ttft_ms"] for r in reqs)
+    with_gap = [r for r in reqs if r["first_gap_ms"] is not None]
+    assert with_gap and all(0 <= r["first_gap_ms"] <= r["e2e_ms"] for r in with_gap)
+    assert run["summary"]["first_gap_ms"]["p50"] is not None
     assert run["summary"]["slo_attainment"] == 1.0 and run["summary"]["ok"] == len(reqs)
     assert [r["cached_prompt_tokens"] for r in reqs] == [0] * len(reqs)  # no prompt was sent twice
 

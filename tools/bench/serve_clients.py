@@ -51,6 +51,8 @@ class Measurement:
     def __init__(self, start: float):
         self.start = start
         self.first_token: float | None = None
+        self.second_chunk: float | None = None
+        """When the output after the first chunk began to arrive."""
         self.last_token: float | None = None
         self.end: float | None = None
         self.tokens = 0
@@ -70,6 +72,8 @@ class Measurement:
         now = time.perf_counter()
         if self.first_token is None:
             self.first_token = now
+        elif self.second_chunk is None:
+            self.second_chunk = now
         self.last_token = now
         self.tokens += count
 
@@ -307,7 +311,8 @@ def to_record(index: int, scheduled_s: float, req: BenchRequest, m: Measurement,
         input_len=m.input_len or req.input_len, output_len_requested=req.output_len, output_len=m.tokens,
         ttft_ms=_us(ttft), tpot_ms=_us(tpot), e2e_ms=None if m.end is None else _us((m.end - m.start) * 1000),
         ok=ok, error=m.error, server_ttft_ms=m.server_ttft_ms, cached_prompt_tokens=m.cached_tokens,
-        workers=m.workers)
+        workers=m.workers,
+        first_gap_ms=None if m.second_chunk is None else _us((m.second_chunk - m.first_token) * 1000))
 
 
 def _us(ms: float | None) -> float | None:

@@ -5,6 +5,9 @@ Definitions (times in ms, measured by the client):
   TPOT        (last token's arrival - first token's arrival) / (output tokens - 1);
               undefined (None) for a one-token output
   e2e         send -> end of the stream
+  first gap   first output chunk's arrival -> the next one's (None with one chunk): with
+              disaggregation, the handoff's commit and the decode worker's first step, which
+              TPOT spreads over the output
   percentile  linear interpolation between closest ranks (numpy's default, Excel's
               PERCENTILE.INC): p of sorted v[0..n-1] is v[k] + (v[k+1] - v[k]) * f with
               k + f = (n - 1) * p / 100
@@ -61,6 +64,10 @@ class RequestRecord:
     workers: list[str] | None = None
     """The workers that served it, as the router reported (prefill, then decode; one worker
     when that worker computed the prompt itself)."""
+    first_gap_ms: float | None = None
+    """From the first output chunk to the next (None with fewer than two): in a disaggregated
+    layout the wait between the prefill worker's token and the decode worker's first, which
+    TPOT spreads over the output."""
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -116,6 +123,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO) -> dict:
         "ttft_ms": latency_stats([r.ttft_ms for r in ok if r.ttft_ms is not None]),
         "tpot_ms": latency_stats([r.tpot_ms for r in ok if r.tpot_ms is not None]),
         "e2e_ms": latency_stats([r.e2e_ms for r in ok if r.e2e_ms is not None]),
+        "first_gap_ms": latency_stats([r.first_gap_ms for r in ok if r.first_gap_ms is not None]),
         "max_send_lag_ms": max(((r.sent_s - r.scheduled_s) * 1000 for r in records), default=None),
         "span_s": span_s,
         "output_tokens": output_tokens,

@@ -21,6 +21,10 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
                         worker computing prompt work is recomputing them
   busy_refusals         handoffs a decode worker refused for lack of memory (a prefill
                         worker's count; it sends them again after a pause)
+  loop_lag_ms           how late, on average, the worker's event loop woke up for a timer
+                        (services/common/loop_lag.py): what every RPC, handoff and token
+                        message waited for Python beside the engine thread
+  loop_stalls           wake-ups more than 20 ms late
 A figure whose divisor is zero (no steps, no step time) is None.
 
 Beside them, ``run["cpu"]``: the CPU share of every cluster process and of the load generator
@@ -49,7 +53,7 @@ ENGINE_ROLES = ("prefill", "decode", "mixed")
 STATS_TIMEOUT_S = 2.0
 """A worker that takes longer to answer is recorded as missing: the bench does not wait on it."""
 FIGURES = ("steps", "mean_step_ms", "host_share", "busy", "mean_decode_batch", "prefill_tokens_per_s",
-           "messages_per_s", "preemptions", "busy_refusals")
+           "messages_per_s", "preemptions", "busy_refusals", "loop_lag_ms", "loop_stalls")
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,10 @@ def _figures(old: pb.WorkerStats, new: pb.WorkerStats, wall_s: float) -> dict:
             "prefill_tokens_per_s": _ratio(new.prefill_tokens - old.prefill_tokens, wall_s, 1),
             "messages_per_s": _ratio(new.stream_messages - old.stream_messages, wall_s, 1),
             "preemptions": new.preemptions - old.preemptions,
-            "busy_refusals": new.handoffs_refused_busy - old.handoffs_refused_busy}
+            "busy_refusals": new.handoffs_refused_busy - old.handoffs_refused_busy,
+            "loop_lag_ms": _ratio((new.loop_lag_seconds - old.loop_lag_seconds) * 1000,
+                                  new.loop_lag_samples - old.loop_lag_samples, 2),
+            "loop_stalls": new.loop_stalls - old.loop_stalls}
 
 
 def _ratio(part: float, whole: float, digits: int) -> float | None:
@@ -149,7 +156,8 @@ def describe(figures: dict) -> str:
             f"host {_shown(figures['host_share'], '.0%')}, busy {_shown(figures['busy'], '.0%')}, "
             f"decode batch {_shown(figures['mean_decode_batch'], '.1f')}, "
             f"prefill {_shown(figures['prefill_tokens_per_s'], '.0f')} tok/s, "
-            f"{_shown(figures['messages_per_s'], '.1f')} messages/s, {figures['preemptions']} preemptions"
+            f"{_shown(figures['messages_per_s'], '.1f')} messages/s, {figures['preemptions']} preemptions, "
+            f"loop lag {_shown(figures['loop_lag_ms'], '.1f')} ms ({figures['loop_stalls']} stalls)"
             + (f", {figures['busy_refusals']} handoffs refused as busy" if figures["busy_refusals"] else ""))
 
 
