@@ -70,6 +70,8 @@ def test_summarize_exact():
     assert s["span_s"] == 2.0  # the last success ends 1.0 + 1.0 s after the window opened
     assert (s["output_tokens"], s["output_tokens_per_s"], s["requests_per_s"]) == (10, 5.0, 1.0)
     assert s["slo_attainment"] == 1 / 3
+    assert serve_bench.describe_summary(s) == ("2/3 ok, TTFT 20.0/28.0 ms, TPOT 3.0/3.8 ms, 1st gap -/- ms (p50/p90), "
+                                               "SLO met 33%")
 
 
 # -- workloads, arrivals, traces -------------------------------------------------------------

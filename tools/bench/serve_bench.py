@@ -228,8 +228,10 @@ async def run_benchmark(args: argparse.Namespace, slo: SLO,
                     records = await drive(client, plan, info.model, args.temperature, args.drain_timeout)
                 else:
                     records = await drive_processes(pool, plan)
+            summary = summarize(records, slo)
+            log(f"rate {rate:g}/s: {describe_summary(summary)}")
             runs.append({"rate": rate, "seed": plan.seed, "started_at": started, "finished_at": _now(),
-                         "summary": summarize(records, slo), **observed, "requests": [asdict(r) for r in records]})
+                         "summary": summary, **observed, "requests": [asdict(r) for r in records]})
     finally:
         if pool is not None:
             await pool.close()
@@ -408,6 +410,15 @@ def format_table(report: dict) -> str:
         lines.append(f"goodput (highest rate with >= {GOODPUT_ATTAINMENT:.0%} meeting the SLO): "
                      + ("none" if rate is None else f"{rate:g} requests/s"))
     return "\n".join(lines)
+
+
+def describe_summary(s: dict) -> str:
+    """One run's outcome as a log line: p50/p90 latencies and the attainment."""
+    def pair(stats: dict) -> str:
+        return "/".join(_num(stats[p]) for p in ("p50", "p90"))
+
+    return (f"{s['ok']}/{s['requests']} ok, TTFT {pair(s['ttft_ms'])} ms, TPOT {pair(s['tpot_ms'])} ms, "
+            f"1st gap {pair(s['first_gap_ms'])} ms (p50/p90), SLO met {_pct(s['slo_attainment'])}")
 
 
 def _triple(stats: dict | None) -> str:
