@@ -62,6 +62,12 @@ class RouterMetrics:
         self.retries = Counter("tandem_retries_total", "Attempts repeated on another worker", ["stage"], registry=r)
         self.kv_waits = Counter("tandem_kv_room_waits_total",
                                 "Picks repeated after a worker had no room (KV blocks, device memory) for the request", registry=r)
+        self.loop_lag = Counter("tandem_router_loop_lag_seconds_total",
+                                "How late the router's event loop woke up for its 25 ms timer, in all "
+                                "(services/common/loop_lag.py)", registry=r)
+        self.loop_samples = Counter("tandem_router_loop_lag_samples_total", "Timer wake-ups measured", registry=r)
+        self.loop_stalls = Counter("tandem_router_loop_stalls_total", "Timer wake-ups more than 20 ms late",
+                                   registry=r)
         if multiprocess_dir is not None:
             _check_multiprocess_files(multiprocess_dir)
             MultiProcessCollector(self.registry, path=str(multiprocess_dir))
@@ -70,6 +76,12 @@ class RouterMetrics:
     def observe_workers(self, workers: list[WorkerInfo], loads: dict[str, WorkerLoad | None]) -> None:
         """Refresh the per-worker gauges from the latest membership (workers gone are dropped)."""
         self._worker_loads.update([(w, load) for w in workers if (load := loads.get(w.worker_id)) is not None])
+
+    def observe_loop_lag(self, lag_s: float, stalled: bool) -> None:
+        self.loop_lag.inc(lag_s)
+        self.loop_samples.inc()
+        if stalled:
+            self.loop_stalls.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -28,6 +28,7 @@ from router.grpc_api import GenerationService
 from router.http_api import build_http_app
 from router.metrics import RouterMetrics
 from router.router import Router, RouterConfig
+from services.common.loop_lag import LoopLagMonitor
 from services.common.registry import Membership, Registration, WorkerInfo
 from services.common.process import serve_until_signalled
 from services.common.rpc import SERVER_OPTIONS, SHARED_PORT_SERVER_OPTIONS, new_server, set_serving
@@ -91,7 +92,10 @@ class RouterServer:
         self.membership = Membership(c.etcd_url, c.cluster)
         await self.membership.start()
         tokenizer = TextTokenizer.from_model_dir(c.model_dir) if c.model_dir else None
-        self.router = Router(self.membership, self._router_config, metrics=RouterMetrics(c.metrics_dir))
+        metrics = RouterMetrics(c.metrics_dir)
+        self.router = Router(self.membership, self._router_config, metrics=metrics)
+        self._loop_lag = LoopLagMonitor(on_sample=metrics.observe_loop_lag)
+        self._loop_lag.start()
         self.frontend = Frontend(self.router, tokenizer)
         grpc_options = SHARED_PORT_SERVER_OPTIONS if c.share_ports else SERVER_OPTIONS
         self.server, port, self.health = new_server(c.host, c.grpc_port, grpc_options)
@@ -119,4 +123,5 @@ class RouterServer:
         await self.server.stop(self.config.drain_grace_s)
         await self._runner.cleanup()
         await self.router.close()
+        await self._loop_lag.close()
         await self.membership.close()

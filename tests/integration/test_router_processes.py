@@ -22,6 +22,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.request import SamplingParams
 from tests.integration.cluster import DEVICE_ARGS, free_port
+from tools.bench import router_counters
 from tools.demo import DEMO_MODEL_DIR
 from tools.local_cluster import ClusterSpec, start_cluster, stop_cluster
 
@@ -99,6 +100,9 @@ def _ok_requests(http_url: str) -> float:
     text = urllib.request.urlopen(f"{http_url}/metrics", timeout=10).read().decode()
     [value] = [float(line.split()[-1]) for line in text.splitlines()
                if line.startswith('tandem_requests_total{status="ok"}')]
+    # every process measures its event loop; the exposition sums them (tools/bench/router_counters.py)
+    loop = router_counters.parse(text)
+    assert loop is not None and loop["samples"] > 0 and loop["lag_s"] >= 0
     return value
 
 

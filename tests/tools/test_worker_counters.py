@@ -122,7 +122,7 @@ def test_counted_fills_the_run_entry_and_logs_a_line_per_worker_and_the_cpu_shar
 
     async def main():
         async with counted([_worker("decode-0", "decode", f"127.0.0.1:{free_port()}")], 2.0, lines.append,
-                           {"router": gone.pid}) as extra:
+                           {"router": gone.pid}, router_url=f"http://127.0.0.1:{free_port()}") as extra:
             assert extra == {}
             deadline = time.process_time() + 0.3
             while time.process_time() < deadline:  # the load generator (this process) keeps a core busy
@@ -133,8 +133,10 @@ def test_counted_fills_the_run_entry_and_logs_a_line_per_worker_and_the_cpu_shar
     assert extra["workers"] == {"decode-0": {"role": "decode", "missing": True, **dict.fromkeys(FIGURES)}}
     assert extra["cpu"]["router"] is None  # a process that cannot be read
     assert 0.3 < extra["cpu"]["load-generator"] < 1.5
+    assert extra["router"] == {"loop_lag_ms": None, "loop_stalls": None}  # nothing answered at its URL
     assert lines[0] == "rate 2/s  decode-0: no counters (its Stats did not answer)"
-    assert lines[1].startswith("rate 2/s  CPU (cores busy): router -, load-generator ")
+    assert lines[1] == "rate 2/s  router: loop lag - ms (- stalls)"
+    assert lines[2].startswith("rate 2/s  CPU (cores busy): router -, load-generator ")
 
 
 def test_a_named_child_of_the_load_generator_is_not_counted_in_it():

@@ -321,7 +321,7 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int, s
     kv_tokens = {w.worker_id: w.total_kv_blocks * w.block_size for w in engines}
     log("KV cache (tokens): " + ", ".join(f"{name} {tokens}" for name, tokens in kv_tokens.items()))
     result = await serve_bench.run_benchmark(
-        args, slo, lambda rate: worker_counters.counted(engines, rate, log, processes))
+        args, slo, lambda rate: worker_counters.counted(engines, rate, log, processes, state.http_url))
     return {**result, "kv_tokens": kv_tokens}
 
 

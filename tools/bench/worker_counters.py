@@ -27,7 +27,8 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
   loop_stalls           wake-ups more than 20 ms late
 A figure whose divisor is zero (no steps, no step time) is None.
 
-Beside them, ``run["cpu"]``: the CPU share of every cluster process and of the load generator
+Beside them, ``run["router"]``: how late the router's event loop ran over the run
+(``loop_lag_ms``, ``loop_stalls``, as above; tools/bench/router_counters.py), and ``run["cpu"]``: the CPU share of every cluster process and of the load generator
 over the same wall time, each with its live descendant processes but without those named on
 their own (tools/bench/process_cpu.py): the load generator's share includes its client
 processes (``tandem bench serve --client-processes``).
@@ -47,7 +48,7 @@ import grpc
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from services.common.registry import WorkerInfo, read_cluster
-from tools.bench import process_cpu
+from tools.bench import process_cpu, router_counters
 
 ENGINE_ROLES = ("prefill", "decode", "mixed")
 STATS_TIMEOUT_S = 2.0
@@ -127,15 +128,17 @@ def _ratio(part: float, whole: float, digits: int) -> float | None:
 
 @contextlib.asynccontextmanager
 async def counted(workers: list[WorkerInfo], rate: float, progress: Callable[[str], None],
-                  processes: dict[str, int] | None = None) -> AsyncIterator[dict]:
+                  processes: dict[str, int] | None = None, router_url: str | None = None) -> AsyncIterator[dict]:
     """Around one run of ``run_benchmark`` (its ``observe`` hook): yields a dict that holds, once
-    the run ended, ``{"workers": difference(...), "cpu": {name: share}}``, and logs one line per
-    worker and one with the CPU shares. ``cpu`` covers ``processes`` (name -> pid: the cluster's
-    router and workers) and this process, the load generator, as ``load-generator``, each with
-    its descendants (tools/bench/process_cpu.py). A process this one started that is left out of
-    ``processes`` counts as part of the load generator."""
+    the run ended, ``{"workers": difference(...), "cpu": {name: share}}`` (and ``"router"``, its
+    event loop's lag, given the router's ``router_url``; router_counters.py), and logs one line per
+    worker, one for the router and one with the CPU shares. ``cpu`` covers ``processes`` (name ->
+    pid: the cluster's router and workers) and this process, the load generator, as
+    ``load-generator``, each with its descendants (tools/bench/process_cpu.py). A process this one
+    started that is left out of ``processes`` counts as part of the load generator."""
     extra: dict = {}
     pids = {**(processes or {}), "load-generator": os.getpid()}
+    router_before = await router_counters.read(router_url) if router_url else None
     before, cpu_before = await snapshot(workers), process_cpu.read(pids)
     start = time.monotonic()
     yield extra
@@ -145,6 +148,11 @@ async def counted(workers: list[WorkerInfo], rate: float, progress: Callable[[st
     extra["cpu"] = process_cpu.shares(cpu_before, cpu_after, wall_s)
     for worker_id, figures in extra["workers"].items():
         progress(f"rate {rate:g}/s  {worker_id}: {describe(figures)}")
+    if router_url:
+        extra["router"] = router_counters.difference(router_before, await router_counters.read(router_url))
+        lag = extra["router"]
+        progress(f"rate {rate:g}/s  router: loop lag {_shown(lag['loop_lag_ms'], '.1f')} ms "
+                 f"({_shown(lag['loop_stalls'], 'd')} stalls)")
     progress(f"rate {rate:g}/s  CPU (cores busy): {process_cpu.describe(extra['cpu'])}")
 
 

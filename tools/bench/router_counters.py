@@ -1,0 +1,48 @@
+"""How late the router's event loop ran during one benchmark run: its ``tandem_router_loop_*``
+counters (services/common/loop_lag.py, summed over the router's processes) read from
+``GET /metrics`` before and after the run. Beside the workers' own (worker_counters.py) they
+say whether requests waited in Python rather than on a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+
+_METRICS = {"tandem_router_loop_lag_seconds_total": "lag_s", "tandem_router_loop_lag_samples_total": "samples",
+            "tandem_router_loop_stalls_total": "stalls"}
+_TIMEOUT_S = 2.0
+
+
+def parse(text: str) -> dict[str, float] | None:
+    """The loop counters of a Prometheus text exposition; None when it has none of them."""
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in _METRICS:
+            found[_METRICS[name]] = float(value)
+    return found if len(found) == len(_METRICS) else None
+
+
+async def read(http_url: str) -> dict[str, float] | None:
+    """The router's loop counters now; None when it does not answer or lacks them."""
+    def fetch() -> str:
+        with urllib.request.urlopen(f"{http_url}/metrics", timeout=_TIMEOUT_S) as response:
+            return response.read().decode()
+
+    try:
+        return parse(await asyncio.to_thread(fetch))
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+
+
+def difference(before: dict[str, float] | None, after: dict[str, float] | None) -> dict:
+    """{"loop_lag_ms": mean lateness per wake-up, "loop_stalls": wake-ups over 20 ms late} between
+    two reads; both None where either read failed."""
+    if before is None or after is None:
+        return {"loop_lag_ms": None, "loop_stalls": None}
+    samples = after["samples"] - before["samples"]
+    lag_ms = (after["lag_s"] - before["lag_s"]) * 1000
+    return {"loop_lag_ms": round(lag_ms / samples, 2) if samples > 0 else None,
+            "loop_stalls": int(after["stalls"] - before["stalls"])}
