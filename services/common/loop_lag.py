@@ -1,5 +1,5 @@
-"""How late a worker's event loop runs its callbacks: the time a service call, a KV arrival or a
-token message waits before Python gets to it.
+"""How late a service's event loop (a worker's, the router's) runs its callbacks: the time a
+service call, a KV arrival or a token message waits before Python gets to it.
 
 A worker's event loop shares the GIL with its engine thread. When the two together want more
 than one core, or one callback runs long, everything on the loop waits: Decode calls, handoffs,
