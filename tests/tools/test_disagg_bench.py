@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -144,6 +145,31 @@ def test_mps_control_daemon_is_started_and_asked_to_quit_with_its_directories(tm
     fake.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
     with pytest.raises(RuntimeError, match="exit 3.*cannot start"):
         MpsDaemon(tmp_path / "mps2").start()
+
+
+def test_stop_waits_until_the_daemons_processes_are_gone(tmp_path, monkeypatch):
+    """The real daemon quits in the background (its server last): stop() returns once no process
+    named nvidia-cuda-mps-* with this pipe directory in its environment is left. Stand-ins: a
+    control program that starts a "server" and, asked to quit, ends it 0.3 s later."""
+    server = tmp_path / "nvidia-cuda-mps-server"
+    server.write_text("#!/bin/sh\nwhile :; do sleep 0.05; done\n")
+    fake = tmp_path / "nvidia-cuda-mps-control"
+    pid_file = tmp_path / "server.pid"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = -d ]; then {server} >/dev/null 2>&1 & echo $! > {pid_file}; exit 0; fi\n'
+                    f'cat >/dev/null; (sleep 0.3; kill $(cat {pid_file})) >/dev/null 2>&1 &\n')
+    for program in (server, fake):
+        program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    daemon = MpsDaemon(tmp_path / "mps")
+    daemon.start()
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while daemon.processes() != [pid]:  # the stand-in server, found by its name and environment
+        assert time.monotonic() < deadline, daemon.processes()
+        time.sleep(0.05)
+    assert MpsDaemon(tmp_path / "other").processes() == []
+    daemon.stop()
+    assert daemon.processes() == []
 
 
 def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp_path, monkeypatch):

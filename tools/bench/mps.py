@@ -15,13 +15,20 @@ state directory), started before the workers and stopped after them.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
 _TIMEOUT_S = 30.0
+_EXIT_WAIT_S = 10.0
+"""How long stop() waits for the daemon's processes to be gone."""
+_COMM_PREFIX = "nvidia-cuda-mps"  # nvidia-cuda-mps-control and -server, as /proc names them (15 characters)
 
 
 class MpsDaemon:
@@ -44,7 +51,8 @@ class MpsDaemon:
 
     def stop(self) -> None:
         """Ask the daemon of this directory to quit (it stops its server once the clients are
-        gone), whichever process started it; a no-op where none was started."""
+        gone), whichever process started it, and wait (up to ``_EXIT_WAIT_S``) until its processes
+        are gone; a no-op where none was started."""
         control = shutil.which(CONTROL)
         if control is None or not self.pipe_dir.is_dir():
             return
@@ -52,7 +60,29 @@ class MpsDaemon:
             subprocess.run([control], input="quit\n", env=self._env(), capture_output=True, text=True,
                            timeout=_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired):
-            pass  # a daemon that does not answer dies with the machine's next boot; nothing to keep
+            return  # a daemon that does not answer dies with the machine's next boot; nothing to keep
+        # it quits in the background: a daemon started again in this directory (tandem up after
+        # tandem down) must not meet the old one still shutting down
+        deadline = time.monotonic() + _EXIT_WAIT_S
+        while left := self.processes():
+            if time.monotonic() > deadline:
+                log.warning("CUDA MPS daemon processes %s still running %.0f s after quit", left, _EXIT_WAIT_S)
+                return
+            time.sleep(0.05)
+
+    def processes(self) -> list[int]:
+        """The pids of this daemon's processes (control daemon, server) still running: those named
+        nvidia-cuda-mps-* whose environment names this pipe directory (Linux; none found elsewhere)."""
+        wanted = f"CUDA_MPS_PIPE_DIRECTORY={self.pipe_dir}".encode()
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                if (entry / "comm").read_text().startswith(_COMM_PREFIX) and \
+                        wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or another user's
+                continue
+        return found
 
     def client_env(self, sm_percent: int) -> dict[str, str]:
         """Environment of a client process that may use ``sm_percent`` % of the GPU's SMs."""
