@@ -69,6 +69,14 @@ def test_one_mixed_worker_takes_the_whole_device():
         plan_layout("colocated", "cuda", 1, 1000, workers=0)
 
 
+def test_the_colocated_layout_may_have_its_own_worker_count():
+    """--colocated-workers 1: one mixed worker against the prefill and decode processes, one run."""
+    co, dis = disagg_bench.plan_layouts(PRESETS["cpu-demo"], ["colocated", "disaggregated"], 2, None, 1)
+    assert co.devices == {"mixed-0": "cpu"} and dis.devices == {"prefill-0": "cpu", "decode-0": "cpu"}
+    both = disagg_bench.plan_layouts(PRESETS["cpu-demo"], ["colocated", "disaggregated"], 2)
+    assert [len(layout.devices) for layout in both] == [2, 2]
+
+
 def test_cuda_without_a_gpu_is_an_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         plan_layout("colocated", "cuda", 0, 1024)
@@ -333,6 +341,7 @@ def test_other_limits_default_to_the_presets(argv, other):
     (["--mps-sm-percent", "70,0"], "--mps-sm-percent must be PREFILL,DECODE"),
     (["--mps-sm-percent", "70,x", "--device", "cuda"], "--mps-sm-percent must be PREFILL,DECODE"),
     (["--mps-sm-percent", "70,40"], "--mps-sm-percent needs --device cuda"),
+    (["--colocated-workers", "0"], "need >= 1 worker"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -20,9 +20,10 @@ Same number of worker processes on the same devices in both layouts. ``--workers
 decode ratios: worker i runs on cuda:(i mod visible GPUs), e.g. 3 prefill + 1 decode
 against 4 mixed on four GPUs; ``--workers 1 --layouts colocated`` runs one mixed worker
 with the whole device, the other baseline when two processes share one GPU (same requests,
-its own ``-x1`` results file; give both runs one ``--results-file`` to get their ratio: layouts
-that differ only in worker count, MPS, decode pacing or the router's TPOT target compare where
-they ran on as many GPUs, ``disagg_report.comparable``). ``--kv-cache-bytes`` is a budget per device: processes
+its own ``-x1`` results file; give both runs one ``--results-file`` to get their ratio, or run
+both at once with ``--colocated-workers 1``: layouts that differ only in worker count, MPS,
+decode pacing or the router's TPOT target compare where they ran on as many GPUs,
+``disagg_report.comparable``). ``--kv-cache-bytes`` is a budget per device: processes
 sharing a device get an equal share each. The GPU presets name none: a worker alone on its
 GPU lets its engine take the memory left after its weights, workers sharing one split what
 is free less their weights (tools/bench/kv_budget.py); each run stores the cache size every
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preset = resolve_preset(args)
         layouts = [] if args.report_only else plan_layouts(preset, args.layouts.split(","), args.workers,
-                                                             args.prefill_workers)
+                                                             args.prefill_workers, args.colocated_workers)
     except ValueError as e:
         parser.error(str(e))
     if args.report_only:
@@ -428,9 +429,16 @@ def fit_kv(layout: Layout, model_dir: Path, workers: WorkerSettings,
                                            for n, b in layout.kv_cache_bytes.items()}, device_memory_bytes=caps)
 
 
-def plan_layouts(preset: Preset, names: list[str], workers: int = 2, prefill_workers: int | None = None) -> list[Layout]:
+def plan_layouts(preset: Preset, names: list[str], workers: int = 2, prefill_workers: int | None = None,
+                 colocated_workers: int | None = None) -> list[Layout]:
+    """The named layouts; the colocated one with ``colocated_workers`` mixed workers where given
+    (one mixed worker beside a prefill and a decode process sharing its GPU)."""
     gpus = torch.cuda.device_count() if preset.workers.device == "cuda" else 0
-    return [plan_layout(name, preset.workers.device, gpus, preset.workers.kv_cache_bytes_per_device, workers,
+
+    def size(name: str) -> int:
+        return colocated_workers if name == "colocated" and colocated_workers is not None else workers
+
+    return [plan_layout(name, preset.workers.device, gpus, preset.workers.kv_cache_bytes_per_device, size(name),
                         prefill_workers) for name in names]
 
 
@@ -579,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2,
                         help="worker processes per layout (default 2), one per GPU while GPUs last; "
                              "1: one mixed worker (colocated only), e.g. a whole GPU's baseline")
+    parser.add_argument("--colocated-workers", type=int, default=None, metavar="N",
+                        help="mixed workers of the colocated layout (default: --workers); --colocated-workers 1 "
+                             "compares one mixed worker with the disaggregated processes sharing its GPU in one run")
     parser.add_argument("--prefill-workers", type=int, default=None,
                         help="of those, prefill workers in the disaggregated layout (default half)")
     parser.add_argument("--max-batched-tokens", type=int, default=None)
