@@ -36,7 +36,6 @@ class LoopLagMonitor:
         """Total time the wake-ups came late."""
         self.samples = 0
         self.stalls = 0
-        self.max_lag_s = 0.0
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -54,7 +53,6 @@ class LoopLagMonitor:
         lag_s = max(0.0, lag_s)
         self.lag_s += lag_s
         self.samples += 1
-        self.max_lag_s = max(self.max_lag_s, lag_s)
         stalled = lag_s > self.stall_s
         self.stalls += stalled
         if self._on_sample is not None:

@@ -24,8 +24,7 @@ def test_a_blocked_loop_shows_as_lag_and_a_stall():
 
     monitor = asyncio.run(main())
     assert monitor.samples >= 3
-    assert monitor.stalls >= 1 and monitor.max_lag_s >= 0.1
-    assert monitor.lag_s >= monitor.max_lag_s
+    assert monitor.stalls >= 1 and monitor.lag_s >= 0.1  # the 0.15 s hold, less at most one period
 
 
 def test_recorded_lag_is_never_negative_and_counts_stalls_over_the_threshold():
@@ -33,6 +32,6 @@ def test_recorded_lag_is_never_negative_and_counts_stalls_over_the_threshold():
     for lag in (-0.001, 0.005, 0.03):
         monitor.record(lag)
     assert (monitor.samples, monitor.stalls) == (3, 1)
-    assert monitor.lag_s == pytest.approx(0.035) and monitor.max_lag_s == pytest.approx(0.03)
+    assert monitor.lag_s == pytest.approx(0.035)
     with pytest.raises(ValueError, match="must be > 0"):
         LoopLagMonitor(period_s=0)
