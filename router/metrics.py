@@ -59,6 +59,9 @@ class RouterMetrics:
                                 registry=r)
         self.kv_transfer = Histogram("tandem_kv_transfer_seconds", "KV handoff time per request",
                                      buckets=_TRANSFER_BUCKETS_S, registry=r)
+        self.decode_join = Histogram("tandem_decode_join_seconds",
+                                     "From the prefill's answer (the first token) to the decode worker's first "
+                                     "message, per handed-off request", buckets=_TRANSFER_BUCKETS_S, registry=r)
         self.retries = Counter("tandem_retries_total", "Attempts repeated on another worker", ["stage"], registry=r)
         self.kv_waits = Counter("tandem_kv_room_waits_total",
                                 "Picks repeated after a worker had no room (KV blocks, device memory) for the request", registry=r)

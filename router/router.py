@@ -204,7 +204,11 @@ class Router:
                 return
             decode_req.output_token_ids.append(first.token_ids[0])
             decode_req.reservation_id, decode_req.lease = reservation.reservation_id, reservation.lease
+            joining = time.perf_counter()
             async for chunk in self._decode(pair.decode, decode_req):
+                if joining is not None:
+                    self.metrics.decode_join.observe(time.perf_counter() - joining)
+                    joining = None
                 finished = bool(chunk.finish_reason)
                 yield chunk
         finally:

@@ -67,6 +67,13 @@ class WorkerState:
         """Handoffs this (prefill) worker sent that a decode worker refused for lack of memory."""
         self.loop_lag = LoopLagMonitor()
         """How late the event loop runs (started by the worker)."""
+        self.decode_join_s = 0.0
+        self.decode_joins = 0
+        """Decode calls that committed a reservation, and their time from arrival to first token."""
+
+    def count_decode_join(self, seconds: float) -> None:
+        self.decode_join_s += seconds
+        self.decode_joins += 1
 
     async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
         if self.draining:
@@ -113,4 +120,5 @@ class WorkerState:
                               stream_messages=self.aengine.stream_messages,
                               handoffs_refused_busy=self.handoffs_refused_busy,
                               loop_lag_seconds=self.loop_lag.lag_s, loop_lag_samples=self.loop_lag.samples,
-                              loop_stalls=self.loop_lag.stalls, **counters)
+                              loop_stalls=self.loop_lag.stalls, decode_join_seconds=self.decode_join_s,
+                              decode_joins=self.decode_joins, **counters)

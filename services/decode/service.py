@@ -10,6 +10,7 @@ and frees its blocks.
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
@@ -43,6 +44,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         return pb.ReleaseResponse(released=await self._reservations.release(request.reservation_id, request.lease))
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
+        arrived, joining = time.perf_counter(), bool(request.reservation_id)
         prompt, generated = list(request.prompt_token_ids), list(request.output_token_ids)
         try:
             params = sampling_params(request.sampling, seed=request.seed)
@@ -58,6 +60,9 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         async with self._state.in_flight():
             try:
                 async for out in self._state.aengine.stream(stream_id, submit):
+                    if joining:  # the first token of a request whose KV came from a prefill worker
+                        self._state.count_decode_join(time.perf_counter() - arrived)
+                        joining = False
                     yield pb.TokenEvent(token_ids=out.new_token_ids, text=out.new_text, logprobs=out.new_logprobs,
                                         finished=out.finished,
                                         finish_reason=out.finish_reason.value if out.finish_reason else "",

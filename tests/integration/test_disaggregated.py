@@ -17,6 +17,7 @@ from services.engine.engine import LLMEngine
 from services.engine.request import SamplingParams
 from services.common.registry import read_cluster
 from tests.integration.cluster import TEST_DEVICE, local_cluster, worker_stats
+from tools.bench import router_counters
 from tools.demo import DEMO_MODEL_DIR, DEMO_MOE_MODEL_DIR
 
 MODELS = {"dense": DEMO_MODEL_DIR, "moe": DEMO_MOE_MODEL_DIR}
@@ -59,12 +60,26 @@ def test_concurrent_requests_match_the_in_process_engine(cluster):
     prompts = _prompts(24)
     want = _reference(model, prompts, 20)
 
+    async def decode_stats():
+        workers = {w.worker_id: w for w in (await read_cluster(state.etcd_url, state.cluster))[0]}
+        return await worker_stats(workers["decode-0"].grpc_address)
+
     async def main():
         async with AsyncClient(state.grpc_address) as client:
             return await asyncio.gather(*(client.generate(p, max_tokens=20, temperature=0) for p in prompts))
 
+    stats_before, router_before = asyncio.run(decode_stats()), asyncio.run(router_counters.read(state.http_url))
     got = asyncio.run(main())
     assert [c.token_ids for c in got] == want
+    # every request not done at its first token joined the decode worker's batch with its KV from the
+    # prefill worker; both the worker and the router timed the wait from the prefill's answer to the
+    # first decode message
+    stats_after, router_after = asyncio.run(decode_stats()), asyncio.run(router_counters.read(state.http_url))
+    decoded = sum(len(c.token_ids) > 1 for c in got)
+    assert decoded > len(prompts) // 2 and stats_after.decode_joins - stats_before.decode_joins == decoded
+    assert router_after["joins"] - router_before["joins"] == decoded
+    worker_join_s = stats_after.decode_join_seconds - stats_before.decode_join_seconds
+    assert 0 < worker_join_s < router_after["join_s"] - router_before["join_s"]  # the router's includes the RPC
     for c in got:
         assert c.completion_tokens == len(c.token_ids) and c.finish_reason in ("stop", "length")
         assert c.workers == ["prefill-0", "decode-0"]

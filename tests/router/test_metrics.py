@@ -110,13 +110,15 @@ def test_processes_sharing_a_directory_report_the_whole_router(tmp_path):
     assert registry.get_sample_value("tandem_requests_in_flight") == 1
 
 
-def test_the_loop_lag_counters_reach_the_exposition_and_read_back():
+def test_the_loop_lag_and_decode_join_counters_reach_the_exposition_and_read_back():
     metrics = RouterMetrics()
     for lag_s, stalled in ((0.001, False), (0.03, True), (0.002, False)):
         metrics.observe_loop_lag(lag_s, stalled)
+    metrics.decode_join.observe(0.25)
     counters = router_counters.parse(metrics.render().decode())
-    assert counters == {"lag_s": pytest.approx(0.033), "samples": 3, "stalls": 1}
-    later = {"lag_s": 0.133, "samples": 13, "stalls": 2}
-    assert router_counters.difference(counters, later) == {"loop_lag_ms": 10.0, "loop_stalls": 1}
-    assert router_counters.difference(None, later) == {"loop_lag_ms": None, "loop_stalls": None}
+    assert counters == {"lag_s": pytest.approx(0.033), "samples": 3, "stalls": 1, "join_s": 0.25, "joins": 1}
+    later = {"lag_s": 0.133, "samples": 13, "stalls": 2, "join_s": 0.75, "joins": 3}
+    assert router_counters.difference(counters, later) == {"loop_lag_ms": 10.0, "loop_stalls": 1, "join_ms": 250.0}
+    assert router_counters.difference(counters, counters)["join_ms"] is None  # no request handed off
+    assert router_counters.difference(None, later) == {"loop_lag_ms": None, "loop_stalls": None, "join_ms": None}
     assert router_counters.parse("tandem_requests_total 1.0\n") is None

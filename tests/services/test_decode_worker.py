@@ -124,7 +124,10 @@ async def test_writes_are_fenced_by_lease_and_expiry(decode_worker):
     finally:
         await client.close()
     await _decodes_as_in_process(stub, "a", r, kv)
-    assert (await stub.Stats(pb.StatsRequest())).reservations == 0
+    stats = await stub.Stats(pb.StatsRequest())
+    assert stats.reservations == 0
+    # one Decode joined KV from a prefill worker (the refused commit did not): its wait to the first token
+    assert stats.decode_joins == 1 and 0 < stats.decode_join_seconds < 30
 
 
 @pytest.mark.asyncio
@@ -137,6 +140,7 @@ async def test_drain_refuses_new_work_and_finishes_in_flight(decode_worker):
     assert first.token_ids
     stats = await stub.Stats(pb.StatsRequest())  # the prompt was computed here: its speed is measured
     assert stats.prefill_tokens_per_s > 0 and stats.HasField("prefill_rate_age_s")
+    assert stats.decode_joins == 0  # no KV came from a prefill worker
     assert stats.prefill_rate_age_s >= 0
     drain = asyncio.create_task(worker.drain_and_stop())
     await asyncio.sleep(0.05)

@@ -12,6 +12,8 @@ import urllib.request
 
 _METRICS = {"tandem_router_loop_lag_seconds_total": "lag_s", "tandem_router_loop_lag_samples_total": "samples",
             "tandem_router_loop_stalls_total": "stalls"}
+_JOIN = {"tandem_decode_join_seconds_sum": "join_s", "tandem_decode_join_seconds_count": "joins"}
+"""Optional: the router's wait from a prefill's answer to the decode worker's first message."""
 _TIMEOUT_S = 2.0
 
 
@@ -20,9 +22,9 @@ def parse(text: str) -> dict[str, float] | None:
     found = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in _METRICS:
-            found[_METRICS[name]] = float(value)
-    return found if len(found) == len(_METRICS) else None
+        if name in _METRICS or name in _JOIN:
+            found[_METRICS.get(name) or _JOIN[name]] = float(value)
+    return found if all(key in found for key in _METRICS.values()) else None
 
 
 async def read(http_url: str) -> dict[str, float] | None:
@@ -38,11 +40,15 @@ async def read(http_url: str) -> dict[str, float] | None:
 
 
 def difference(before: dict[str, float] | None, after: dict[str, float] | None) -> dict:
-    """{"loop_lag_ms": mean lateness per wake-up, "loop_stalls": wake-ups over 20 ms late} between
-    two reads; both None where either read failed."""
+    """{"loop_lag_ms": mean lateness per wake-up, "loop_stalls": wake-ups over 20 ms late,
+    "join_ms": mean wait from a prefill's answer to the decode worker's first message} between two
+    reads; None where either read failed (join_ms also where no request was handed off)."""
     if before is None or after is None:
-        return {"loop_lag_ms": None, "loop_stalls": None}
+        return {"loop_lag_ms": None, "loop_stalls": None, "join_ms": None}
     samples = after["samples"] - before["samples"]
     lag_ms = (after["lag_s"] - before["lag_s"]) * 1000
+    joins = after.get("joins", 0) - before.get("joins", 0)
+    join_ms = (after.get("join_s", 0) - before.get("join_s", 0)) * 1000
     return {"loop_lag_ms": round(lag_ms / samples, 2) if samples > 0 else None,
-            "loop_stalls": int(after["stalls"] - before["stalls"])}
+            "loop_stalls": int(after["stalls"] - before["stalls"]),
+            "join_ms": round(join_ms / joins, 1) if joins > 0 else None}

@@ -25,6 +25,9 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
                         (services/common/loop_lag.py): what every RPC, handoff and token
                         message waited for Python beside the engine thread
   loop_stalls           wake-ups more than 20 ms late
+  join_ms               decode: mean time from a Decode call that brings KV from a prefill
+                        worker to its first token message (the wait after the first token,
+                        inside the decode worker); None where no such call came
 A figure whose divisor is zero (no steps, no step time) is None.
 
 Beside them, ``run["router"]``: how late the router's event loop ran over the run
@@ -54,7 +57,7 @@ ENGINE_ROLES = ("prefill", "decode", "mixed")
 STATS_TIMEOUT_S = 2.0
 """A worker that takes longer to answer is recorded as missing: the bench does not wait on it."""
 FIGURES = ("steps", "mean_step_ms", "host_share", "busy", "mean_decode_batch", "prefill_tokens_per_s",
-           "messages_per_s", "preemptions", "busy_refusals", "loop_lag_ms", "loop_stalls")
+           "messages_per_s", "preemptions", "busy_refusals", "loop_lag_ms", "loop_stalls", "join_ms")
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,9 @@ def _figures(old: pb.WorkerStats, new: pb.WorkerStats, wall_s: float) -> dict:
             "busy_refusals": new.handoffs_refused_busy - old.handoffs_refused_busy,
             "loop_lag_ms": _ratio((new.loop_lag_seconds - old.loop_lag_seconds) * 1000,
                                   new.loop_lag_samples - old.loop_lag_samples, 2),
-            "loop_stalls": new.loop_stalls - old.loop_stalls}
+            "loop_stalls": new.loop_stalls - old.loop_stalls,
+            "join_ms": _ratio((new.decode_join_seconds - old.decode_join_seconds) * 1000,
+                              new.decode_joins - old.decode_joins, 1)}
 
 
 def _ratio(part: float, whole: float, digits: int) -> float | None:
@@ -152,7 +157,8 @@ async def counted(workers: list[WorkerInfo], rate: float, progress: Callable[[st
         extra["router"] = router_counters.difference(router_before, await router_counters.read(router_url))
         lag = extra["router"]
         progress(f"rate {rate:g}/s  router: loop lag {_shown(lag['loop_lag_ms'], '.1f')} ms "
-                 f"({_shown(lag['loop_stalls'], 'd')} stalls)")
+                 f"({_shown(lag['loop_stalls'], 'd')} stalls)"
+                 + (f", decode join {lag['join_ms']:.1f} ms" if lag["join_ms"] is not None else ""))
     progress(f"rate {rate:g}/s  CPU (cores busy): {process_cpu.describe(extra['cpu'])}")
 
 
@@ -166,6 +172,7 @@ def describe(figures: dict) -> str:
             f"prefill {_shown(figures['prefill_tokens_per_s'], '.0f')} tok/s, "
             f"{_shown(figures['messages_per_s'], '.1f')} messages/s, {figures['preemptions']} preemptions, "
             f"loop lag {_shown(figures['loop_lag_ms'], '.1f')} ms ({figures['loop_stalls']} stalls)"
+            + (f", join {figures['join_ms']:.1f} ms" if figures["join_ms"] is not None else "")
             + (f", {figures['busy_refusals']} handoffs refused as busy" if figures["busy_refusals"] else ""))
 
 
