@@ -8,7 +8,7 @@ from services.engine.scheduler import SchedulerConfig
 
 DECODE_GRAPH_MODES = ("auto", "eager", "off")
 OVERLAP_MODES = ("auto", "on", "off")
-_MAX_GRAPH_BATCH = 256
+_MAX_GRAPH_BATCH = 512
 
 
 @dataclass(frozen=True)

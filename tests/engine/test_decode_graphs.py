@@ -34,6 +34,9 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(6) == [1, 2, 4, 6]
     assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert graph_batch_sizes(256)[-3:] == [240, 248, 256]
+    assert graph_batch_sizes(300)[-5:] == [248, 256, 272, 288, 300]
+    assert len(graph_batch_sizes(512)) == 51 and graph_batch_sizes(512)[-2:] == [496, 512]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral"])
