@@ -103,6 +103,9 @@ class DecodeGraphs(StaticSteps):
         self._turn = 0
         self._ints = torch.zeros(5, self.max_batch, dtype=torch.int64, device=device)
         self._tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.int32, device=device)
+        # every size writes its logits here: a graph's output stays allocated as long as the graph,
+        # and one [size, vocab] float32 tensor per size would hold ~5 GiB at 512 rows of a 128K vocab
+        self._logits = torch.empty(self.max_batch, model.config.vocab_size, dtype=torch.float32, device=device)
         if capture:
             self._capture_all()
 
@@ -154,7 +157,7 @@ class DecodeGraphs(StaticSteps):
         decode = DecodeBatch(token_index=None, block_tables=self._tables[:size], context_lens=ints[_LENS])
         meta = AttentionMetadata(slot_mapping=ints[_SLOTS], prefills=[], decode=decode)
         hidden = self.model(ints[_IDS], ints[_POSITIONS], self.kv_cache, meta)
-        return self.model.logits(hidden)
+        return self.model.logits(hidden, out=self._logits[:size])
 
     def _capture_all(self) -> None:
         start = time.perf_counter()

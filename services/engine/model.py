@@ -149,5 +149,8 @@ class CausalLM(nn.Module):
             return self.model.norm(x)
         return self.model.norm.add_forward(x, residual)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [N, vocab]
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, vocab] float32; written into ``out`` (a float32 [N, vocab] view) when given."""
+        if out is None:
+            return self.lm_head(hidden).float()
+        return out.copy_(self.lm_head(hidden))

@@ -45,8 +45,19 @@ def test_static_decode_equals_eager(checkpoints, family):
     prompts = _prompts(7)
     expected = _tokens(small_engine(model, decode_graphs="off"), prompts)
     engine = small_engine(model, decode_graphs="eager", max_num_seqs=6)  # sizes 1, 2, 4, 6: padded rows
+    graphs, seen = engine.runner.decode_graphs, []
+    run = graphs.run
+
+    def recording(*args, **kwargs):
+        logits = run(*args, **kwargs)
+        seen.append((len(logits), logits.data_ptr()))
+        return logits
+
+    graphs.run = recording
     assert _tokens(engine, prompts) == expected
-    assert engine.runner.decode_graphs.steps > 0
+    assert graphs.steps > 0
+    # every batch size writes its logits into one buffer (captured graphs keep their outputs alive)
+    assert len({rows for rows, _ in seen}) > 1 and {ptr for _, ptr in seen} == {graphs._logits.data_ptr()}
 
 
 def test_static_decode_with_chunked_prefill_and_preemption(checkpoints):

@@ -104,6 +104,13 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     spec = cluster_spec(plan_layout("disaggregated", "cpu", 0, 1), paced, tmp_path, tmp_path)
     assert spec.worker_name_args["decode-0"][-2:] == ("--decode-step-period-ms", "25")
     assert "--decode-step-period-ms" not in spec.worker_name_args["prefill-0"] + spec.worker_args
+    # decode workers batch up to 512 sequences on the GPU preset; the common 256 stays for the others
+    spec = cluster_spec(plan_layout("disaggregated", "cuda", 2, None), workers, tmp_path, tmp_path)
+    assert spec.worker_name_args["decode-0"] == ("--device", "cuda:1", "--max-num-seqs", "512")
+    assert spec.worker_name_args["prefill-0"][-2:] != ("--max-num-seqs", "512")
+    assert settings(PRESETS["gpu-llama3-8b"], PRESETS["gpu-llama3-8b"].plans["chatbot"], tmp_path, 2)[
+        "decode_max_num_seqs"] == 512
+    assert "decode_max_num_seqs" not in settings(PRESETS["cpu-demo"], PRESETS["cpu-demo"].plans["chatbot"], tmp_path, 2)
 
 
 def test_workers_sharing_a_gpu_under_mps_get_their_roles_share_of_the_sms(tmp_path):
@@ -195,7 +202,8 @@ def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp
     alone = plan_layout("disaggregated", "cuda", 2, None)
     assert fit_kv(alone, tmp_path, gpu, free_bytes=lambda: pytest.fail("alone: nothing to measure")) == alone
     assert cluster_spec(alone, gpu, tmp_path, tmp_path).worker_name_args == {
-        "prefill-0": ("--device", "cuda:0", "--max-batched-tokens", "8192"), "decode-0": ("--device", "cuda:1")}
+        "prefill-0": ("--device", "cuda:0", "--max-batched-tokens", "8192"),
+        "decode-0": ("--device", "cuda:1", "--max-num-seqs", "512")}
     shared = fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [10_000])
     assert shared.kv_cache_bytes == {"mixed-0": (9000 - 2000) // 2, "mixed-1": (9000 - 2000) // 2}
     # prefill and decode on one GPU: the prefill worker holds a few steps of prompts, as much again is
@@ -394,6 +402,21 @@ def test_one_mixed_worker_compares_with_two_processes_sharing_its_gpu():
     assert both["ratios"] == {"disaggregated": 2.0, "disaggregated-slo": 2.0} and both["same_settings"]
     other_seed = compare({"colocated": one, "disaggregated": _entry([(1, 1.0)], 1, seed=1, devices=("cuda:0", "cuda:0"))})
     assert other_seed["ratio"] is None
+
+
+def test_sweeps_over_other_rates_and_batch_limits_compare():
+    """A rate and seed send the same requests whatever else was swept; a decode worker may batch
+    more sequences than a mixed one. Only a goodput that is a bound is noted."""
+    co = _entry([(2, 1.0), (3, 0.95), (4, 0.5)], 3, devices=("cuda:0",), workers=1, rates=[2, 3, 4], max_num_seqs=256)
+    dis = _entry([(4, 1.0), (6, 0.9), (8, 0.4)], 6, devices=("cuda:0", "cuda:0"), workers=2, rates=[4, 6, 8],
+                 max_num_seqs=512)
+    both = compare({"colocated": co, "disaggregated": dis})
+    assert (both["ratio"], both["same_settings"], both["notes"]) == (2.0, True, [])
+    low = _entry([(4, 0.5), (6, 0.2)], None, devices=("cuda:0", "cuda:0"), workers=2, rates=[4, 6])
+    assert compare({"colocated": co, "disaggregated": low})["notes"] == [
+        "disaggregated met the SLO at no swept rate (sweep lower rates)"]
+    longer = _entry([(4, 1.0)], 4, devices=("cuda:0", "cuda:0"), workers=2, rates=[4], duration_s=20)
+    assert compare({"colocated": co, "disaggregated": longer})["ratio"] is None  # other requests
 
 
 # -- SLO sensitivity: recomputed from the stored records ---------------------------------------

@@ -22,8 +22,8 @@ against 4 mixed on four GPUs; ``--workers 1 --layouts colocated`` runs one mixed
 with the whole device, the other baseline when two processes share one GPU (same requests,
 its own ``-x1`` results file; give both runs one ``--results-file`` to get their ratio, or run
 both at once with ``--colocated-workers 1``: layouts that differ only in worker count, MPS,
-decode pacing or the router's TPOT target compare where they ran on as many GPUs,
-``disagg_report.comparable``). ``--kv-cache-bytes`` is a budget per device: processes
+decode pacing, the router's TPOT target, batch limits or the rates swept compare where they
+ran on as many GPUs, ``disagg_report.comparable``). ``--kv-cache-bytes`` is a budget per device: processes
 sharing a device get an equal share each. The GPU presets name none: a worker alone on its
 GPU lets its engine take the memory left after its weights, workers sharing one split what
 is free less their weights (tools/bench/kv_budget.py); each run stores the cache size every
@@ -236,9 +236,11 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
         for name in per_worker:
             if name.startswith("prefill-"):
                 per_worker[name] += ("--max-batched-tokens", str(workers.prefill_max_batched_tokens))
-    if workers.decode_step_period_ms:
-        for name in per_worker:
-            if name.startswith("decode-"):
+    for name in per_worker:
+        if name.startswith("decode-"):
+            if workers.decode_max_num_seqs is not None:
+                per_worker[name] += ("--max-num-seqs", str(workers.decode_max_num_seqs))
+            if workers.decode_step_period_ms:
                 per_worker[name] += ("--decode-step-period-ms", f"{workers.decode_step_period_ms:g}")
     router_args = ()
     if layout.policy == "slo-aware":
@@ -327,10 +329,11 @@ async def _warm_up_and_sweep(args: argparse.Namespace, slo: SLO, workers: int, s
 
 
 def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) -> dict:
-    """Everything that must match for two layouts' goodputs to be compared (decode pacing, MPS and
-    the router's TPOT target only where they are on, as results stored before they existed lack them)."""
+    """Everything that must match for two layouts' goodputs to be compared (decode pacing, MPS, a
+    decode batch limit of its own and the router's TPOT target only where they are on, as results
+    stored before they existed lack them)."""
     engine = asdict(preset.workers)
-    for key in ("decode_step_period_ms", "mps_sm_percent"):
+    for key in ("decode_step_period_ms", "mps_sm_percent", "decode_max_num_seqs"):
         if not engine[key]:
             del engine[key]
     if "mps_sm_percent" in engine:
@@ -485,7 +488,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     if args.model is not None and not (args.model / "config.json").is_file():
         raise ValueError(f"--model {args.model}: no config.json there")
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "kv_cache_bytes_per_device", "max_model_len",
-                                               "max_batched_tokens", "max_num_seqs", "torch_threads",
+                                               "max_batched_tokens", "max_num_seqs", "decode_max_num_seqs", "torch_threads",
                                                "prefill_max_batched_tokens", "gil_switch_interval_ms",
                                                "stream_interval_ms", "decode_step_period_ms")
                  if getattr(args, k) is not None}
@@ -596,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-max-batched-tokens", type=int, default=None,
                         help="token budget of prefill workers (default: the preset's, else --max-batched-tokens)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--decode-max-num-seqs", type=int, default=None,
+                        help="batch limit of decode workers (default: the preset's, else --max-num-seqs)")
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker process")
     parser.add_argument("--gil-switch-interval-ms", type=float, default=None, metavar="MS",
                         help="workers' GIL switch interval (default: theirs, 0.5; 0: Python's 5 ms)")

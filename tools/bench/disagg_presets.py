@@ -34,6 +34,10 @@ class WorkerSettings:
     """Token budget of prefill-only workers (None: ``max_batched_tokens``). A prefill worker
     runs no decodes, so chunking a prompt only costs it speed; each phase gets its own
     setting, which is what disaggregation allows."""
+    decode_max_num_seqs: int | None = None
+    """Batch limit of decode-only workers (None: ``max_num_seqs``). A decode worker's step
+    reads the weights once for its whole batch and computes no prompts, so it keeps pace with
+    a mixed worker's load only with a larger batch."""
     stream_interval_ms: float = 0.0
     """``--stream-interval-ms``: tokens of a stream sent together within this window."""
     gil_switch_interval_ms: float | None = None
@@ -111,11 +115,14 @@ _CPU_WORKERS = WorkerSettings("cpu", "float32", kv_cache_bytes_per_device=256 <<
 # streams) while two mixed workers had twice that.
 # Streams: the tokens of 20 ms go in one message (3-4 at ~6 ms a step), which spares a worker
 # streaming ~100 requests most of its per-message host work; first and last tokens never wait.
-# Batches of up to 256 sequences (vLLM's default): a decode step reads the weights once for the
-# whole batch, so one decode GPU needs a large batch to keep pace with two colocated ones.
+# Batches of up to 256 sequences (vLLM's default), 512 on decode workers: a decode step reads
+# the weights once for the whole batch, so one decode GPU needs a large batch to keep pace with
+# two colocated ones. At 72-80 chatbot req/s on one H100 a decode worker capped at 256 was full,
+# and a request waited 1.2-1.9 s on average for a place after its first token
+# (``tandem_decode_join_seconds``); capped at 512 it waited ~0.1 s, with 10-12 ms steps.
 _GPU_WORKERS = WorkerSettings("cuda", "bfloat16", kv_cache_bytes_per_device=None, max_model_len=8192,
                               max_batched_tokens=2048, max_num_seqs=256, prefill_max_batched_tokens=8192,
-                              stream_interval_ms=20)
+                              decode_max_num_seqs=512, stream_interval_ms=20)
 # At 96-112 chatbot req/s on two H200s one router process used 0.8-1.1 cores and the load
 # generator 0.6-0.8 (averaged over send window and drain): both near their limit. Two of
 # each, with 4 connections per client process (8 spread over the 2 router processes).

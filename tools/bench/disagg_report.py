@@ -68,17 +68,23 @@ def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: Ot
     return report
 
 
-LAYOUT_SHAPE = ("workers", "mps_sm_percent", "decode_step_period_ms", "router_tpot_slo")
+LAYOUT_SHAPE = ("workers", "mps_sm_percent", "decode_step_period_ms", "router_tpot_slo", "max_num_seqs",
+                "decode_max_num_seqs")
 """Settings that say how a layout runs on its GPUs, not what it serves: two layouts that differ
 only in these still compare (one mixed worker against a prefill and a decode process on one GPU,
-or a layout run under MPS against one run without)."""
+a layout run under MPS against one run without, a decode worker batching more sequences than a
+mixed one, whose steps also compute prompts)."""
+SWEEP = ("rates",)
+"""The rates swept: each layout's goodput is the highest of its own rates that met the SLO, and
+a given rate and seed send the same requests, so two sweeps over different rates compare too
+(the report notes a goodput that is only a bound: met at the highest rate, or at none)."""
 
 
 def comparable(entry: dict, baseline: dict) -> bool:
     """Whether ``entry``'s goodput may be divided by ``baseline``'s: the same requests (model,
-    workload, rates, seed, SLO, engine settings) on as many GPUs."""
+    workload, seed, SLO, duration, engine settings) on as many GPUs."""
     def load(e: dict) -> dict:
-        return {k: v for k, v in e["settings"].items() if k not in LAYOUT_SHAPE}
+        return {k: v for k, v in e["settings"].items() if k not in LAYOUT_SHAPE + SWEEP}
 
     def gpus(e: dict) -> int:
         return len({w["device"] for w in e["layout"]["workers"].values()})
