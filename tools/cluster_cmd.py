@@ -40,6 +40,9 @@ def add_parsers(sub) -> None:
                     help="workers sharing a GPU run as clients of a private CUDA MPS daemon, their kernels "
                          "side by side; prefill and decode workers may use these percentages of the SMs "
                          "(e.g. 70,100), mixed workers all")
+    up.add_argument("--mps-priority", default=None, metavar="PREFILL,DECODE",
+                    help="with --mps-sm-percent: the prefill and decode workers' MPS client priorities, normal or "
+                         "below-normal each (e.g. below-normal,normal: decode kernels go first)")
     up.add_argument("--dtype", default="auto")
     up.add_argument("--kv-cache-bytes", type=int, default=None)
     up.add_argument("--stream-interval-ms", type=float, default=0.0, metavar="MS",
@@ -105,7 +108,7 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
                                      str(args.kvstore_ssd_bytes)))
     try:
         spec = replace(spec, worker_name_args=_placement(spec.worker_names(), args))
-        spec = _with_mps(spec, args.mps_sm_percent)
+        spec = _with_mps(spec, args.mps_sm_percent, args.mps_priority)
     except (ValueError, RuntimeError, EngineError) as e:
         _say(f"error: {e}")
         return _EXIT_BAD_INPUT
@@ -125,19 +128,23 @@ def _placement(names: list[str], args: argparse.Namespace) -> dict[str, tuple[st
     return place_workers(names, args.device, args.model, args.dtype, DEFAULT_MAX_BATCHED_TOKENS, free_device_bytes())
 
 
-def _with_mps(spec, sm_percent: str | None):
-    """``spec`` with its workers that share a GPU as clients of a CUDA MPS daemon (``--mps-sm-percent``)."""
+def _with_mps(spec, sm_percent: str | None, priority: str | None = None):
+    """``spec`` with its workers that share a GPU as clients of a CUDA MPS daemon (``--mps-sm-percent``,
+    ``--mps-priority``)."""
     if sm_percent is None:
+        if priority is not None:
+            raise ValueError("--mps-priority needs --mps-sm-percent (the workers run under MPS only with it)")
         return spec
-    from tools.bench.mps import MpsDaemon, parse_sm_percent
+    from tools.bench.mps import MpsDaemon, parse_priority, parse_sm_percent
 
     percent = parse_sm_percent(sm_percent)
+    ranks = None if priority is None else parse_priority(priority)
     devices = {name: dict(zip(a[::2], a[1::2])).get("--device", "cpu") for name, a in spec.worker_name_args.items()}
     sharing = [n for n, d in devices.items() if d.startswith("cuda") and list(devices.values()).count(d) > 1]
     if not sharing:
         raise ValueError("--mps-sm-percent is for workers sharing a GPU (--device cuda:N, or more workers than GPUs)")
     daemon = MpsDaemon(spec.state_dir / "mps")
-    return replace(spec, worker_name_env=daemon.worker_envs(sharing, percent), mps_dir=daemon.directory)
+    return replace(spec, worker_name_env=daemon.worker_envs(sharing, percent, ranks), mps_dir=daemon.directory)
 
 
 def _status(args: argparse.Namespace, state_dir: Path) -> int:

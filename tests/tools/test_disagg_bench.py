@@ -132,6 +132,12 @@ def test_workers_sharing_a_gpu_under_mps_get_their_roles_share_of_the_sms(tmp_pa
         .isdisjoint({"mps_sm_percent", "decode_step_period_ms", "router_tpot_slo"})  # off: as results stored before
     on = replace(PRESETS["gpu-llama3-8b"], workers=workers)
     assert settings(on, on.plans["chatbot"], tmp_path, 2)["mps_sm_percent"] == [70, 40]
+    ranked = replace(workers, mps_priority=(1, 0))
+    env = cluster_spec(one_gpu, ranked, tmp_path, tmp_path, mps=mps).worker_name_env
+    assert (env["prefill-0"]["CUDA_MPS_CLIENT_PRIORITY"], env["decode-0"]["CUDA_MPS_CLIENT_PRIORITY"]) == ("1", "0")
+    assert "CUDA_MPS_CLIENT_PRIORITY" not in spec.worker_name_env["prefill-0"]
+    ranked_preset = replace(PRESETS["gpu-llama3-8b"], workers=ranked)
+    assert settings(ranked_preset, ranked_preset.plans["chatbot"], tmp_path, 2)["mps_priority"] == [1, 0]
     tpot = replace(on, harness=replace(on.harness, router_tpot_slo=True))
     assert settings(tpot, tpot.plans["chatbot"], tmp_path, 2)["router_tpot_slo"] is True
 
@@ -298,8 +304,11 @@ def test_flags_override_the_preset():
     args = disagg_bench.build_parser().parse_args([
         "--preset", "gpu-llama3-8b", "--workloads", "summarization", "--rates", "0.5,1", "--duration", "7",
         "--tpot-slo-ms", "80", "--kv-cache-bytes", "1000", "--max-num-seqs", "16", "--random-shape", "llama3-1b",
-        "--stream-interval-ms", "50"])
+        "--stream-interval-ms", "50", "--decode-max-num-seqs", "384", "--mps-sm-percent", "100,100",
+        "--mps-priority", "below-normal, normal"])
     preset = resolve_preset(args)
+    assert (preset.workers.decode_max_num_seqs, preset.workers.mps_sm_percent, preset.workers.mps_priority) == (
+        384, (100, 100), (1, 0))
     assert preset.workloads == ("summarization",) and preset.random_shape == "llama3-1b"
     assert preset.plans["summarization"].rates == (0.5, 1.0)
     assert preset.plans["summarization"].slo == SLO(ttft_ms=3000, tpot_ms=80)
@@ -349,6 +358,9 @@ def test_other_limits_default_to_the_presets(argv, other):
     (["--mps-sm-percent", "70,0"], "--mps-sm-percent must be PREFILL,DECODE"),
     (["--mps-sm-percent", "70,x", "--device", "cuda"], "--mps-sm-percent must be PREFILL,DECODE"),
     (["--mps-sm-percent", "70,40"], "--mps-sm-percent needs --device cuda"),
+    (["--mps-priority", "below-normal,normal", "--device", "cuda"], "--mps-priority needs --mps-sm-percent"),
+    (["--mps-sm-percent", "100,100", "--mps-priority", "below-normal", "--device", "cuda"],
+     "--mps-priority must be PREFILL,DECODE"),
     (["--colocated-workers", "0"], "need >= 1 worker"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys):

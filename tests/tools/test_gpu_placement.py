@@ -113,6 +113,14 @@ def test_up_puts_workers_sharing_a_gpu_under_mps_with_their_share_of_the_sms(tmp
                                                                    "decode-0": ("--device", "cuda:1")})
     with pytest.raises(ValueError, match="for workers sharing a GPU"):
         _with_mps(alone, "70,100")
+    assert "CUDA_MPS_CLIENT_PRIORITY" not in mps.worker_name_env["prefill-0"]  # the driver's default
+    ranked = _with_mps(spec, "100,100", "below-normal,normal")
+    assert {n: e["CUDA_MPS_CLIENT_PRIORITY"] for n, e in ranked.worker_name_env.items()} == {
+        "prefill-0": "1", "decode-0": "0"}
+    with pytest.raises(ValueError, match="--mps-priority must be PREFILL,DECODE with each one of normal, below-normal"):
+        _with_mps(spec, "100,100", "low,normal")
+    with pytest.raises(ValueError, match="--mps-priority needs --mps-sm-percent"):
+        _with_mps(spec, None, "below-normal,normal")
 
 
 def test_up_with_mps_on_cpu_exits_2_and_down_stops_a_recorded_daemon_quietly(tmp_path):

@@ -130,7 +130,7 @@ from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Harness, Preset, 
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
                                        merge_entry, read_report, recompute, reported_workloads, results_path,
                                        write_plot, write_report)
-from tools.bench.mps import MpsDaemon, parse_sm_percent
+from tools.bench.mps import MpsDaemon, parse_priority, parse_sm_percent
 from tools.bench.random_models import random_hf_model
 from tools.bench.serve_clients import LoadClient
 from tools.bench.slo import SLO, goodput
@@ -251,7 +251,8 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
             if tpot_slo_ms is None:
                 raise ValueError(f"layout {layout.name} with router_tpot_slo needs the workload's TPOT SLO")
             router_args += ("--tpot-slo-ms", f"{tpot_slo_ms:g}")
-    env = {} if mps is None else mps.worker_envs(layout.sharing_gpu(), workers.mps_sm_percent or (100, 100))
+    env = {} if mps is None else mps.worker_envs(layout.sharing_gpu(), workers.mps_sm_percent or (100, 100),
+                                                 workers.mps_priority)
     return ClusterSpec(model_dir=model_dir, state_dir=state_dir, prefill=layout.count("prefill"),
                        decode=layout.count("decode"), mixed=layout.count("mixed"), http_port=free_port(),
                        grpc_port=free_port(), worker_args=tuple(common), worker_name_args=per_worker,
@@ -272,6 +273,7 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
                         plan.slo.tpot_ms)
     log(f"{plan.workload} / {layout.name}: starting {layout.describe()}"
         f"{f' under CUDA MPS, SMs {preset.workers.mps_sm_percent} % (prefill, decode)' if mps else ''}"
+        f"{f', client priorities {preset.workers.mps_priority}' if mps and preset.workers.mps_priority else ''}"
         f" (state in {state_dir}, kept if it fails)")
     started_at, start = _now(), time.monotonic()
     state = start_cluster(spec, _CLUSTER_START_TIMEOUT_S, progress=log)  # and the MPS daemon, if any
@@ -333,11 +335,12 @@ def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) 
     decode batch limit of its own and the router's TPOT target only where they are on, as results
     stored before they existed lack them)."""
     engine = asdict(preset.workers)
-    for key in ("decode_step_period_ms", "mps_sm_percent", "decode_max_num_seqs"):
+    for key in ("decode_step_period_ms", "mps_sm_percent", "decode_max_num_seqs", "mps_priority"):
         if not engine[key]:
             del engine[key]
-    if "mps_sm_percent" in engine:
-        engine["mps_sm_percent"] = list(engine["mps_sm_percent"])  # as it reads back from JSON
+    for key in ("mps_sm_percent", "mps_priority"):
+        if key in engine:
+            engine[key] = list(engine[key])  # as it reads back from JSON
     harness = asdict(preset.harness)
     if not harness["router_tpot_slo"]:
         del harness["router_tpot_slo"]
@@ -494,6 +497,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
                  if getattr(args, k) is not None}
     if args.mps_sm_percent is not None:
         overrides["mps_sm_percent"] = parse_sm_percent(args.mps_sm_percent)
+    if args.mps_priority is not None:
+        overrides["mps_priority"] = parse_priority(args.mps_priority)
     workloads = tuple(args.workloads.split(",")) if args.workloads else p.workloads
     unknown = [w for w in workloads if w not in p.plans]
     if unknown:
@@ -516,6 +521,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         raise ValueError("--stream-interval-ms and --decode-step-period-ms must be >= 0")
     if p.workers.mps_sm_percent is not None and p.workers.device != "cuda":
         raise ValueError("--mps-sm-percent needs --device cuda")
+    if p.workers.mps_priority is not None and p.workers.mps_sm_percent is None:
+        raise ValueError("--mps-priority needs --mps-sm-percent (the workers run under MPS only with it)")
     return p
 
 
@@ -611,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="workers sharing a GPU run under CUDA MPS (kernels of both at once, not time-sliced), "
                              "prefill and decode workers capped at these shares of the SMs (100,100: no cap); "
                              "needs nvidia-cuda-mps-control on PATH")
+    parser.add_argument("--mps-priority", metavar="PREFILL,DECODE", default=None,
+                        help="with --mps-sm-percent: the prefill and decode workers' MPS client priorities, "
+                             "normal or below-normal each (e.g. below-normal,normal: decode kernels go first)")
     parser.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
                         help="workers' stream window: a stream's tokens within MS of its last message go out "
                              "as one (default: the preset's; 0: one message per step)")

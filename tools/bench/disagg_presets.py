@@ -49,6 +49,9 @@ class WorkerSettings:
     """(prefill, decode) workers' share of the SMs, in %, where workers share a GPU: they run as
     clients of a CUDA MPS server, kernels of both at once (tools/bench/mps.py); mixed workers
     get no cap. None: no MPS (the GPU time-slices the processes)."""
+    mps_priority: tuple[int, int] | None = None
+    """(prefill, decode) workers' MPS client priority (``CUDA_MPS_CLIENT_PRIORITY``: 0 normal,
+    1 below normal; tools/bench/mps.py), with ``mps_sm_percent``. None: the driver's default."""
 
 
 @dataclass(frozen=True)

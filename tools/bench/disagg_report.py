@@ -68,8 +68,8 @@ def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: Ot
     return report
 
 
-LAYOUT_SHAPE = ("workers", "mps_sm_percent", "decode_step_period_ms", "router_tpot_slo", "max_num_seqs",
-                "decode_max_num_seqs")
+LAYOUT_SHAPE = ("workers", "mps_sm_percent", "mps_priority", "decode_step_period_ms", "router_tpot_slo",
+                "max_num_seqs", "decode_max_num_seqs")
 """Settings that say how a layout runs on its GPUs, not what it serves: two layouts that differ
 only in these still compare (one mixed worker against a prefill and a decode process on one GPU,
 a layout run under MPS against one run without, a decode worker batching more sequences than a

@@ -7,7 +7,9 @@ decode step can wait out a prefill time slice, and the decode worker's slices ar
 prefill worker cannot use. Under MPS the processes are clients of one server and their kernels
 share the SMs at once; ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` caps the share of SMs each client
 may use, a spatial split of the GPU (prefill is bound by compute, decode by memory bandwidth,
-which a fraction of the SMs already draws).
+which a fraction of the SMs already draws). ``CUDA_MPS_CLIENT_PRIORITY`` (``--mps-priority``)
+ranks the clients instead of fencing them: a prefill client below normal gets the SMs the
+decode client does not use.
 
 Each cluster gets a private control daemon (its pipe and log directories under the cluster's
 state directory), started before the workers and stopped after them.
@@ -28,6 +30,12 @@ CONTROL = "nvidia-cuda-mps-control"
 _TIMEOUT_S = 30.0
 _EXIT_WAIT_S = 10.0
 """How long stop() waits for the daemon's processes to be gone."""
+PRIORITIES = {"normal": 0, "below-normal": 1}
+"""``CUDA_MPS_CLIENT_PRIORITY`` values, read when a client starts: the work of a below-normal
+client is scheduled at a lower priority than a normal client's, so a prefill client below
+normal may take the SMs a decode client leaves with less delay to its steps than an equal
+peer. Needs a driver whose MPS has client priorities (NVIDIA's MPS documentation); not yet
+measured here."""
 _COMM_PREFIX = "nvidia-cuda-mps"  # nvidia-cuda-mps-control and -server, as /proc names them (15 characters)
 
 
@@ -84,21 +92,41 @@ class MpsDaemon:
                 continue
         return found
 
-    def client_env(self, sm_percent: int) -> dict[str, str]:
-        """Environment of a client process that may use ``sm_percent`` % of the GPU's SMs."""
-        return {**self._dirs(), "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(sm_percent)}
+    def client_env(self, sm_percent: int, priority: int | None = None) -> dict[str, str]:
+        """Environment of a client process that may use ``sm_percent`` % of the GPU's SMs, at
+        MPS client ``priority`` (``PRIORITIES``; None: the driver's default, normal)."""
+        env = {**self._dirs(), "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(sm_percent)}
+        if priority is not None:
+            env["CUDA_MPS_CLIENT_PRIORITY"] = str(priority)
+        return env
 
-    def worker_envs(self, names: list[str], sm_percent: tuple[int, int]) -> dict[str, dict[str, str]]:
+    def worker_envs(self, names: list[str], sm_percent: tuple[int, int],
+                    priority: tuple[int, int] | None = None) -> dict[str, dict[str, str]]:
         """Worker name (``<role>-<i>``) -> its client environment: prefill workers may use the
-        first share of the SMs (``PREFILL,DECODE``), decode workers the second, mixed workers all."""
+        first share of the SMs (``PREFILL,DECODE``), decode workers the second, mixed workers all;
+        with ``priority`` (``PREFILL,DECODE`` as well), prefill and decode clients at those
+        priorities, mixed ones at normal."""
         share = {"prefill": sm_percent[0], "decode": sm_percent[1], "mixed": 100}
-        return {name: self.client_env(share[name.rsplit("-", 1)[0]]) for name in names}
+        rank = {"prefill": None, "decode": None, "mixed": None} if priority is None else \
+            {"prefill": priority[0], "decode": priority[1], "mixed": PRIORITIES["normal"]}
+        roles = {name: name.rsplit("-", 1)[0] for name in names}
+        return {name: self.client_env(share[role], rank[role]) for name, role in roles.items()}
 
     def _dirs(self) -> dict[str, str]:
         return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, **self._dirs()}
+
+
+def parse_priority(text: str) -> tuple[int, int]:
+    """``PREFILL,DECODE`` MPS client priorities (``normal`` or ``below-normal`` each) -> a tuple
+    of ``CUDA_MPS_CLIENT_PRIORITY`` values; ValueError otherwise."""
+    parts = [p.strip().lower() for p in text.split(",")]
+    if len(parts) != 2 or not all(p in PRIORITIES for p in parts):
+        raise ValueError(f"--mps-priority must be PREFILL,DECODE with each one of {', '.join(PRIORITIES)}, "
+                         f"got {text!r}")
+    return PRIORITIES[parts[0]], PRIORITIES[parts[1]]
 
 
 def parse_sm_percent(text: str) -> tuple[int, int]:
