@@ -44,6 +44,11 @@ def add_parsers(sub) -> None:
                     help="with --mps-sm-percent: the prefill and decode workers' MPS client priorities, normal or "
                          "below-normal each (e.g. below-normal,normal: decode kernels go first)")
     up.add_argument("--dtype", default="auto")
+    up.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                    help="sequences a worker batches at most (default: tandem serve's, 64)")
+    up.add_argument("--decode-max-num-seqs", type=int, default=None, metavar="N",
+                    help="the same for decode workers, which compute no prompts and keep pace with a larger "
+                         "batch (default: --max-num-seqs)")
     up.add_argument("--kv-cache-bytes", type=int, default=None)
     up.add_argument("--stream-interval-ms", type=float, default=0.0, metavar="MS",
                     help="workers send the tokens of each MS milliseconds of a stream in one message (default 0)")
@@ -93,7 +98,12 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     if args.router_processes < 1:
         _say(f"error: --router-processes must be >= 1, got {args.router_processes}")
         return _EXIT_BAD_INPUT
-    worker_args = ["--dtype", args.dtype]
+    try:
+        batch_args, role_args = batch_limits(args.max_num_seqs, args.decode_max_num_seqs)
+    except ValueError as e:
+        _say(f"error: {e}")
+        return _EXIT_BAD_INPUT
+    worker_args = ["--dtype", args.dtype, *batch_args]
     if args.kv_cache_bytes:
         worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
     if args.stream_interval_ms:
@@ -101,7 +111,7 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     router_args = [arg for flag, value in policy_flags(args) for arg in (flag, str(value))]
     spec = ClusterSpec(model_dir=args.model.resolve(), state_dir=state_dir, prefill=args.prefill,
                        decode=args.decode, mixed=args.mixed, http_port=args.http_port, grpc_port=args.grpc_port,
-                       etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args),
+                       etcd_url=args.etcd, cluster=args.cluster, worker_args=tuple(worker_args), role_args=role_args,
                        policy=args.policy, router_args=tuple(router_args), router_processes=args.router_processes,
                        kvstore=not args.no_kvstore,
                        kvstore_args=("--cpu-bytes", str(args.kvstore_cpu_bytes), "--ssd-bytes",
@@ -116,6 +126,16 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     print(f"tandem is up: http {state.http_url}  grpc {state.grpc_address}  etcd {state.etcd_url}")
     print(f"logs in {state_dir / 'logs'}; stop with `tandem down`")
     return 0
+
+
+def batch_limits(max_num_seqs: int | None, decode_max_num_seqs: int | None) -> tuple[list[str], dict]:
+    """Worker arguments for ``--max-num-seqs`` (every worker) and role arguments for
+    ``--decode-max-num-seqs`` (decode workers, after the common ones, so theirs wins)."""
+    if any(n is not None and n < 1 for n in (max_num_seqs, decode_max_num_seqs)):
+        raise ValueError("--max-num-seqs and --decode-max-num-seqs must be >= 1")
+    common = [] if max_num_seqs is None else ["--max-num-seqs", str(max_num_seqs)]
+    roles = {} if decode_max_num_seqs is None else {"decode": ("--max-num-seqs", str(decode_max_num_seqs))}
+    return common, roles
 
 
 def _placement(names: list[str], args: argparse.Namespace) -> dict[str, tuple[str, ...]]:

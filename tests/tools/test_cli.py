@@ -84,6 +84,16 @@ def test_router_policy_flags_are_checked_before_anything_starts():
         assert "Traceback" not in done.stderr
 
 
+def test_up_gives_decode_workers_their_own_batch_limit(tmp_path):
+    from tools.cluster_cmd import batch_limits
+
+    assert batch_limits(None, None) == ([], {})
+    assert batch_limits(128, 512) == (["--max-num-seqs", "128"], {"decode": ("--max-num-seqs", "512")})
+    done = _tandem("up", "--decode-max-num-seqs", "0", "--state-dir", str(tmp_path))
+    assert done.returncode == 2 and "--max-num-seqs and --decode-max-num-seqs must be >= 1" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "cluster.json").exists()
+
+
 def test_policy_flags_given_are_passed_on():
     from tools.cli import _build_parser as build_parser
     from tools.serve_cmd import policy_flags
