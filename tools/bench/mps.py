@@ -107,10 +107,10 @@ class MpsDaemon:
         with ``priority`` (``PREFILL,DECODE`` as well), prefill and decode clients at those
         priorities, mixed ones at normal."""
         share = {"prefill": sm_percent[0], "decode": sm_percent[1], "mixed": 100}
-        rank = {"prefill": None, "decode": None, "mixed": None} if priority is None else \
-            {"prefill": priority[0], "decode": priority[1], "mixed": PRIORITIES["normal"]}
+        ranks = {} if priority is None else {"prefill": priority[0], "decode": priority[1],
+                                             "mixed": PRIORITIES["normal"]}
         roles = {name: name.rsplit("-", 1)[0] for name in names}
-        return {name: self.client_env(share[role], rank[role]) for name, role in roles.items()}
+        return {name: self.client_env(share[role], ranks.get(role)) for name, role in roles.items()}
 
     def _dirs(self) -> dict[str, str]:
         return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}

@@ -1,7 +1,9 @@
-"""How late the router's event loop ran during one benchmark run: its ``tandem_router_loop_*``
-counters (services/common/loop_lag.py, summed over the router's processes) read from
-``GET /metrics`` before and after the run. Beside the workers' own (worker_counters.py) they
-say whether requests waited in Python rather than on a GPU.
+"""How late the router's event loop ran during one benchmark run, and how long handed-off
+requests waited for the decode worker's first message: its ``tandem_router_loop_*`` counters
+(services/common/loop_lag.py, summed over the router's processes) and its
+``tandem_decode_join_seconds`` histogram, read from ``GET /metrics`` before and after the run.
+Beside the workers' own (worker_counters.py) they say whether requests waited in Python or in a
+full decode batch rather than on a GPU.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ def parse(text: str) -> dict[str, float] | None:
     found = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in _METRICS or name in _JOIN:
-            found[_METRICS.get(name) or _JOIN[name]] = float(value)
+        if key := _METRICS.get(name) or _JOIN.get(name):
+            found[key] = float(value)
     return found if all(key in found for key in _METRICS.values()) else None
 
 

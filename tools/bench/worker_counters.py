@@ -31,8 +31,10 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
 A figure whose divisor is zero (no steps, no step time) is None.
 
 Beside them, ``run["router"]``: how late the router's event loop ran over the run
-(``loop_lag_ms``, ``loop_stalls``, as above; tools/bench/router_counters.py), and ``run["cpu"]``: the CPU share of every cluster process and of the load generator
-over the same wall time, each with its live descendant processes but without those named on
+(``loop_lag_ms``, ``loop_stalls``, as above) and the mean wait of a handed-off request from
+the prefill's answer to the decode worker's first message (``join_ms``;
+tools/bench/router_counters.py), and ``run["cpu"]``: the CPU share of every cluster process
+and of the load generator over the same wall time, each with its live descendant processes but without those named on
 their own (tools/bench/process_cpu.py): the load generator's share includes its client
 processes (``tandem bench serve --client-processes``).
 """
