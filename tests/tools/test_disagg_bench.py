@@ -349,6 +349,7 @@ def test_other_limits_default_to_the_presets(argv, other):
     (["--workloads", "chat"], "unknown workload(s) chat"),
     (["--layouts", "colocated,split"], "unknown layout 'split'"),
     (["--rates", "1,x"], "--rates must be comma-separated numbers"),
+    (["--rates", "1,2,1"], "--rates must differ"),
     (["--duration", "0"], "must be > 0"),
     (["--also-tpot-ms", "20,x"], "--also-tpot-ms must be comma-separated milliseconds, got '20,x'"),
     (["--also-ttft-ms", "0"], "--also-ttft-ms must be > 0"),

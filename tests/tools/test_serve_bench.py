@@ -103,6 +103,12 @@ def test_fit_lengths():
     assert fit_lengths(10, 1, 1024, min_output=1) == (10, 1)
 
 
+def test_a_rate_has_its_own_seed_whatever_the_sweep():
+    assert serve_bench.rate_seed(3, 72) == serve_bench.rate_seed(3, 72.0)
+    seeds = {serve_bench.rate_seed(s, r) for s in (0, 1, 2) for r in (0.5, 1, 2, 40, 48, 72, 72.5, 1000)}
+    assert len(seeds) == 24
+
+
 def test_poisson_arrivals_are_seeded_and_bounded():
     a = serve_bench.poisson_arrivals(50, 10, 10_000, seed=1)
     assert a == serve_bench.poisson_arrivals(50, 10, 10_000, seed=1)
@@ -150,7 +156,7 @@ def test_trace_errors_name_the_line(tmp_path, lines, message):
 
 def test_bad_arguments_exit_2(capsys):
     for argv in (["--url", "http://x"], ["--url", "http://x", "--rate", "0"],
-                 ["--url", "http://x", "--sweep-rates", "1,a"], ["--url", "http://x", "--rate", "1", "--scale", "0"],
+                 ["--url", "http://x", "--sweep-rates", "1,a"], ["--url", "http://x", "--sweep-rates", "2,4,2.0"], ["--url", "http://x", "--rate", "1", "--scale", "0"],
                  ["--url", "http://x", "--rate", "1", "--client-processes", "0"],
                  ["--url", "http://x", "--rate", "1", "--connections", "0"]):
         with pytest.raises(SystemExit) as e:
@@ -191,7 +197,8 @@ def _run(tmp_path, url: str, *extra: str) -> dict:
 
 def _check_all_ok(report: dict, rate: float, duration: float, seed: int) -> None:
     run = next(r for r in report["runs"] if r["rate"] == rate)
-    planned = serve_bench.poisson_arrivals(rate, duration, int(2 * rate * duration), seed)
+    assert run["seed"] == serve_bench.rate_seed(seed, rate)
+    planned = serve_bench.poisson_arrivals(rate, duration, int(2 * rate * duration), run["seed"])
     reqs = run["requests"]
     assert len(reqs) == len(planned) > 0
     assert all(r["ok"] and r["error"] is None for r in reqs), [r["error"] for r in reqs]
@@ -207,7 +214,7 @@ def _check_all_ok(report: dict, rate: float, duration: float, seed: int) -> None
 def test_http_sweep(cluster, tmp_path, capsys):
     report = _run(tmp_path, cluster.http_url, "--sweep-rates", "2,4", "--duration", "2")
     _check_all_ok(report, 2, 2, seed=5)
-    _check_all_ok(report, 4, 2, seed=6)  # a fresh seed per rate
+    _check_all_ok(report, 4, 2, seed=5)  # a seed of its own per rate
     assert report["goodput"]["rate"] == 4
     assert report["config"]["url"] == cluster.http_url and report["environment"]["git_commit"]
     assert {p.name for p in tmp_path.glob("*.png")} == {"serve_chatbot_t_latency_cdf.png",
@@ -218,8 +225,8 @@ def test_http_sweep(cluster, tmp_path, capsys):
 
 def test_grpc_run(cluster, tmp_path):
     report = _run(tmp_path, f"grpc://{cluster.grpc_address}", "--workload", "code", "--rate", "4",
-                  "--duration", "3")
-    _check_all_ok(report, 4, 3, seed=5)
+                  "--duration", "3", "--seed", "7")  # 5 at rate 4 is the sweep's: its prompts would hit the cache
+    _check_all_ok(report, 4, 3, seed=7)
     assert report["goodput"] is None and report["workload"] == "code"
     assert [p.name for p in tmp_path.glob("*.png")] == ["serve_code_t_latency_cdf.png"]
 
@@ -243,7 +250,7 @@ def _check_from_client_processes(report: dict, rate: float, duration: float, see
     """Every planned request has exactly one record, under its plan index, sent at its arrival
     time on the common clock (a client process on another clock would be seconds off)."""
     run = next(r for r in report["runs"] if r["rate"] == rate)
-    planned = serve_bench.poisson_arrivals(rate, duration, int(2 * rate * duration), seed)
+    planned = serve_bench.poisson_arrivals(rate, duration, int(2 * rate * duration), serve_bench.rate_seed(seed, rate))
     reqs = run["requests"]
     assert [r["index"] for r in reqs] == list(range(len(planned)))
     assert [r["scheduled_s"] for r in reqs] == [round(a, 6) for a in planned]
@@ -256,7 +263,7 @@ def test_http_sweep_from_two_client_processes(cluster, tmp_path):
     report = _run(tmp_path, cluster.http_url, "--sweep-rates", "2,4", "--duration", "2", "--client-processes", "2",
                   "--seed", "21", "--no-plots")  # seeds of their own (no prompt the other tests sent): 6 and 8 requests
     _check_from_client_processes(report, 2, 2, seed=21)
-    _check_from_client_processes(report, 4, 2, seed=22)
+    _check_from_client_processes(report, 4, 2, seed=21)
     assert report["config"]["client_processes"] == 2
     assert multiprocessing.active_children() == []  # stopped, and nothing left behind
 

@@ -297,7 +297,7 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
 
 
 def serve_args(url: str, model_dir: Path, plan: WorkloadPlan, preset: Preset) -> argparse.Namespace:
-    """``tandem bench serve`` arguments for one sweep (rate i runs with seed + i in both layouts)."""
+    """``tandem bench serve`` arguments for one sweep (a rate sends the same requests in both layouts)."""
     args = serve_bench.build_parser().parse_args([
         "--url", url, "--workload", plan.workload, "--duration", str(preset.duration_s),
         "--drain-timeout", str(preset.drain_timeout_s), "--scale", str(preset.scale), "--seed", str(preset.seed),
@@ -347,7 +347,7 @@ def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) 
     return {"model": str(model_dir), "random_shape": preset.random_shape, **engine, "workers": workers,
             "workload": plan.workload, "rates": list(plan.rates), "slo": asdict(plan.slo),
             "duration_s": preset.duration_s, "drain_timeout_s": preset.drain_timeout_s, "scale": preset.scale,
-            "seed": preset.seed, "transport": "grpc", **harness}
+            "seed": preset.seed, "rate_seeds": "by-rate", "transport": "grpc", **harness}
 
 
 def estimate_s(preset: Preset, layouts: int) -> tuple[float, float]:
@@ -535,6 +535,8 @@ def _override_plan(plan: WorkloadPlan, args: argparse.Namespace) -> WorkloadPlan
             raise ValueError(f"--rates must be comma-separated numbers, got {args.rates!r}") from None
         if not rates or min(rates) <= 0:
             raise ValueError("--rates must be > 0")
+        if len({serve_bench.rate_seed(0, r) for r in rates}) < len(rates):
+            raise ValueError(f"--rates must differ (to 1/1000 req/s), got {args.rates!r}")
     slo = SLO(args.ttft_slo_ms if args.ttft_slo_ms is not None else plan.slo.ttft_ms,
               args.tpot_slo_ms if args.tpot_slo_ms is not None else plan.slo.tpot_ms)
     return WorkloadPlan(plan.workload, rates, slo)

@@ -76,7 +76,9 @@ a layout run under MPS against one run without, a decode worker batching more se
 mixed one, whose steps also compute prompts)."""
 SWEEP = ("rates",)
 """The rates swept: each layout's goodput is the highest of its own rates that met the SLO, and
-a given rate and seed send the same requests, so two sweeps over different rates compare too
+a given rate and seed send the same requests in any sweep (``serve_bench.rate_seed``; entries
+stored before that, drawn by the rate's place in the sweep, lack ``rate_seeds`` and compare only
+among themselves), so two sweeps over different rates compare too
 (the report notes a goodput that is only a bound: met at the highest rate, or at none)."""
 
 

@@ -11,7 +11,10 @@ at its arrival time without waiting for earlier ones (open loop; each request is
 own task, kept in a list). When the send window has closed the outstanding requests
 get ``--drain-timeout`` seconds; those still running are cancelled and count as failed
 ("timeout"). Every second a progress line goes to stderr. A sweep (``--sweep-rates``)
-runs each rate in turn with seed + i for the i-th rate, and reports goodput.
+runs each rate in turn and reports goodput. Each rate draws its arrivals and requests from
+its own seed, made from ``--seed`` and the rate alone (``rate_seed``): a rate gets the same
+requests in any sweep it is part of, and different rates send different prompts, so one
+rate's prompts never hit the prefix cache an earlier rate filled.
 
 ``--client-processes N`` (N > 1) sends from N client processes instead of this one, for
 rates at which one event loop falls behind (the load generator's CPU share nears a core,
@@ -100,6 +103,11 @@ def poisson_arrivals(rate: float, duration_s: float, max_requests: int, seed: in
             break
         arrivals.append(t)
     return arrivals
+
+
+def rate_seed(seed: int, rate: float) -> int:
+    """The seed of one rate of a sweep: ``--seed`` and the rate (to 1/1000 req/s), not its place in the sweep."""
+    return seed * 1_000_003 + round(rate * 1000)
 
 
 def plan_run(args: argparse.Namespace, rate: float, seed: int, max_context: int, vocab: int,
@@ -210,11 +218,11 @@ async def run_benchmark(args: argparse.Namespace, slo: SLO,
         for i, rate in enumerate(args.rates):
             trace = None
             if args.trace is not None:  # per rate: prompt_tokens lines get fresh ids from the rate's seed
-                trace = load_trace(args.trace, args.seed + i, max_context=max_context, vocab_size=vocab)
+                trace = load_trace(args.trace, rate_seed(args.seed, rate), max_context=max_context, vocab_size=vocab)
                 if trace[0].arrival_s is not None and len(args.rates) > 1:
                     raise TraceError(f"{args.trace}: its timestamp_s fix the arrivals; "
                                      "--sweep-rates needs a trace without them")
-            plan = plan_run(args, rate, args.seed + i, max_context, vocab, trace)
+            plan = plan_run(args, rate, rate_seed(args.seed, rate), max_context, vocab, trace)
             if i == 0 and args.warmup:
                 await warm_up(client, info.model, args.warmup, args.seed, vocab)
             timing = "at the trace's timestamps" if plan.requests and plan.requests[0].arrival_s is not None \
@@ -325,6 +333,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("give --rate or --sweep-rates")
     if not args.rates or min(args.rates) <= 0:
         parser.error("rates must be > 0")
+    if len({rate_seed(0, r) for r in args.rates}) < len(args.rates):
+        parser.error(f"a sweep's rates must differ (to 1/1000 req/s), got {args.rates}")
     for name in ("duration", "drain_timeout", "scale"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
