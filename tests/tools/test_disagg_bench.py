@@ -477,9 +477,22 @@ def test_the_table_counts_requests_cut_at_the_drain_deadline_and_those_within_th
     lines = format_table({"workloads": {"chatbot": slot}}, ["chatbot"]).splitlines()
     assert "  still running at the drain deadline, counted as misses: disaggregated 3 (1 within both limits so far)" \
         in lines
+    assert not any("TPOT after the first gap" in line for line in lines)  # no record has a first gap
     assert not any("drain deadline" in line for line in
                    format_table({"workloads": {"chatbot": {"layouts": _layouts(), "comparison": slot["comparison"]}}},
                                 ["chatbot"]).splitlines())
+
+
+def test_the_table_gives_the_decode_pace_after_the_first_gap():
+    layouts = _layouts()
+    for entry, gap in ((layouts["colocated"], 0), (layouts["disaggregated"], 36)):
+        for run in entry["runs"]:
+            for r in run["requests"]:
+                r.update(first_gap_ms=gap, e2e_ms=r["e2e_ms"] + gap)  # 20 tokens: 18 after the gap
+    lines = format_table({"workloads": {"chatbot": {"layouts": layouts, "comparison": compare(layouts)}}},
+                         ["chatbot"]).splitlines()
+    assert ("  TPOT after the first gap, p50 ms at rate: colocated 4: 12.7, 8: 25.3, 16: 50.7; "
+            "disaggregated 4: 6.3, 8: 6.3, 16: 6.3") in lines
 
 
 def test_a_tight_tpot_limit_flips_the_ratio():

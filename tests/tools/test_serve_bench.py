@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import time
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -17,7 +18,7 @@ from tools.bench import serve_bench
 from tools.bench.client_processes import (ClientPool, ClientProcessError, SendSettings, deal_round_robin,
                                           merge)
 from tools.bench.serve_clients import LoadClient, Measurement, Progress
-from tools.bench.slo import SLO, RequestRecord, attainment, goodput, percentile, summarize
+from tools.bench.slo import SLO, RequestRecord, attainment, goodput, later_tpot_ms, percentile, summarize
 from tools.bench.workloads import WORKLOADS, BenchRequest, TraceError, fit_lengths, load_trace, synthetic_requests
 from tools.demo import DEMO_MODEL_DIR
 
@@ -70,8 +71,16 @@ def test_summarize_exact():
     assert s["span_s"] == 2.0  # the last success ends 1.0 + 1.0 s after the window opened
     assert (s["output_tokens"], s["output_tokens_per_s"], s["requests_per_s"]) == (10, 5.0, 1.0)
     assert s["slo_attainment"] == 1 / 3
-    assert serve_bench.describe_summary(s) == ("2/3 ok, TTFT 20.0/28.0 ms, TPOT 3.0/3.8 ms, 1st gap -/- ms (p50/p90), "
-                                               "SLO met 33%")
+    assert serve_bench.describe_summary(s) == ("2/3 ok, TTFT 20.0/28.0 ms, TPOT 3.0/3.8 (-/- after the 1st gap) ms, "
+                                               "1st gap -/- ms (p50/p90), SLO met 33%")
+
+
+def test_later_tpot_leaves_the_first_gap_out():
+    # 12 tokens in 10 + 90 + 10 x 20 ms: TPOT spreads the 90 ms gap, the pace after it is 20 ms
+    r = replace(_rec(0, 10, 290 / 11, e2e=300, out=12), first_gap_ms=90)
+    assert later_tpot_ms(r) == 20 and later_tpot_ms(asdict(r)) == 20
+    assert summarize([r], SLO())["later_tpot_ms"]["p50"] == 20
+    assert later_tpot_ms(replace(r, output_len=2)) is None and later_tpot_ms(replace(r, first_gap_ms=None)) is None
 
 
 # -- workloads, arrivals, traces -------------------------------------------------------------

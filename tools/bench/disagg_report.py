@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tools.bench.machine import device_name, environment, slug
-from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, goodput
+from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, goodput, later_tpot_ms, percentile
 
 if TYPE_CHECKING:
     from tools.bench.disagg_presets import Preset
@@ -239,6 +239,7 @@ def format_table(report: dict, workloads: list[str]) -> str:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines += _cut_lines(entries, s["slo"])
+        lines += _pace_lines(entries)
         lines += _comparison_lines(slot["comparison"])
         lines += _sensitivity_lines(slot)
         lines.append("")
@@ -268,6 +269,21 @@ def _cut_lines(entries: list[dict], slo: dict) -> list[str]:
         if cut:
             parts.append(f"{entry['layout']['name']} {len(cut)} ({within} within both limits so far)")
     return ["  still running at the drain deadline, counted as misses: " + ", ".join(parts)] if parts else []
+
+
+def _pace_lines(entries: list[dict]) -> list[str]:
+    """Per layout and rate, the p50 of TPOT after the first gap (``slo.later_tpot_ms``): the decode
+    pace under that load, apart from the handoff and the wait to join the decode batch."""
+    parts = []
+    for entry in entries:
+        paces = []
+        for run in entry["runs"]:
+            p50 = percentile([t for t in map(later_tpot_ms, run.get("requests", ())) if t is not None], 50)
+            if p50 is not None:
+                paces.append(f"{run['rate']:g}: {p50:.1f}")
+        if paces:
+            parts.append(f"{entry['layout']['name']} " + ", ".join(paces))
+    return ["  TPOT after the first gap, p50 ms at rate: " + "; ".join(parts)] if parts else []
 
 
 def _comparison_lines(comparison: dict | None) -> list[str]:

@@ -427,7 +427,8 @@ def describe_summary(s: dict) -> str:
     def pair(stats: dict) -> str:
         return "/".join(_num(stats[p]) for p in ("p50", "p90"))
 
-    return (f"{s['ok']}/{s['requests']} ok, TTFT {pair(s['ttft_ms'])} ms, TPOT {pair(s['tpot_ms'])} ms, "
+    later = f" ({pair(s['later_tpot_ms'])} after the 1st gap)" if "later_tpot_ms" in s else ""
+    return (f"{s['ok']}/{s['requests']} ok, TTFT {pair(s['ttft_ms'])} ms, TPOT {pair(s['tpot_ms'])}{later} ms, "
             f"1st gap {pair(s['first_gap_ms'])} ms (p50/p90), SLO met {_pct(s['slo_attainment'])}")
 
 

@@ -8,6 +8,9 @@ Definitions (times in ms, measured by the client):
   first gap   first output chunk's arrival -> the next one's (None with one chunk): with
               disaggregation, the handoff's commit and the decode worker's first step, which
               TPOT spreads over the output
+  later TPOT  (e2e - TTFT - first gap) / (output tokens - 2), for outputs of 3 tokens or
+              more: the decode pace without the first gap (a lower bound where the second
+              chunk carried several tokens, as streaming windows can make it)
   percentile  linear interpolation between closest ranks (numpy's default, Excel's
               PERCENTILE.INC): p of sorted v[0..n-1] is v[k] + (v[k+1] - v[k]) * f with
               k + f = (n - 1) * p / 100
@@ -70,6 +73,17 @@ class RequestRecord:
     TPOT spreads over the output."""
 
 
+def later_tpot_ms(r: RequestRecord | dict) -> float | None:
+    """Time per output token after the second: (e2e - TTFT - first gap) / (tokens - 2). The decode
+    pace alone, with the first gap (in a disaggregated layout: the handoff and the wait to join
+    the decode batch) left out of it; None for a failed request or one of under 3 tokens. Takes
+    a record or its stored dict."""
+    get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
+    if not get("ok") or get("output_len") < 3 or None in (get("e2e_ms"), get("ttft_ms"), get("first_gap_ms")):
+        return None
+    return (get("e2e_ms") - get("ttft_ms") - get("first_gap_ms")) / (get("output_len") - 2)
+
+
 def percentile(values: Sequence[float], p: float) -> float | None:
     """The p-th percentile (0..100) by linear interpolation; None for no values."""
     assert 0 <= p <= 100, p
@@ -124,6 +138,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO) -> dict:
         "tpot_ms": latency_stats([r.tpot_ms for r in ok if r.tpot_ms is not None]),
         "e2e_ms": latency_stats([r.e2e_ms for r in ok if r.e2e_ms is not None]),
         "first_gap_ms": latency_stats([r.first_gap_ms for r in ok if r.first_gap_ms is not None]),
+        "later_tpot_ms": latency_stats([t for t in map(later_tpot_ms, ok) if t is not None]),
         "max_send_lag_ms": max(((r.sent_s - r.scheduled_s) * 1000 for r in records), default=None),
         "span_s": span_s,
         "output_tokens": output_tokens,
