@@ -8,7 +8,7 @@
     tandem status
     tandem kv stats|clear
     tandem serve prefill|decode|mixed|router --etcd URL [...]     (router: [--processes N])
-    tandem bench engine|roofline|decode-profile|steps|moe|moe-decode|sampler|serve|disagg [...]
+    tandem bench engine|roofline|decode-profile|steps|moe|moe-decode|sampler|serve|disagg|disagg-merge [...]
 
 ``generate`` runs the engine in-process (the built-in demo model unless ``--model``)
 and streams only the completion text to stdout; logs go to stderr. Bad input exits
@@ -133,7 +133,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 _BENCHMARKS = {"engine": "engine_bench", "roofline": "roofline_bench", "decode-profile": "decode_profile",
                "steps": "step_bench", "moe": "moe_bench", "moe-decode": "moe_decode_bench",
-               "sampler": "sampler_bench", "serve": "serve_bench", "disagg": "disagg_bench"}
+               "sampler": "sampler_bench", "serve": "serve_bench", "disagg": "disagg_bench",
+               "disagg-merge": "disagg_merge"}
 """``tandem bench TARGET`` -> the module of tools.bench that runs it (imported only when asked for)."""
 
 

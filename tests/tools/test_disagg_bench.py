@@ -87,7 +87,7 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     spec = cluster_spec(plan_layout("colocated", "cuda", 2, workers.kv_cache_bytes_per_device), workers,
                         tmp_path / "model", tmp_path / "state")
     assert (spec.prefill, spec.decode, spec.mixed, spec.kvstore) == (0, 0, 2, False)
-    assert spec.worker_args == ("--dtype", "bfloat16", "--max-batched-tokens", "2048", "--max-num-seqs", "256",
+    assert spec.worker_args == ("--dtype", "bfloat16", "--max-batched-tokens", "2048", "--max-num-seqs", "512",
                                 "--max-model-len", "8192", "--stream-interval-ms", "20")
     # each alone on its GPU: the engines size their caches from the memory left after the weights
     assert spec.worker_name_args == {"mixed-0": ("--device", "cuda:0"), "mixed-1": ("--device", "cuda:1")}
@@ -104,12 +104,15 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     spec = cluster_spec(plan_layout("disaggregated", "cpu", 0, 1), paced, tmp_path, tmp_path)
     assert spec.worker_name_args["decode-0"][-2:] == ("--decode-step-period-ms", "25")
     assert "--decode-step-period-ms" not in spec.worker_name_args["prefill-0"] + spec.worker_args
-    # decode workers batch up to 512 sequences on the GPU preset; the common 256 stays for the others
-    spec = cluster_spec(plan_layout("disaggregated", "cuda", 2, None), workers, tmp_path, tmp_path)
+    # a batch limit of their own for decode workers; the common one stays for the others
+    own = replace(workers, max_num_seqs=256, decode_max_num_seqs=512)
+    spec = cluster_spec(plan_layout("disaggregated", "cuda", 2, None), own, tmp_path, tmp_path)
     assert spec.worker_name_args["decode-0"] == ("--device", "cuda:1", "--max-num-seqs", "512")
     assert spec.worker_name_args["prefill-0"][-2:] != ("--max-num-seqs", "512")
-    assert settings(PRESETS["gpu-llama3-8b"], PRESETS["gpu-llama3-8b"].plans["chatbot"], tmp_path, 2)[
-        "decode_max_num_seqs"] == 512
+    assert settings(replace(PRESETS["gpu-llama3-8b"], workers=own), PRESETS["gpu-llama3-8b"].plans["chatbot"],
+                    tmp_path, 2)["decode_max_num_seqs"] == 512
+    assert "decode_max_num_seqs" not in settings(PRESETS["gpu-llama3-8b"], PRESETS["gpu-llama3-8b"].plans["chatbot"],
+                                                 tmp_path, 2)
     assert "decode_max_num_seqs" not in settings(PRESETS["cpu-demo"], PRESETS["cpu-demo"].plans["chatbot"], tmp_path, 2)
 
 
@@ -209,7 +212,7 @@ def test_gpu_workers_sharing_a_device_split_what_is_free_after_their_weights(tmp
     assert fit_kv(alone, tmp_path, gpu, free_bytes=lambda: pytest.fail("alone: nothing to measure")) == alone
     assert cluster_spec(alone, gpu, tmp_path, tmp_path).worker_name_args == {
         "prefill-0": ("--device", "cuda:0", "--max-batched-tokens", "8192"),
-        "decode-0": ("--device", "cuda:1", "--max-num-seqs", "512")}
+        "decode-0": ("--device", "cuda:1")}
     shared = fit_kv(plan_layout("colocated", "cuda", 1, None), tmp_path, small, free_bytes=lambda: [10_000])
     assert shared.kv_cache_bytes == {"mixed-0": (9000 - 2000) // 2, "mixed-1": (9000 - 2000) // 2}
     # prefill and decode on one GPU: the prefill worker holds a few steps of prompts, as much again is

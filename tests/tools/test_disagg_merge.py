@@ -1,0 +1,94 @@
+"""tandem bench disagg-merge: sweeps from several cluster starts put together as one result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools.bench import disagg_merge
+from tools.bench.disagg_bench import plan_layout
+from tools.bench.disagg_report import write_report
+from tools.bench.slo import SLO, RequestRecord, summarize
+
+_SLO = SLO(ttft_ms=500, tpot_ms=50)
+
+
+def _run(rate: float, tpot_ms: float, n: int = 10) -> dict:
+    records = [{"index": i, "scheduled_s": i / rate, "sent_s": i / rate, "input_len": 100, "output_len_requested": 20,
+                "output_len": 20, "ttft_ms": 100.0, "tpot_ms": tpot_ms, "e2e_ms": 100 + 19 * tpot_ms, "ok": True,
+                "error": None} for i in range(n)]
+    return {"rate": rate, "seed": 0, "requests": records,
+            "summary": summarize([RequestRecord(**r) for r in records], _SLO)}
+
+
+def _entry(layout: str, tpot_at_rate: dict[float, float], max_num_seqs: int = 256, started: str = "t1") -> dict:
+    runs = [_run(rate, tpot) for rate, tpot in tpot_at_rate.items()]
+    settings = {"slo": {"ttft_ms": 500, "tpot_ms": 50}, "rates": list(tpot_at_rate), "seed": 0, "rate_seeds": "by-rate",
+                "duration_s": 8, "device": "cuda", "dtype": "bfloat16", "max_num_seqs": max_num_seqs}
+    return {"layout": plan_layout(layout, "cuda", 1, None, 1 if layout == "colocated" else 2).to_json(),
+            "settings": settings, "runs": runs, "goodput_rate": None, "started_at": started, "finished_at": started + "z",
+            "environment": {"git_commit": "abc"}, "kv_tokens": {"w": 1000}}
+
+
+def _file(tmp_path, name: str, layouts: dict[str, dict], gpu: str = "H100", sensitivity: tuple[float, ...] = ()) -> str:
+    slot = {"layouts": layouts, "comparison": None,
+            "slo_sensitivity": [{"ttft_ms": 500, "tpot_ms": t, "attainment": {}} for t in sensitivity]}
+    report = {"benchmark": "disagg", "preset": "gpu-llama3-8b", "attainment_threshold": 0.9,
+              "machine": {"device_name": gpu}, "workloads": {"chatbot": slot}}
+    path = tmp_path / name
+    write_report(path, report)
+    return str(path)
+
+
+def test_runs_of_several_starts_become_one_sweep_the_later_run_of_a_rate_kept(tmp_path, capsys):
+    both = _file(tmp_path, "both.json", {"colocated": _entry("colocated", {40: 20, 48: 60}),  # the one left out
+                                         "disaggregated": _entry("disaggregated", {64: 30, 72: 45, 80: 70})},
+                 sensitivity=(30, 20))
+    low = _file(tmp_path, "low.json", {"colocated": _entry("colocated", {40: 20, 56: 60}, 512, started="t0")})
+    high = _file(tmp_path, "high.json", {"colocated": _entry("colocated", {56: 40, 64: 60}, 512, started="t2")})
+    out = tmp_path / "merged.json"
+    assert disagg_merge.main([str(out), f"{both}:disaggregated", low, high, "--no-plots"]) == 0
+    report = json.loads(out.read_text())
+    slot = report["workloads"]["chatbot"]
+    co = slot["layouts"]["colocated"]
+    assert [run["rate"] for run in co["runs"]] == co["settings"]["rates"] == [40, 56, 64]
+    assert co["runs"][1]["summary"]["tpot_ms"]["p50"] == 40  # high.json's 56, not low.json's
+    assert co["goodput_rate"] == 56 and co["settings"]["max_num_seqs"] == 512
+    assert (co["started_at"], co["finished_at"]) == ("t0", "t2z")
+    assert [(m["file"], m["rates"], m["kept"]) for m in co["merged_from"]] == [
+        ("low.json", [40, 56], [40]), ("high.json", [56, 64], [56, 64])]
+    dis = slot["layouts"]["disaggregated"]
+    assert "merged_from" not in dis and dis["goodput_rate"] == 72
+    assert slot["comparison"]["ratio"] == 72 / 56
+    assert [(s["tpot_ms"], s["goodput"]) for s in slot["slo_sensitivity"]] == [
+        (30, {"colocated": 40, "disaggregated": 64}), (20, {"colocated": 40, "disaggregated": None})]
+    printed = capsys.readouterr().out
+    assert "disaggregated / colocated goodput: 1.29" in printed and f"written: {out}" in printed
+
+
+@pytest.mark.parametrize("second,message", [
+    ({"colocated": _entry("colocated", {64: 20}, 512)}, "other.json ran other settings than a.json: max_num_seqs"),
+    ("gpu", "ran on H200"),
+    ({"disaggregated": _entry("disaggregated", {64: 20})}, "holds none of the layouts asked for (colocated)"),
+])
+def test_runs_of_different_things_are_refused(tmp_path, capsys, second, message):
+    a = _file(tmp_path, "a.json", {"colocated": _entry("colocated", {40: 20})})
+    if second == "gpu":
+        other = _file(tmp_path, "other.json", {"colocated": _entry("colocated", {64: 20})}, gpu="H200")
+    else:
+        other = _file(tmp_path, "other.json", second)
+    out = tmp_path / "m.json"
+    assert disagg_merge.main([str(out), a, f"{other}:colocated", "--no-plots"]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
+    a = _file(tmp_path, "a.json", {"colocated": _entry("colocated", {40: 20})})
+    (tmp_path / "x.json").write_text("{}")
+    for argv, message in (([str(tmp_path / "m.json"), f"{a}:split"], "unknown layout(s) split"),
+                          ([str(tmp_path / "m.json"), str(tmp_path / "none.json")], "cannot read a results file"),
+                          ([str(tmp_path / "m.json"), str(tmp_path / "x.json")], "not a tandem bench disagg results"),
+                          ([a, a], "is also an input")):
+        assert disagg_merge.main([*argv, "--no-plots"]) == 2
+        assert message in capsys.readouterr().err
