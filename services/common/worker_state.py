@@ -51,7 +51,8 @@ def engine_counters(engine: LLMEngine) -> dict:
     """EngineStats' running totals, as WorkerStats fields (read on the engine thread)."""
     s = engine.stats
     return {"steps": s.steps, "step_seconds": s.step_s, "host_seconds": s.host_s,
-            "computed_tokens": s.computed_tokens, "prefill_tokens": s.prefill_tokens, "preemptions": s.preemptions}
+            "computed_tokens": s.computed_tokens, "prefill_tokens": s.prefill_tokens, "preemptions": s.preemptions,
+            "full_batch_steps": s.full_batch_steps}
 
 
 class WorkerState:

@@ -22,6 +22,8 @@ class EngineStats:
     launched nothing and only read a step counts the reading after the tokens were back.
     ``step_s``: whole steps. On CPU the model runs on the host: the model's time is
     outside host_s there too.
+    ``full_batch_steps``: steps run with the batch at ``max_num_seqs`` while requests waited
+    for a place (the batch limit, not the device, holding them back).
     ``steps_ahead``: decode steps launched before the tokens of the step before them were
     read (overlap.py); ``wasted_tokens``: their rows for requests that had stopped by then
     (computed, counted in ``computed_tokens``, never emitted).
@@ -50,6 +52,7 @@ class EngineStats:
         self.steps = 0
         self.computed_tokens = 0
         self.preemptions = 0
+        self.full_batch_steps = 0
         self.host_s = 0.0
         self.step_s = 0.0
         self.prefill_tokens = 0
@@ -71,6 +74,7 @@ class EngineStats:
         self.steps += 1 if plan.chunks else 0
         self.computed_tokens += num_tokens
         self.preemptions += len(plan.preempted)
+        self.full_batch_steps += 1 if plan.chunks and plan.batch_full else 0
         self.host_s += host_s
         self.step_s += step_s
         # prompt work: more than one token, or inside the prompt (a decode step is one token past it)

@@ -52,6 +52,9 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    batch_full: bool = False
+    """The batch held ``max_num_seqs`` requests while others waited for a place (new prompts,
+    or imported KV in ``ready``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +95,7 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        out.batch_full = len(self.running) >= self.config.max_num_seqs and bool(self.waiting or self.ready)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:

@@ -50,6 +50,24 @@ def test_tokens_generated_elsewhere_are_prompt_work_when_resumed():
     assert engine.stats.prefill_tokens == 23
 
 
+def test_steps_with_the_batch_full_and_requests_waiting_are_counted():
+    engine = small_engine(DEMO_MODEL_DIR, max_num_seqs=2)
+    for i in range(3):
+        engine.add_request(f"r{i}", list(range(3 + i, 13 + i)), SamplingParams(max_tokens=4 + 4 * i, temperature=0))
+    engine.step()  # r0 and r1 prompts; r2 waits for a place
+    assert engine.stats.full_batch_steps == 1
+    while engine.scheduler.waiting:
+        engine.step()
+    full = engine.stats.full_batch_steps
+    assert full >= 3  # r0's 4 tokens: its prompt step and decode steps until it finished
+    while engine.has_unfinished():
+        engine.step()  # r1 and r2: room for both
+    assert engine.stats.full_batch_steps == full
+    alone = small_engine(DEMO_MODEL_DIR, max_num_seqs=2)
+    alone.generate([list(range(3, 13)), list(range(4, 14))], _GREEDY)  # full, but nobody waits
+    assert alone.stats.full_batch_steps == 0
+
+
 def test_token_interval_is_the_time_between_decode_steps(monkeypatch):
     clock = SimpleNamespace(now=100.0)
     monkeypatch.setattr(engine_stats, "time", SimpleNamespace(monotonic=lambda: clock.now))

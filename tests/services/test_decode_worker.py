@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ from services.common.worker import Worker
 from services.common.worker_config import WorkerConfig
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
+from services.engine.scheduler import SchedulerConfig
 from services.engine.request import SamplingParams
 from tests.common.test_registry import wait_until
 from tests.integration.cluster import TEST_DEVICE
@@ -128,6 +130,30 @@ async def test_writes_are_fenced_by_lease_and_expiry(decode_worker):
     assert stats.reservations == 0
     # one Decode joined KV from a prefill worker (the refused commit did not): its wait to the first token
     assert stats.decode_joins == 1 and 0 < stats.decode_join_seconds < 30
+
+
+@pytest.mark.asyncio
+async def test_stats_count_the_steps_run_with_the_batch_full_and_requests_waiting(etcd):
+    engine = replace(ENGINE, scheduler=SchedulerConfig(max_num_seqs=1))
+    worker = Worker(WorkerConfig(role="decode", model_dir=DEMO_MODEL_DIR, etcd_url=etcd.url, engine=engine))
+    await worker.start()
+    try:
+        async with grpc.aio.insecure_channel(worker.grpc_address) as channel:
+            stub = pb_grpc.DecodeWorkerStub(channel)
+
+            async def decode(request_id: str) -> int:
+                events = [e async for e in stub.Decode(pb.DecodeRequest(
+                    request_id=request_id, prompt_token_ids=PROMPT,
+                    sampling=pb.SamplingOptions(max_tokens=8, temperature=0, ignore_eos=True)))]
+                return sum(len(e.token_ids) for e in events)
+
+            assert await decode("alone") == 8
+            assert (await stub.Stats(pb.StatsRequest())).full_batch_steps == 0  # nobody waited
+            assert await asyncio.gather(decode("a"), decode("b")) == [8, 8]
+            stats = await stub.Stats(pb.StatsRequest())
+            assert 1 <= stats.full_batch_steps < stats.steps  # one ran while the other waited, then alone
+    finally:
+        await worker.drain_and_stop()
 
 
 @pytest.mark.asyncio

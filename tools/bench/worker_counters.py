@@ -17,6 +17,10 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
                         about 0 on a prefill worker)
   prefill_tokens_per_s  prompt work computed / wall time
   messages_per_s        token messages handed to the worker's streams / wall time
+  full_batch            share of the steps run with the batch at its limit (max_num_seqs)
+                        while requests waited for a place: the limit, not the device, held
+                        them back (mean_decode_batch can be far below the limit then: it
+                        averages over the drain)
   preemptions           requests preempted for KV room (freed, to be recomputed): a decode
                         worker computing prompt work is recomputing them
   busy_refusals         handoffs a decode worker refused for lack of memory (a prefill
@@ -59,7 +63,7 @@ ENGINE_ROLES = ("prefill", "decode", "mixed")
 STATS_TIMEOUT_S = 2.0
 """A worker that takes longer to answer is recorded as missing: the bench does not wait on it."""
 FIGURES = ("steps", "mean_step_ms", "host_share", "busy", "mean_decode_batch", "prefill_tokens_per_s",
-           "messages_per_s", "preemptions", "busy_refusals", "loop_lag_ms", "loop_stalls", "join_ms")
+           "messages_per_s", "full_batch", "preemptions", "busy_refusals", "loop_lag_ms", "loop_stalls", "join_ms")
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ def _figures(old: pb.WorkerStats, new: pb.WorkerStats, wall_s: float) -> dict:
             "mean_decode_batch": _ratio(decode_tokens, steps, 2),
             "prefill_tokens_per_s": _ratio(new.prefill_tokens - old.prefill_tokens, wall_s, 1),
             "messages_per_s": _ratio(new.stream_messages - old.stream_messages, wall_s, 1),
+            "full_batch": _ratio(new.full_batch_steps - old.full_batch_steps, steps, 3),
             "preemptions": new.preemptions - old.preemptions,
             "busy_refusals": new.handoffs_refused_busy - old.handoffs_refused_busy,
             "loop_lag_ms": _ratio((new.loop_lag_seconds - old.loop_lag_seconds) * 1000,
@@ -175,7 +180,8 @@ def describe(figures: dict) -> str:
             f"{_shown(figures['messages_per_s'], '.1f')} messages/s, {figures['preemptions']} preemptions, "
             f"loop lag {_shown(figures['loop_lag_ms'], '.1f')} ms ({figures['loop_stalls']} stalls)"
             + (f", join {figures['join_ms']:.1f} ms" if figures["join_ms"] is not None else "")
-            + (f", {figures['busy_refusals']} handoffs refused as busy" if figures["busy_refusals"] else ""))
+            + (f", {figures['busy_refusals']} handoffs refused as busy" if figures["busy_refusals"] else "")
+            + (f", batch full in {figures['full_batch']:.0%} of steps" if figures.get("full_batch") else ""))
 
 
 def _shown(value: float | None, spec: str) -> str:
