@@ -88,7 +88,7 @@ def _goodput(runs: list[dict]) -> float | None:
     return goodput([(run["rate"], run["summary"]["slo_attainment"]) for run in runs])
 
 
-def other_limits(slots: list[dict]) -> dict[str, OtherLimits]:
+def other_limits(slots: list[tuple[str, dict]]) -> dict[str, OtherLimits]:
     """Per workload, the limits the inputs' SLO sensitivity blocks were recomputed for."""
     tpot: dict[str, set[float]] = {}
     ttft: dict[str, set[float]] = {}
