@@ -111,7 +111,9 @@ class WorkerState:
                           token_interval_ms=round(e.token_interval_s * 1000, 3), updated_unix_s=time.time())
 
     async def stats(self, reservations: int = 0, kv_bytes_received: int = 0) -> pb.WorkerStats:
-        e, counters = await self.aengine.call(lambda engine: (engine_load(engine), engine_counters(engine)))
+        e, counters = await self.aengine.call(lambda engine: (engine_load(engine), {
+            **engine_counters(engine), "engine_idle_seconds": self.aengine.idle_s,
+            "engine_command_seconds": self.aengine.command_s}))
         return pb.WorkerStats(worker_id=self.config.worker_id, role=self.config.role,
                               queued_prefill_tokens=e.queued_prefill_tokens, running_requests=e.running_requests,
                               waiting_requests=e.waiting_requests, free_kv_blocks=e.free_kv_blocks,

@@ -57,6 +57,11 @@ class AsyncEngine:
         self._coalescer = StreamCoalescer(stream_interval_s) if stream_interval_s > 0 else None
         self.stream_messages = 0
         """Outputs handed to streams so far (event loop side)."""
+        self.idle_s = 0.0
+        """Engine-thread time spent waiting: for work (no request unfinished, no command) or for
+        the step period (decode pacing). Written on the engine thread; read it there (``call``)."""
+        self.command_s = 0.0
+        """Engine-thread time spent running commands (adds, imports, reservations, exports, stats)."""
         self._commands: deque[tuple[Callable[[LLMEngine], Any], asyncio.Future]] = deque()
         self._wakeup = threading.Condition()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -179,7 +184,7 @@ class AsyncEngine:
                 break
             with self._wakeup:
                 if not self._commands:
-                    self._wakeup.wait(left)
+                    self._timed_wait(left)
             self._run_commands()
         self._last_step_start = time.monotonic()
 
@@ -187,13 +192,24 @@ class AsyncEngine:
         with self._wakeup:
             if not self._commands and not self.engine.has_unfinished():
                 held = self._coalescer is not None and len(self._coalescer) > 0
-                self._wakeup.wait(self._coalescer.interval_s if held else _IDLE_WAIT_S)
-        for fn, future in self._take_commands():
+                self._timed_wait(self._coalescer.interval_s if held else _IDLE_WAIT_S)
+        commands = self._take_commands()
+        if not commands:
+            return
+        start = time.monotonic()
+        for fn, future in commands:
             try:
                 result, error = fn(self.engine), None
             except Exception as e:  # reported to the caller; the engine goes on
                 result, error = None, e
             self._loop.call_soon_threadsafe(_settle, future, result, error)
+        self.command_s += time.monotonic() - start
+
+    def _timed_wait(self, timeout_s: float) -> None:
+        """Wait on the wake-up condition (held by the caller), counting the time as idle."""
+        start = time.monotonic()
+        self._wakeup.wait(timeout_s)
+        self.idle_s += time.monotonic() - start
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

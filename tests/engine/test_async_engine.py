@@ -43,6 +43,28 @@ async def test_concurrent_streams_equal_the_engine(checkpoints):
 
 
 @pytest.mark.asyncio
+async def test_the_engine_thread_counts_its_waits_and_its_commands(checkpoints):
+    aengine = AsyncEngine(small_engine(checkpoints("llama", 0)))
+    await aengine.start()
+    try:
+        await asyncio.sleep(0.3)  # nothing to do
+        idle, commands = await aengine.call(lambda e: (aengine.idle_s, aengine.command_s))
+        assert 0.2 < idle < 1.0 and 0 <= commands < 0.1
+
+        def slow(_engine):
+            time.sleep(0.2)
+
+        await aengine.call(slow)
+        assert await aengine.call(lambda e: aengine.command_s) - commands >= 0.2
+        busy_from = await aengine.call(lambda e: aengine.idle_s)
+        await _collect(aengine, "r", [5, 6, 7], SamplingParams(max_tokens=40, temperature=0, min_tokens=40))
+        # steps back to back while the request ran: little waiting (the command that added it aside)
+        assert await aengine.call(lambda e: aengine.idle_s) - busy_from < 0.2
+    finally:
+        await aengine.close()
+
+
+@pytest.mark.asyncio
 async def test_cancelled_consumer_aborts_its_request(checkpoints):
     aengine = AsyncEngine(small_engine(checkpoints("llama", 0)))
     await aengine.start()

@@ -98,6 +98,9 @@ async def test_unused_reservation_expires_and_frees_its_blocks(decode_worker):
     assert after.reservations == 0 and after.free_kv_blocks == before.free_kv_blocks
     # the event loop's lag monitor ran meanwhile (a wake-up every 25 ms)
     assert after.loop_lag_samples >= before.loop_lag_samples + 10 and after.loop_lag_seconds >= 0
+    # nothing to step meanwhile: the engine thread waited, and ran the Reserve and Stats commands
+    assert after.engine_idle_seconds >= before.engine_idle_seconds + 0.5
+    assert after.engine_command_seconds > before.engine_command_seconds
 
 
 @pytest.mark.asyncio

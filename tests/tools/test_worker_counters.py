@@ -20,14 +20,15 @@ from tools.local_cluster import free_port
 
 def _stats(steps: int = 0, step_s: float = 0.0, host_s: float = 0.0, computed: int = 0, prefill: int = 0,
            messages: int = 0, preemptions: int = 0, busy: int = 0, lag: tuple[float, int, int] = (0.0, 0, 0),
-           joins: tuple[float, int] = (0.0, 0), full: int = 0) -> pb.WorkerStats:
+           joins: tuple[float, int] = (0.0, 0), full: int = 0, idle: float = 0.0, commands: float = 0.0
+           ) -> pb.WorkerStats:
     """lag: the event loop's (total lag seconds, samples, stalls); joins: (seconds, count) of Decode
     calls with KV from a prefill worker, to their first token."""
     return pb.WorkerStats(steps=steps, step_seconds=step_s, host_seconds=host_s, computed_tokens=computed,
                           prefill_tokens=prefill, stream_messages=messages, preemptions=preemptions,
                           handoffs_refused_busy=busy, loop_lag_seconds=lag[0], loop_lag_samples=lag[1],
                           loop_stalls=lag[2], decode_join_seconds=joins[0], decode_joins=joins[1],
-                          full_batch_steps=full)
+                          full_batch_steps=full, engine_idle_seconds=idle, engine_command_seconds=commands)
 
 
 def _worker(worker_id: str, role: str, address: str) -> WorkerInfo:
@@ -39,22 +40,24 @@ def _worker(worker_id: str, role: str, address: str) -> WorkerInfo:
 def test_the_difference_of_two_snapshots_gives_per_worker_figures():
     roles = {"decode-0": "decode", "prefill-0": "prefill"}
     before = Snapshot(roles, {"decode-0": _stats(100, 1.0, 0.2, 500, 300, 90, preemptions=4, lag=(0.5, 100, 2),
-                                                joins=(1.0, 40), full=10),
+                                                joins=(1.0, 40), full=10, idle=3.0, commands=0.5),
                               "prefill-0": _stats(10, 0.5, 0.1, 2000, 2000, 10, busy=1)})
     after = Snapshot(roles, {"decode-0": _stats(600, 11.0, 3.2, 4300, 600, 890, preemptions=9, lag=(2.5, 900, 12),
-                                               joins=(4.0, 60), full=135),
+                                               joins=(4.0, 60), full=135, idle=7.0, commands=1.5),
                              "prefill-0": _stats(30, 2.5, 0.3, 8000, 7990, 30, busy=4)})
     figures = difference(before, after, wall_s=20.0)
     # decode-0: 500 steps in 10 s of 20; 3 s of host time; 3500 decode tokens (3800 computed, 300 prompt)
     assert figures["decode-0"] == {"role": "decode", "missing": False, "steps": 500, "mean_step_ms": 20.0,
-                                   "host_share": 0.3, "busy": 0.5, "mean_decode_batch": 7.0,
+                                   "host_share": 0.3, "busy": 0.5, "idle": 0.2, "commands": 0.05,
+                                   "mean_decode_batch": 7.0,
                                    "prefill_tokens_per_s": 15.0, "messages_per_s": 40.0, "full_batch": 0.25,
                                    "preemptions": 5,
                                    "busy_refusals": 0, "loop_lag_ms": 2.5, "loop_stalls": 10,
                                    "join_ms": 150.0}
     # prefill-0: 6000 computed, 5990 of them prompt work: 10 decode tokens in 20 steps
     assert figures["prefill-0"] == {"role": "prefill", "missing": False, "steps": 20, "mean_step_ms": 100.0,
-                                    "host_share": 0.1, "busy": 0.1, "mean_decode_batch": 0.5,
+                                    "host_share": 0.1, "busy": 0.1, "idle": 0.0, "commands": 0.0,
+                                    "mean_decode_batch": 0.5,
                                     "prefill_tokens_per_s": 299.5, "messages_per_s": 1.0, "full_batch": 0.0,
                                     "preemptions": 0,
                                     "busy_refusals": 3, "loop_lag_ms": None, "loop_stalls": 0,
@@ -77,11 +80,12 @@ def test_a_worker_without_steps_has_no_per_step_figures():
     idle = Snapshot(roles, {"decode-0": _stats(7, 0.7, 0.1, 70, 7, 7)})
     figures = difference(idle, idle, wall_s=5.0)["decode-0"]
     assert figures == {"role": "decode", "missing": False, "steps": 0, "mean_step_ms": None, "host_share": None,
-                       "busy": 0.0, "mean_decode_batch": None, "prefill_tokens_per_s": 0.0, "messages_per_s": 0.0,
+                       "busy": 0.0, "idle": 0.0, "commands": 0.0, "mean_decode_batch": None,
+                       "prefill_tokens_per_s": 0.0, "messages_per_s": 0.0,
                        "full_batch": None, "preemptions": 0, "busy_refusals": 0, "loop_lag_ms": None, "loop_stalls": 0,
                        "join_ms": None}
-    assert describe(figures) == ("0 steps of - ms, host -, busy 0%, decode batch -, prefill 0 tok/s, "
-                                 "0.0 messages/s, 0 preemptions, loop lag - ms (0 stalls)")
+    assert describe(figures) == ("0 steps of - ms, host -, busy 0% (idle 0%, commands 0%), decode batch -, "
+                                 "prefill 0 tok/s, 0.0 messages/s, 0 preemptions, loop lag - ms (0 stalls)")
     assert difference(idle, idle, wall_s=0.0)["decode-0"]["busy"] is None
 
 

@@ -80,7 +80,8 @@ def merge_entries(parts: list[tuple[str, dict]]) -> dict:
                     "kv_tokens": entry.get("kv_tokens")} for i, (name, entry) in enumerate(parts)]
     return {**first, "settings": {**first["settings"], "rates": [run["rate"] for run in ordered]},
             "goodput_rate": _goodput(ordered),
-            "started_at": min(e["started_at"] for _, e in parts), "finished_at": max(e["finished_at"] for _, e in parts),
+            "started_at": min(e["started_at"] for _, e in parts),
+            "finished_at": max(e["finished_at"] for _, e in parts),
             "runs": ordered, "merged_from": merged_from}
 
 

@@ -10,6 +10,12 @@ Per worker (``run["workers"][worker_id]``), over the run's wall time (send windo
   mean_step_ms          step time / steps
   host_share            host time not overlapped with the device / step time
   busy                  step time / wall time (1.0: the engine never waited for work)
+  idle                  the engine thread's time waiting for work (or for the decode step
+                        period) / wall time
+  commands              its time running commands between steps (adds, KV imports,
+                        reservations, exports, stats) / wall time; busy + idle + commands
+                        short of 1.0 is the rest of the loop: handing outputs to the event
+                        loop, and waiting for the GIL
   mean_decode_batch     (computed - prompt) tokens / steps: decode tokens per step, an
                         approximation of the decode batch. Exact on a decode worker that
                         computes no prompts; steps that only compute prompt work count with
@@ -62,8 +68,8 @@ from tools.bench import process_cpu, router_counters
 ENGINE_ROLES = ("prefill", "decode", "mixed")
 STATS_TIMEOUT_S = 2.0
 """A worker that takes longer to answer is recorded as missing: the bench does not wait on it."""
-FIGURES = ("steps", "mean_step_ms", "host_share", "busy", "mean_decode_batch", "prefill_tokens_per_s",
-           "messages_per_s", "full_batch", "preemptions", "busy_refusals", "loop_lag_ms", "loop_stalls", "join_ms")
+FIGURES = ("steps", "mean_step_ms", "host_share", "busy", "idle", "commands", "mean_decode_batch",
+           "prefill_tokens_per_s", "messages_per_s", "full_batch", "preemptions", "busy_refusals", "loop_lag_ms", "loop_stalls", "join_ms")
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,8 @@ def _figures(old: pb.WorkerStats, new: pb.WorkerStats, wall_s: float) -> dict:
             "mean_step_ms": _ratio(step_s * 1000, steps, 3),
             "host_share": _ratio(new.host_seconds - old.host_seconds, step_s, 3),
             "busy": _ratio(step_s, wall_s, 3),
+            "idle": _ratio(new.engine_idle_seconds - old.engine_idle_seconds, wall_s, 3),
+            "commands": _ratio(new.engine_command_seconds - old.engine_command_seconds, wall_s, 3),
             "mean_decode_batch": _ratio(decode_tokens, steps, 2),
             "prefill_tokens_per_s": _ratio(new.prefill_tokens - old.prefill_tokens, wall_s, 1),
             "messages_per_s": _ratio(new.stream_messages - old.stream_messages, wall_s, 1),
@@ -174,7 +182,8 @@ def describe(figures: dict) -> str:
     if figures["missing"]:
         return "no counters (its Stats did not answer)"
     return (f"{figures['steps']} steps of {_shown(figures['mean_step_ms'], '.1f')} ms, "
-            f"host {_shown(figures['host_share'], '.0%')}, busy {_shown(figures['busy'], '.0%')}, "
+            f"host {_shown(figures['host_share'], '.0%')}, busy {_shown(figures['busy'], '.0%')} "
+            f"(idle {_shown(figures.get('idle'), '.0%')}, commands {_shown(figures.get('commands'), '.0%')}), "
             f"decode batch {_shown(figures['mean_decode_batch'], '.1f')}, "
             f"prefill {_shown(figures['prefill_tokens_per_s'], '.0f')} tok/s, "
             f"{_shown(figures['messages_per_s'], '.1f')} messages/s, {figures['preemptions']} preemptions, "

@@ -249,7 +249,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "queued_prefill_tokens", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "reservations", "kv_bytes_received", "kv_bytes_sent", "prefill_tokens_per_s", "prefill_rate_age_s", "steps", "step_seconds", "host_seconds", "computed_tokens", "prefill_tokens", "stream_messages", "preemptions", "handoffs_refused_busy", "loop_lag_seconds", "loop_lag_samples", "loop_stalls", "decode_join_seconds", "decode_joins", "full_batch_steps")
+    __slots__ = ("worker_id", "role", "queued_prefill_tokens", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "reservations", "kv_bytes_received", "kv_bytes_sent", "prefill_tokens_per_s", "prefill_rate_age_s", "steps", "step_seconds", "host_seconds", "computed_tokens", "prefill_tokens", "stream_messages", "preemptions", "handoffs_refused_busy", "loop_lag_seconds", "loop_lag_samples", "loop_stalls", "decode_join_seconds", "decode_joins", "full_batch_steps", "engine_idle_seconds", "engine_command_seconds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,8 @@ class WorkerStats(_message.Message):
     DECODE_JOIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_JOINS_FIELD_NUMBER: _ClassVar[int]
     FULL_BATCH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_COMMAND_SECONDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     queued_prefill_tokens: int
@@ -302,7 +304,9 @@ class WorkerStats(_message.Message):
     decode_join_seconds: float
     decode_joins: int
     full_batch_steps: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., prefill_rate_age_s: _Optional[float] = ..., steps: _Optional[int] = ..., step_seconds: _Optional[float] = ..., host_seconds: _Optional[float] = ..., computed_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., stream_messages: _Optional[int] = ..., preemptions: _Optional[int] = ..., handoffs_refused_busy: _Optional[int] = ..., loop_lag_seconds: _Optional[float] = ..., loop_lag_samples: _Optional[int] = ..., loop_stalls: _Optional[int] = ..., decode_join_seconds: _Optional[float] = ..., decode_joins: _Optional[int] = ..., full_batch_steps: _Optional[int] = ...) -> None: ...
+    engine_idle_seconds: float
+    engine_command_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., prefill_rate_age_s: _Optional[float] = ..., steps: _Optional[int] = ..., step_seconds: _Optional[float] = ..., host_seconds: _Optional[float] = ..., computed_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., stream_messages: _Optional[int] = ..., preemptions: _Optional[int] = ..., handoffs_refused_busy: _Optional[int] = ..., loop_lag_seconds: _Optional[float] = ..., loop_lag_samples: _Optional[int] = ..., loop_stalls: _Optional[int] = ..., decode_join_seconds: _Optional[float] = ..., decode_joins: _Optional[int] = ..., full_batch_steps: _Optional[int] = ..., engine_idle_seconds: _Optional[float] = ..., engine_command_seconds: _Optional[float] = ...) -> None: ...
 
 class KVLayoutInfo(_message.Message):
     __slots__ = ("model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "dtype", "chunk_tokens", "block_size")
