@@ -498,6 +498,19 @@ def test_the_table_gives_the_decode_pace_after_the_first_gap():
             "disaggregated 4: 6.3, 8: 6.3, 16: 6.3") in lines
 
 
+def test_the_comparison_notes_a_batch_limit_that_held_requests_back_where_a_layout_first_missed():
+    layouts = _layouts()  # disaggregated: goodput 8, first missed at 16 req/s
+    dis = layouts["disaggregated"]
+    dis["settings"]["decode_max_num_seqs"] = 512
+    dis["runs"][1]["workers"] = {"decode-0": {"full_batch": 0.5}}  # at its goodput: no matter
+    dis["runs"][2]["workers"] = {"decode-0": {"full_batch": 0.04}}
+    assert not any("batch" in note for note in compare(layouts)["notes"])
+    dis["runs"][2]["workers"] = {"decode-0": {"full_batch": 0.12}, "prefill-0": {"full_batch": None}}
+    assert [note for note in compare(layouts)["notes"] if "batch" in note] == [
+        "disaggregated at 16/s, the first rate it missed: a batch was full while requests waited (decode-0 in 12% of "
+        "its steps, decode_max_num_seqs 512); a higher batch limit may raise its goodput"]
+
+
 def test_a_tight_tpot_limit_flips_the_ratio():
     layouts = _layouts()
     assert compare(layouts)["ratio"] == 0.5  # the headline: TPOT <= 50 ms

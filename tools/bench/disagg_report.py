@@ -113,6 +113,7 @@ def compare(layouts: dict[str, dict]) -> dict | None:
             notes.append(f"{name} met the SLO at no swept rate (sweep lower rates)")
         elif good[name] == top:
             notes.append(f"{name} met the SLO at its highest rate: its goodput is at least {top:g}/s")
+        notes += _batch_limit_notes(name, layouts[name])
     return {"colocated_goodput": good[BASELINE], "disaggregated_goodput": good.get("disaggregated"),
             "ratio": ratios.get("disaggregated"), "goodput": good, "ratios": ratios,
             "same_settings": all(same.values()), "notes": notes}
@@ -125,6 +126,31 @@ def _others(layouts: dict) -> list[str]:
 
 def _goodput_ratio(good_co: float | None, good_dis: float | None, same_settings: bool) -> float | None:
     return good_dis / good_co if same_settings and good_co and good_dis is not None else None
+
+
+FULL_BATCH_NOTE = 0.05
+"""Share of a worker's steps run with its batch full while requests waited, at the first rate
+a layout missed, from which the comparison notes that the batch limit may have decided it."""
+
+
+def _batch_limit_notes(name: str, entry: dict) -> list[str]:
+    """A note where, at the lowest rate above the layout's goodput (the one it missed first), a
+    worker ran its batch full with requests waiting in >= FULL_BATCH_NOTE of its steps: the
+    batch limit, not the device, may have set the goodput (runs stored before the counter: none)."""
+    good = entry["goodput_rate"]
+    missed = [run for run in entry["runs"] if good is None or run["rate"] > good]
+    if not missed:
+        return []
+    run = min(missed, key=lambda r: r["rate"])
+    full = {w: f["full_batch"] for w, f in run.get("workers", {}).items()
+            if (f.get("full_batch") or 0) >= FULL_BATCH_NOTE}
+    if not full:
+        return []
+    shown = [f"{w} in {share:.0%} of its steps" for w, share in sorted(full.items())]
+    shown += [f"{k} {entry['settings'][k]}" for k in ("max_num_seqs", "decode_max_num_seqs")
+              if entry["settings"].get(k) is not None]
+    return [f"{name} at {run['rate']:g}/s, the first rate it missed: a batch was full while requests waited "
+            f"({', '.join(shown)}); a higher batch limit may raise its goodput"]
 
 
 def primary_slo(slot: dict) -> SLO:
