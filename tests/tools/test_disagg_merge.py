@@ -87,8 +87,8 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
     a = _file(tmp_path, "a.json", {"colocated": _entry("colocated", {40: 20})})
     (tmp_path / "x.json").write_text("{}")
     for argv, message in (([str(tmp_path / "m.json"), f"{a}:split"], "unknown layout(s) split"),
-                          ([str(tmp_path / "m.json"), str(tmp_path / "none.json")], "cannot read a results file"),
-                          ([str(tmp_path / "m.json"), str(tmp_path / "x.json")], "not a tandem bench disagg results"),
+                          ([str(tmp_path / "m.json"), str(tmp_path / "none.json")], "no results file"),
+                          ([str(tmp_path / "m.json"), str(tmp_path / "x.json")], "not a tandem bench disagg result"),
                           ([a, a], "is also an input")):
         assert disagg_merge.main([*argv, "--no-plots"]) == 2
         assert message in capsys.readouterr().err

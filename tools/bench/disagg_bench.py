@@ -491,7 +491,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     if args.model is not None and not (args.model / "config.json").is_file():
         raise ValueError(f"--model {args.model}: no config.json there")
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "kv_cache_bytes_per_device", "max_model_len",
-                                               "max_batched_tokens", "max_num_seqs", "decode_max_num_seqs", "torch_threads",
+                                               "max_batched_tokens", "max_num_seqs", "decode_max_num_seqs",
+                                               "torch_threads",
                                                "prefill_max_batched_tokens", "gil_switch_interval_ms",
                                                "stream_interval_ms", "decode_step_period_ms")
                  if getattr(args, k) is not None}
@@ -535,7 +536,7 @@ def _override_plan(plan: WorkloadPlan, args: argparse.Namespace) -> WorkloadPlan
             raise ValueError(f"--rates must be comma-separated numbers, got {args.rates!r}") from None
         if not rates or min(rates) <= 0:
             raise ValueError("--rates must be > 0")
-        if len({serve_bench.rate_seed(0, r) for r in rates}) < len(rates):
+        if not serve_bench.rates_differ(rates):
             raise ValueError(f"--rates must differ (to 1/1000 req/s), got {args.rates!r}")
     slo = SLO(args.ttft_slo_ms if args.ttft_slo_ms is not None else plan.slo.ttft_ms,
               args.tpot_slo_ms if args.tpot_slo_ms is not None else plan.slo.tpot_ms)

@@ -20,17 +20,16 @@ writes them, and its table is printed. A merged entry keeps where each run came 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from tools.bench.disagg_report import (LAYOUTS, OtherLimits, format_table, merge_entry, primary_slo, write_plot,
-                                       write_report)
+from tools.bench.disagg_report import (LAYOUTS, OtherLimits, format_table, merge_entry, primary_slo, read_report,
+                                       write_plot, write_report)
 from tools.bench.slo import goodput
 
 
 class MergeError(ValueError):
-    """Inputs that cannot be merged: unreadable, or runs of different things."""
+    """Inputs that cannot be merged: layouts not there, or runs of different things."""
 
 
 def parse_input(spec: str) -> tuple[Path, tuple[str, ...] | None]:
@@ -44,22 +43,9 @@ def parse_input(spec: str) -> tuple[Path, tuple[str, ...] | None]:
     return Path(path), wanted
 
 
-def load(path: Path) -> dict:
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MergeError(f"{path}: cannot read a results file: {e}") from None
-    if report.get("benchmark") != "disagg" or not isinstance(report.get("workloads"), dict):
-        raise MergeError(f"{path}: not a tandem bench disagg results file")
-    return report
-
-
 def merge_entries(parts: list[tuple[str, dict]]) -> dict:
     """One layout's entries, in input order (name, entry), as one entry whose runs are sorted
     by rate, a later part's run replacing an earlier one of the same rate."""
-    if len(parts) == 1:
-        entry = parts[0][1]
-        return {**entry, "goodput_rate": _goodput(entry["runs"])}
     first_name, first = parts[0]
     base = {k: v for k, v in first["settings"].items() if k != "rates"}
     runs: dict[float, tuple[int, dict]] = {}  # rate -> (the part it came from, the run)
@@ -73,20 +59,18 @@ def merge_entries(parts: list[tuple[str, dict]]) -> dict:
         for run in entry["runs"]:
             runs[run["rate"]] = (i, run)
     ordered = [runs[rate][1] for rate in sorted(runs)]
+    merged = {**first, "settings": {**first["settings"], "rates": [run["rate"] for run in ordered]},
+              "goodput_rate": goodput([(run["rate"], run["summary"]["slo_attainment"]) for run in ordered]),
+              "runs": ordered}
+    if len(parts) == 1:
+        return merged
     merged_from = [{"file": name, "rates": [run["rate"] for run in entry["runs"]],
                     "kept": [run["rate"] for run in entry["runs"] if runs[run["rate"]][0] == i],
                     "git_commit": entry.get("environment", {}).get("git_commit"),
                     "started_at": entry.get("started_at"), "finished_at": entry.get("finished_at"),
                     "kv_tokens": entry.get("kv_tokens")} for i, (name, entry) in enumerate(parts)]
-    return {**first, "settings": {**first["settings"], "rates": [run["rate"] for run in ordered]},
-            "goodput_rate": _goodput(ordered),
-            "started_at": min(e["started_at"] for _, e in parts),
-            "finished_at": max(e["finished_at"] for _, e in parts),
-            "runs": ordered, "merged_from": merged_from}
-
-
-def _goodput(runs: list[dict]) -> float | None:
-    return goodput([(run["rate"], run["summary"]["slo_attainment"]) for run in runs])
+    return {**merged, "started_at": min(e["started_at"] for _, e in parts),
+            "finished_at": max(e["finished_at"] for _, e in parts), "merged_from": merged_from}
 
 
 def other_limits(slots: list[tuple[str, dict]]) -> dict[str, OtherLimits]:
@@ -100,12 +84,12 @@ def other_limits(slots: list[tuple[str, dict]]) -> dict[str, OtherLimits]:
                 tpot.setdefault(workload, set()).add(item["tpot_ms"])
             else:
                 ttft.setdefault(workload, set()).add(item["ttft_ms"])
-    return {w: OtherLimits(tuple(sorted(tpot.get(w, ()), reverse=True)), tuple(sorted(ttft.get(w, ()), reverse=True)))
-            for w in tpot.keys() | ttft.keys()}
+    return {w: OtherLimits(tuple(sorted(tpot.get(w, ()), reverse=True)),
+                           tuple(sorted(ttft.get(w, ()), reverse=True))) for w in tpot.keys() | ttft.keys()}
 
 
 def merge(inputs: list[tuple[Path, tuple[str, ...] | None]]) -> dict:
-    reports = [(path, load(path)) for path, _ in inputs]
+    reports = [(path, read_report(path)) for path, _ in inputs]
     machine = reports[0][1]["machine"]
     for path, report in reports[1:]:
         if report["machine"].get("device_name") != machine.get("device_name"):
@@ -144,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(path.resolve() == args.output.resolve() for path, _ in inputs):
             raise MergeError(f"{args.output} is also an input: write the merge to another file")
         report = merge(inputs)
-    except MergeError as e:
+    except ValueError as e:  # MergeError, or an input read_report refused
         print(f"tandem bench disagg-merge: {e}", file=sys.stderr)
         return 2
     write_report(args.output, report)

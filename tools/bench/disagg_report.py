@@ -304,7 +304,8 @@ def _pace_lines(entries: list[dict]) -> list[str]:
     for entry in entries:
         paces = []
         for run in entry["runs"]:
-            p50 = percentile([t for t in map(later_tpot_ms, run.get("requests", ())) if t is not None], 50)
+            paced = (later_tpot_ms(_request_record(r)) for r in run.get("requests", ()))
+            p50 = percentile([t for t in paced if t is not None], 50)
             if p50 is not None:
                 paces.append(f"{run['rate']:g}: {p50:.1f}")
         if paces:

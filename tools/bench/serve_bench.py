@@ -110,6 +110,12 @@ def rate_seed(seed: int, rate: float) -> int:
     return seed * 1_000_003 + round(rate * 1000)
 
 
+def rates_differ(rates: list[float] | tuple[float, ...]) -> bool:
+    """Whether every rate of a sweep has a seed of its own (rates equal to 1/1000 req/s would send
+    the same prompts again, into the prefix cache)."""
+    return len({rate_seed(0, r) for r in rates}) == len(rates)
+
+
 def plan_run(args: argparse.Namespace, rate: float, seed: int, max_context: int, vocab: int,
              trace: list[BenchRequest] | None) -> RunPlan:
     max_requests = args.max_requests or max(1, math.ceil(2 * rate * args.duration))
@@ -333,7 +339,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("give --rate or --sweep-rates")
     if not args.rates or min(args.rates) <= 0:
         parser.error("rates must be > 0")
-    if len({rate_seed(0, r) for r in args.rates}) < len(args.rates):
+    if not rates_differ(args.rates):
         parser.error(f"a sweep's rates must differ (to 1/1000 req/s), got {args.rates}")
     for name in ("duration", "drain_timeout", "scale"):
         if getattr(args, name) <= 0:

@@ -73,15 +73,13 @@ class RequestRecord:
     TPOT spreads over the output."""
 
 
-def later_tpot_ms(r: RequestRecord | dict) -> float | None:
+def later_tpot_ms(r: RequestRecord) -> float | None:
     """Time per output token after the second: (e2e - TTFT - first gap) / (tokens - 2). The decode
     pace alone, with the first gap (in a disaggregated layout: the handoff and the wait to join
-    the decode batch) left out of it; None for a failed request or one of under 3 tokens. Takes
-    a record or its stored dict."""
-    get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
-    if not get("ok") or get("output_len") < 3 or None in (get("e2e_ms"), get("ttft_ms"), get("first_gap_ms")):
+    the decode batch) left out of it; None for a failed request or one of under 3 tokens."""
+    if not r.ok or r.output_len < 3 or None in (r.e2e_ms, r.ttft_ms, r.first_gap_ms):
         return None
-    return (get("e2e_ms") - get("ttft_ms") - get("first_gap_ms")) / (get("output_len") - 2)
+    return (r.e2e_ms - r.ttft_ms - r.first_gap_ms) / (r.output_len - 2)
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
