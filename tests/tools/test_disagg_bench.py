@@ -496,6 +496,10 @@ def test_the_table_gives_the_decode_pace_after_the_first_gap():
                          ["chatbot"]).splitlines()
     assert ("  TPOT after the first gap, p50 ms at rate: colocated 4: 12.7, 8: 25.3, 16: 50.7; "
             "disaggregated 4: 6.3, 8: 6.3, 16: 6.3") in lines
+    # 10 requests 1/rate s apart, each lasting TTFT + 19 TPOT (+ the gap): at 8 req/s 0.125 s apart,
+    # 0.556 s long (colocated: 5 at once) or 0.45 s (disaggregated: 4); at 16 req/s all 10 overlap
+    assert ("  requests in flight at most, at rate: colocated 4: 2, 8: 5, 16: 10; "
+            "disaggregated 4: 2, 8: 4, 16: 10") in lines
 
 
 def test_the_comparison_notes_a_batch_limit_that_held_requests_back_where_a_layout_first_missed():

@@ -18,7 +18,8 @@ from tools.bench import serve_bench
 from tools.bench.client_processes import (ClientPool, ClientProcessError, SendSettings, deal_round_robin,
                                           merge)
 from tools.bench.serve_clients import LoadClient, Measurement, Progress
-from tools.bench.slo import SLO, RequestRecord, attainment, goodput, later_tpot_ms, percentile, summarize
+from tools.bench.slo import (SLO, RequestRecord, attainment, goodput, later_tpot_ms, peak_in_flight, percentile,
+                            summarize)
 from tools.bench.workloads import WORKLOADS, BenchRequest, TraceError, fit_lengths, load_trace, synthetic_requests
 from tools.demo import DEMO_MODEL_DIR
 
@@ -73,6 +74,15 @@ def test_summarize_exact():
     assert s["slo_attainment"] == 1 / 3
     assert serve_bench.describe_summary(s) == ("2/3 ok, TTFT 20.0/28.0 ms, TPOT 3.0/3.8 (-/- after the 1st gap) ms, "
                                                "1st gap -/- ms (p50/p90), SLO met 33%")
+
+
+def test_peak_in_flight_counts_requests_between_send_and_end():
+    # sent at 0, 0.5, 1.0 s; ends at 1.0, 1.5, 1.2 s: the first ends as the third is sent
+    records = [_rec(0, 10, 1, sent=0.0, e2e=1000), _rec(1, 10, 1, sent=0.5, e2e=1000), _rec(2, 10, 1, sent=1.0, e2e=200),
+               _rec(3, None, None, ok=False, sent=0.6)]
+    assert peak_in_flight(records) == 2
+    assert summarize(records, SLO())["peak_in_flight"] == 2
+    assert peak_in_flight([]) == 0
 
 
 def test_later_tpot_leaves_the_first_gap_out():

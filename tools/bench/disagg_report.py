@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from tools.bench.machine import device_name, environment, slug
-from tools.bench.slo import GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, goodput, later_tpot_ms, percentile
+from tools.bench.slo import (GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, goodput, later_tpot_ms,
+                            peak_in_flight, percentile)
 
 if TYPE_CHECKING:
     from tools.bench.disagg_presets import Preset
@@ -265,7 +266,7 @@ def format_table(report: dict, workloads: list[str]) -> str:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines += _cut_lines(entries, s["slo"])
-        lines += _pace_lines(entries)
+        lines += _per_rate_lines(entries)
         lines += _comparison_lines(slot["comparison"])
         lines += _sensitivity_lines(slot)
         lines.append("")
@@ -297,20 +298,23 @@ def _cut_lines(entries: list[dict], slo: dict) -> list[str]:
     return ["  still running at the drain deadline, counted as misses: " + ", ".join(parts)] if parts else []
 
 
-def _pace_lines(entries: list[dict]) -> list[str]:
-    """Per layout and rate, the p50 of TPOT after the first gap (``slo.later_tpot_ms``): the decode
-    pace under that load, apart from the handoff and the wait to join the decode batch."""
-    parts = []
+def _per_rate_lines(entries: list[dict]) -> list[str]:
+    """Per layout and rate, from the stored records: the p50 of TPOT after the first gap
+    (``slo.later_tpot_ms``: the decode pace under that load, apart from the handoff and the wait
+    to join the decode batch), and the most requests in flight at once (the batch the layout had
+    to hold, which a batch limit below it makes wait)."""
+    pace, flight = [], []
     for entry in entries:
-        paces = []
-        for run in entry["runs"]:
-            paced = (later_tpot_ms(_request_record(r)) for r in run.get("requests", ()))
-            p50 = percentile([t for t in paced if t is not None], 50)
-            if p50 is not None:
-                paces.append(f"{run['rate']:g}: {p50:.1f}")
-        if paces:
-            parts.append(f"{entry['layout']['name']} " + ", ".join(paces))
-    return ["  TPOT after the first gap, p50 ms at rate: " + "; ".join(parts)] if parts else []
+        name = entry["layout"]["name"]
+        records = {run["rate"]: [_request_record(r) for r in run.get("requests", ())] for run in entry["runs"]}
+        p50s = {rate: percentile([t for t in map(later_tpot_ms, rs) if t is not None], 50)
+                for rate, rs in records.items()}
+        if shown := [f"{rate:g}: {p50:.1f}" for rate, p50 in p50s.items() if p50 is not None]:
+            pace.append(f"{name} " + ", ".join(shown))
+        if shown := [f"{rate:g}: {peak_in_flight(rs)}" for rate, rs in records.items() if rs]:
+            flight.append(f"{name} " + ", ".join(shown))
+    return ((["  TPOT after the first gap, p50 ms at rate: " + "; ".join(pace)] if pace else [])
+            + (["  requests in flight at most, at rate: " + "; ".join(flight)] if flight else []))
 
 
 def _comparison_lines(comparison: dict | None) -> list[str]:

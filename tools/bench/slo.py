@@ -8,6 +8,7 @@ Definitions (times in ms, measured by the client):
   first gap   first output chunk's arrival -> the next one's (None with one chunk): with
               disaggregation, the handoff's commit and the decode worker's first step, which
               TPOT spreads over the output
+  in flight   at most: successful requests sent and not yet finished at one time
   later TPOT  (e2e - TTFT - first gap) / (output tokens - 2), for outputs of 3 tokens or
               more: the decode pace without the first gap (a lower bound where the second
               chunk carried several tokens, as streaming windows can make it)
@@ -82,6 +83,18 @@ def later_tpot_ms(r: RequestRecord) -> float | None:
     return (r.e2e_ms - r.ttft_ms - r.first_gap_ms) / (r.output_len - 2)
 
 
+def peak_in_flight(records: Sequence[RequestRecord]) -> int:
+    """The most successful requests in flight at once (sent, stream not yet ended): the batch a
+    serving system had to hold, whatever its mean over the run."""
+    events = sorted(e for r in records if r.ok and r.e2e_ms is not None
+                    for e in ((r.sent_s, 1), (r.sent_s + r.e2e_ms / 1000, -1)))
+    peak = now = 0
+    for _, step in events:  # at equal times the end (-1) sorts first
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
 def percentile(values: Sequence[float], p: float) -> float | None:
     """The p-th percentile (0..100) by linear interpolation; None for no values."""
     assert 0 <= p <= 100, p
@@ -137,6 +150,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO) -> dict:
         "e2e_ms": latency_stats([r.e2e_ms for r in ok if r.e2e_ms is not None]),
         "first_gap_ms": latency_stats([r.first_gap_ms for r in ok if r.first_gap_ms is not None]),
         "later_tpot_ms": latency_stats([t for t in map(later_tpot_ms, ok) if t is not None]),
+        "peak_in_flight": peak_in_flight(ok),
         "max_send_lag_ms": max(((r.sent_s - r.scheduled_s) * 1000 for r in records), default=None),
         "span_s": span_s,
         "output_tokens": output_tokens,
