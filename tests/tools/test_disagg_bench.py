@@ -638,6 +638,7 @@ def test_cpu_run_of_every_layout(tmp_path, capsys):
             assert not any(f["missing"] for f in workers.values())
             assert max(f["steps"] for f in workers.values()) > 0
         assert "goodput_rate" in entry
+        assert entry["work"]["matmul_flop_s"] > 0 and entry["work"]["model"]["linear_flops_per_token"] > 0
     co, dis = slot["layouts"]["colocated"], slot["layouts"]["disaggregated"]
     assert co["settings"] == dis["settings"] == slot["layouts"]["disaggregated-slo"]["settings"]
     assert [[r["input_len"] for r in run["requests"]] for run in co["runs"]] == \
@@ -663,6 +664,7 @@ def test_cpu_run_of_every_layout(tmp_path, capsys):
     assert "[disagg_bench] rate 4/s  decode-0: " in err and " steps of " in err
     assert "disaggregated-slo / colocated goodput:" in out
     assert "    TPOT <= 1000 ms: colocated " in out
+    assert "  model work offered, at rate (share of " in out
 
 
 def test_other_worker_counts_get_their_own_results_file(tmp_path):

@@ -17,9 +17,6 @@ def test_llama3_8b_floors_match_the_published_sizes():
     mc = parse_model_config(model.config.to_dict())
     assert rb.kv_bytes_per_token(mc, torch.bfloat16) == 32 * 2 * 8 * 128 * 2  # 128 KiB per token
     # 8.03 B parameters; a decode step reads all but the 128256 x 4096 embedding table
-    flops = rb.prefill_flops(mc, 4096)
-    linear_params = 32 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336)
-    assert abs(flops - (2 * 4096 * linear_params + 2 * 4096 * 128256 + 2 * 32 * 4096 * 4096 * 4096)) < 1e6
 
 
 def test_decode_weight_bytes_leaves_out_an_untied_embedding_only(tmp_path):

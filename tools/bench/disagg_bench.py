@@ -130,6 +130,7 @@ from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Harness, Preset, 
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
                                        merge_entry, read_report, recompute, reported_workloads, results_path,
                                        write_plot, write_report)
+from tools.bench.disagg_work import run_work
 from tools.bench.mps import MpsDaemon, parse_priority, parse_sm_percent
 from tools.bench.random_models import random_hf_model
 from tools.bench.serve_clients import LoadClient
@@ -263,8 +264,10 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
 # -- running -------------------------------------------------------------------------------
 
 
-def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Path, state_root: Path) -> dict:
-    """Start a fresh cluster of ``layout``, sweep ``plan``'s rates, stop it; one result entry."""
+def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Path, state_root: Path,
+               work: dict | None = None) -> dict:
+    """Start a fresh cluster of ``layout``, sweep ``plan``'s rates, stop it; one result entry
+    (with ``work``, disagg_work.run_work's block, where given)."""
     state_dir = Path(tempfile.mkdtemp(prefix=f"{plan.workload}-{layout.name}-", dir=state_root))
     mps = MpsDaemon(state_dir / "mps") if preset.workers.mps_sm_percent and layout.sharing_gpu() else None
     if preset.workers.mps_sm_percent and mps is None:
@@ -293,7 +296,7 @@ def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Pa
     return {"layout": layout.to_json(), "settings": settings(preset, plan, model_dir, len(layout.devices)), "goodput_rate": good,
             "cluster_start_s": round(start_s, 1), "started_at": started_at, "finished_at": _now(),
             "environment": serve_bench.environment(), "server": result["server"], "kv_tokens": result["kv_tokens"],
-            "runs": result["runs"]}
+            "runs": result["runs"], **({"work": work} if work is not None else {})}
 
 
 def serve_args(url: str, model_dir: Path, plan: WorkloadPlan, preset: Preset) -> argparse.Namespace:
@@ -392,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_only(args, preset)
     log(estimate_text(preset, len(layouts), args.scratch))
     model_dir = prepare_model(preset, args.scratch)
+    work = run_work(model_dir, preset.workers.device, preset.workers.dtype)
     try:
         layouts = [fit_kv(layout, model_dir, preset.workers) for layout in layouts]
     except (ValueError, RuntimeError) as e:
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for workload in preset.workloads:
             for layout in layouts:
-                entry = run_layout(layout, preset.plans[workload], preset, model_dir, args.state_dir)
+                entry = run_layout(layout, preset.plans[workload], preset, model_dir, args.state_dir, work)
                 report = merge_entry(load_report(path, preset), workload, layout.name, entry, preset.other_limits)
                 write_report(path, report)  # after every layout: a cut-off run keeps what it finished
     except (OSError, RuntimeError, TimeoutError) as e:  # a cluster that did not start, a router gone

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tools.bench.disagg_work import work_lines
 from tools.bench.machine import device_name, environment, slug
 from tools.bench.slo import (GOODPUT_ATTAINMENT, SLO, RequestRecord, attainment, goodput, later_tpot_ms,
                             peak_in_flight, percentile)
@@ -267,6 +268,7 @@ def format_table(report: dict, workloads: list[str]) -> str:
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines += _cut_lines(entries, s["slo"])
         lines += _per_rate_lines(entries)
+        lines += work_lines(entries)
         lines += _comparison_lines(slot["comparison"])
         lines += _sensitivity_lines(slot)
         lines.append("")

@@ -57,6 +57,7 @@ from services.engine.model_config import ModelConfig, parse_model_config
 from services.engine.scheduler import SchedulerConfig
 from tools.bench.engine_bench import _free_memory, _sync, make_prompts, time_engine, time_hf
 from tools.bench.machine import environment, slug, write_result
+from tools.bench.model_work import WorkModel
 from tools.bench.random_models import LLAMA3_8B, TINY_LLAMA, default_dtype, random_hf_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -125,14 +126,6 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
 
 def kv_bytes_per_token(mc: ModelConfig, dtype: torch.dtype) -> int:
     return mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * dtype.itemsize
-
-
-def prefill_flops(mc: ModelConfig, tokens: int) -> float:
-    h, q, kv = mc.hidden_size, mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * mc.intermediate_size
-    linear = 2 * tokens * per_layer * mc.num_layers + 2 * h * mc.vocab_size
-    attention = 2 * 2 * mc.num_layers * q * tokens * tokens / 2
-    return linear + attention
 
 
 # -- runs ------------------------------------------------------------------------------------
@@ -247,7 +240,7 @@ def analyse(results: list[dict], mc: ModelConfig, dtype: torch.dtype, weight_byt
             row.update(floor_step_s=floor_step, tpot_over_floor=r["tpot_s"] / floor_step,
                        floor_share=r["decode_tok_s"] / (r["batch"] / floor_step))
         else:
-            flops = prefill_flops(mc, r["prompt_len"]) * r["batch"]
+            flops = WorkModel.from_config(mc).prefill_flops(r["prompt_len"]) * r["batch"]
             row.update(model_flop_s=flops / r["prefill_s"], matmul_share=flops / r["prefill_s"] / matmul,
                        prefill_tok_s=r["batch"] * r["prompt_len"] / r["prefill_s"])
         if system == "tandem" and hf is not None:

@@ -1,0 +1,78 @@
+"""The model work each swept rate of ``tandem bench disagg`` offers, held against the matmul
+rate measured in the same run: how near a rate is to what the GPUs can compute at all.
+
+A layout entry stores its model's FLOP counts and the measured matmul rate under ``work``
+(``run_work``); entries from before it name a random shape in their settings, from which the
+counts follow, and no matmul rate. Both layouts of a rate send the same requests, so the work
+is read from the first entry that ran the rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.engine.model_config import ModelLoadError, load_model_config
+from tools.bench.model_work import WorkModel, flop_s_text, llama_shape_config, measure_matmul_flop_s, offered_flop_s
+
+
+def log(message: str) -> None:
+    print(f"[disagg_bench] {message}", flush=True)
+
+
+def run_work(model_dir: Path, device: str, dtype: str) -> dict:
+    """The ``work`` block of this run's entries: the model's FLOP counts and one GPU's (or the
+    CPU's) matmul rate in the workers' dtype, None where it could not be timed."""
+    work = WorkModel.from_config(load_model_config(model_dir)).to_json()
+    try:
+        matmul = measure_matmul_flop_s(device, dtype)
+    except (RuntimeError, OSError, ValueError) as e:  # the run goes on without the ceiling
+        log(f"matmul rate not measured: {e}")
+        matmul = None
+    else:
+        log(f"{dtype} matmul on one {device} device: {flop_s_text(matmul)}")
+    return {"model": work, "matmul_flop_s": matmul, "matmul_dtype": dtype}
+
+
+def entry_work_model(entry: dict) -> WorkModel | None:
+    if model := entry.get("work", {}).get("model"):
+        return WorkModel.from_json(model)
+    from tools.bench.disagg_presets import RANDOM_SHAPES  # results from before ``work``
+
+    shape = RANDOM_SHAPES.get(entry["settings"].get("random_shape") or "")
+    try:
+        return WorkModel.from_config(llama_shape_config(shape)) if shape is not None else None
+    except ModelLoadError:
+        return None
+
+
+def offered_by_rate(entries: list[dict]) -> dict[float, float]:
+    """FLOP/s each swept rate's requests offer (prompt and asked output lengths), by rate."""
+    offered: dict[float, float] = {}
+    for entry in entries:
+        work = entry_work_model(entry)
+        if work is None:
+            continue
+        for run in entry["runs"]:
+            if run["rate"] in offered or not run.get("requests"):
+                continue
+            pairs = [(r.get("input_len"), r["output_len_requested"]) for r in run["requests"]]
+            if (flop_s := offered_flop_s(work, pairs, entry["settings"]["duration_s"])) is not None:
+                offered[run["rate"]] = flop_s
+    return dict(sorted(offered.items()))
+
+
+def work_lines(entries: list[dict]) -> list[str]:
+    """One report line: model FLOP/s offered at each rate, and its share of the matmul rate
+    measured in the run times the GPUs of the layout (all layouts compared use as many)."""
+    offered = offered_by_rate(entries)
+    if not offered:
+        return []
+    measured = next((e for e in entries if e.get("work", {}).get("matmul_flop_s")), None)
+    if measured is None:
+        return ["  model work offered, at rate: " + ", ".join(f"{rate:g}: {flop_s_text(v)}" for rate, v in offered.items())]
+    gpus = max(1, len({w["device"] for w in measured["layout"]["workers"].values()}))
+    ceiling = gpus * measured["work"]["matmul_flop_s"]
+    where = f"{gpus} x " if gpus > 1 else ""
+    return [f"  model work offered, at rate (share of {where}{flop_s_text(measured['work']['matmul_flop_s'])}, "
+            f"a large {measured['work'].get('matmul_dtype', '')} matmul measured in the run): "
+            + ", ".join(f"{rate:g}: {flop_s_text(v)} ({v / ceiling:.0%})" for rate, v in offered.items())]
