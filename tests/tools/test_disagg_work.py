@@ -26,6 +26,8 @@ def test_each_rate_offers_its_requests_work_per_second_of_the_window():
                          ["chatbot"]).splitlines()
     assert ("  model work offered, at rate (share of 238 GFLOP/s, a large float32 matmul measured in the run): "
             "4: 119 GFLOP/s (50%), 8: 119 GFLOP/s (50%), 16: 119 GFLOP/s (50%)") in lines
+    assert ("  computing at that matmul rate and nothing else, 1 device could serve at most 2.0 req/s of these "
+            "requests (each 119 GFLOP: prompt 100 GFLOP, decode 19 GFLOP)") in lines
 
 
 def test_a_layout_on_two_gpus_is_held_against_two_matmul_rates():
@@ -33,7 +35,9 @@ def test_a_layout_on_two_gpus_is_held_against_two_matmul_rates():
     entry["work"] = _WORK
     for i, worker in enumerate(entry["layout"]["workers"].values()):
         worker["device"] = f"cuda:{i}"
-    assert "share of 2 x 238 GFLOP/s" in work_lines([entry])[0] and "(25%)" in work_lines([entry])[0]
+    offered, bound = work_lines([entry])
+    assert "share of 2 x 238 GFLOP/s" in offered and "(25%)" in offered
+    assert "2 devices could serve at most 4.0 req/s" in bound
 
 
 def test_results_from_before_the_work_block_count_their_random_shape_without_a_ceiling():

@@ -9,7 +9,7 @@ import torch
 from services.engine.loader import load_model
 from services.engine.model_config import load_model_config
 from tests.engine.hf_models import make_checkpoint
-from tools.bench.model_work import (WorkModel, flop_s_text, llama_shape_config, measure_matmul_flop_s,
+from tools.bench.model_work import (WorkModel, flop_s_text, flop_text, llama_shape_config, measure_matmul_flop_s,
                                     offered_flop_s)
 from tools.bench.random_models import LLAMA3_8B
 
@@ -63,6 +63,7 @@ def test_flop_s_text_picks_a_unit():
     assert flop_s_text(6240e12) == "6,240 TFLOP/s"
     assert flop_s_text(12.34e9) == "12.3 GFLOP/s"
     assert flop_s_text(5.0) == "5 FLOP/s"
+    assert flop_text(8.1e12) == "8.1 TFLOP"
 
 
 def test_a_cpu_matmul_is_timed_in_a_child_process():

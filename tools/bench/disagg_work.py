@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.engine.model_config import ModelLoadError, load_model_config
-from tools.bench.model_work import WorkModel, flop_s_text, llama_shape_config, measure_matmul_flop_s, offered_flop_s
+from tools.bench.model_work import WorkModel, flop_s_text, flop_text, llama_shape_config, measure_matmul_flop_s, offered_flop_s
 
 
 def log(message: str) -> None:
@@ -61,18 +61,43 @@ def offered_by_rate(entries: list[dict]) -> dict[float, float]:
     return dict(sorted(offered.items()))
 
 
+def mean_request_flops(entries: list[dict]) -> tuple[float, float] | None:
+    """Mean prefill and decode FLOPs of a request, over every rate's requests (each rate's once)."""
+    prefill, decode, seen = [], [], set()
+    for entry in entries:
+        if (work := entry_work_model(entry)) is None:
+            continue
+        for run in entry["runs"]:
+            if run["rate"] in seen:
+                continue
+            seen.add(run["rate"])
+            for r in run.get("requests", ()):
+                if r.get("input_len") is not None:
+                    prefill.append(work.prefill_flops(r["input_len"]))
+                    decode.append(work.decode_flops(r["input_len"], r["output_len_requested"]))
+    return (sum(prefill) / len(prefill), sum(decode) / len(decode)) if prefill else None
+
+
 def work_lines(entries: list[dict]) -> list[str]:
-    """One report line: model FLOP/s offered at each rate, and its share of the matmul rate
-    measured in the run times the GPUs of the layout (all layouts compared use as many)."""
+    """Report lines: model FLOP/s offered at each rate, and where the run timed a matmul, its share
+    of that rate times the layout's GPUs (all layouts compared use as many) and the most requests/s
+    those GPUs could serve computing at it and nothing else."""
     offered = offered_by_rate(entries)
     if not offered:
         return []
     measured = next((e for e in entries if e.get("work", {}).get("matmul_flop_s")), None)
     if measured is None:
         return ["  model work offered, at rate: " + ", ".join(f"{rate:g}: {flop_s_text(v)}" for rate, v in offered.items())]
+    matmul = measured["work"]["matmul_flop_s"]
     gpus = max(1, len({w["device"] for w in measured["layout"]["workers"].values()}))
-    ceiling = gpus * measured["work"]["matmul_flop_s"]
     where = f"{gpus} x " if gpus > 1 else ""
-    return [f"  model work offered, at rate (share of {where}{flop_s_text(measured['work']['matmul_flop_s'])}, "
-            f"a large {measured['work'].get('matmul_dtype', '')} matmul measured in the run): "
-            + ", ".join(f"{rate:g}: {flop_s_text(v)} ({v / ceiling:.0%})" for rate, v in offered.items())]
+    lines = [f"  model work offered, at rate (share of {where}{flop_s_text(matmul)}, "
+             f"a large {measured['work'].get('matmul_dtype', '')} matmul measured in the run): "
+             + ", ".join(f"{rate:g}: {flop_s_text(v)} ({v / (gpus * matmul):.0%})" for rate, v in offered.items())]
+    if means := mean_request_flops(entries):
+        prefill, decode = means
+        devices = f"{gpus} devices" if gpus > 1 else "1 device"
+        lines.append(f"  computing at that matmul rate and nothing else, {devices} could serve at most "
+                     f"{gpus * matmul / (prefill + decode):.1f} req/s of these requests (each "
+                     f"{flop_text(prefill + decode)}: prompt {flop_text(prefill)}, decode {flop_text(decode)})")
+    return lines

@@ -26,7 +26,7 @@ from services.engine.model_config import ModelConfig, parse_model_config
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
 """Side of the square product timed per device type (the roofline's CUDA figure uses 8192)."""
 _PROBE_TIMEOUT_S = 180.0
-_UNITS = ((1e12, "TFLOP/s"), (1e9, "GFLOP/s"), (1e6, "MFLOP/s"))
+_UNITS = ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"))
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,12 @@ def measure_matmul_flop_s(device: str, dtype: str) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def flop_s_text(value: float) -> str:
-    """``value`` FLOP/s in T, G or M: three significant figures, or whole units from 100."""
-    scale, unit = next(((s, u) for s, u in _UNITS if value >= s), (1.0, "FLOP/s"))
+def flop_text(value: float) -> str:
+    """``value`` FLOPs in T, G or M: three significant figures, or whole units from 100."""
+    scale, unit = next(((s, u) for s, u in _UNITS if value >= s), (1.0, "FLOP"))
     scaled = value / scale
     return f"{scaled:,.0f} {unit}" if scaled >= 100 else f"{scaled:.3g} {unit}"
+
+
+def flop_s_text(value: float) -> str:
+    return flop_text(value) + "/s"
