@@ -486,14 +486,19 @@ def test_the_table_counts_requests_cut_at_the_drain_deadline_and_those_within_th
                                 ["chatbot"]).splitlines())
 
 
+def table_lines(layouts: dict[str, dict]) -> list[str]:
+    """The chatbot table of ``layouts`` compared, line by line."""
+    return format_table({"workloads": {"chatbot": {"layouts": layouts, "comparison": compare(layouts)}}},
+                        ["chatbot"]).splitlines()
+
+
 def test_the_table_gives_the_decode_pace_after_the_first_gap():
     layouts = _layouts()
     for entry, gap in ((layouts["colocated"], 0), (layouts["disaggregated"], 36)):
         for run in entry["runs"]:
             for r in run["requests"]:
                 r.update(first_gap_ms=gap, e2e_ms=r["e2e_ms"] + gap)  # 20 tokens: 18 after the gap
-    lines = format_table({"workloads": {"chatbot": {"layouts": layouts, "comparison": compare(layouts)}}},
-                         ["chatbot"]).splitlines()
+    lines = table_lines(layouts)
     assert ("  TPOT after the first gap, p50 ms at rate: colocated 4: 12.7, 8: 25.3, 16: 50.7; "
             "disaggregated 4: 6.3, 8: 6.3, 16: 6.3") in lines
     # 10 requests 1/rate s apart, each lasting TTFT + 19 TPOT (+ the gap): at 8 req/s 0.125 s apart,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tools.test_disagg_bench import _layouts
-from tools.bench.disagg_report import compare, format_table
-from tools.bench.disagg_work import offered_by_rate, run_work, work_lines
+from tests.tools.test_disagg_bench import _layouts, table_lines
+from tools.bench.disagg_bench import measure_work
+from tools.bench.disagg_work import offered_by_rate, work_lines
 from tools.bench.model_work import WorkModel, llama_shape_config
 from tools.bench.random_models import LLAMA3_8B
 
@@ -22,8 +22,7 @@ def test_each_rate_offers_its_requests_work_per_second_of_the_window():
     # a request: 100 prompt tokens and 19 decode steps, 119 GFLOP; 10 of them in 10 s
     assert offered_by_rate(list(layouts.values())) == {4: pytest.approx(119e9), 8: pytest.approx(119e9),
                                                        16: pytest.approx(119e9)}
-    lines = format_table({"workloads": {"chatbot": {"layouts": layouts, "comparison": compare(layouts)}}},
-                         ["chatbot"]).splitlines()
+    lines = table_lines(layouts)
     assert ("  model work offered, at rate (share of 238 GFLOP/s, a large float32 matmul measured in the run): "
             "4: 119 GFLOP/s (50%), 8: 119 GFLOP/s (50%), 16: 119 GFLOP/s (50%)") in lines
     assert ("  computing at that matmul rate and nothing else, 1 device could serve at most 2.0 req/s of these "
@@ -56,7 +55,7 @@ def test_results_from_before_the_work_block_count_their_random_shape_without_a_c
 def test_a_run_measures_its_model_and_the_matmul(tmp_path):
     from tests.engine.hf_models import make_checkpoint
 
-    work = run_work(make_checkpoint(tmp_path, "llama", 0), "cpu", "float32")
+    work = measure_work(make_checkpoint(tmp_path, "llama", 0), "cpu", "float32")
     assert work["matmul_flop_s"] > 0 and work["matmul_dtype"] == "float32"
     assert WorkModel.from_json(work["model"]).linear_flops_per_token > 0
-    assert run_work(tmp_path, "cpu", "no_such_dtype")["matmul_flop_s"] is None  # timed nowhere: the run goes on
+    assert measure_work(tmp_path, "cpu", "no_such_dtype")["matmul_flop_s"] is None  # timed nowhere: the run goes on

@@ -125,12 +125,13 @@ from typing import Callable
 
 import torch
 
+from services.engine.model_config import load_model_config
 from tools.bench import kv_budget, serve_bench, worker_counters
 from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Harness, Preset, WorkerSettings, WorkloadPlan
 from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
                                        merge_entry, read_report, recompute, reported_workloads, results_path,
                                        write_plot, write_report)
-from tools.bench.disagg_work import run_work
+from tools.bench.model_work import WorkModel, flop_s_text, measure_matmul_flop_s
 from tools.bench.mps import MpsDaemon, parse_priority, parse_sm_percent
 from tools.bench.random_models import random_hf_model
 from tools.bench.serve_clients import LoadClient
@@ -267,7 +268,7 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
 def run_layout(layout: Layout, plan: WorkloadPlan, preset: Preset, model_dir: Path, state_root: Path,
                work: dict | None = None) -> dict:
     """Start a fresh cluster of ``layout``, sweep ``plan``'s rates, stop it; one result entry
-    (with ``work``, disagg_work.run_work's block, where given)."""
+    (with ``work``, measure_work's block, where given)."""
     state_dir = Path(tempfile.mkdtemp(prefix=f"{plan.workload}-{layout.name}-", dir=state_root))
     mps = MpsDaemon(state_dir / "mps") if preset.workers.mps_sm_percent and layout.sharing_gpu() else None
     if preset.workers.mps_sm_percent and mps is None:
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_only(args, preset)
     log(estimate_text(preset, len(layouts), args.scratch))
     model_dir = prepare_model(preset, args.scratch)
-    work = run_work(model_dir, preset.workers.device, preset.workers.dtype)
+    work = measure_work(model_dir, preset.workers.device, preset.workers.dtype)
     try:
         layouts = [fit_kv(layout, model_dir, preset.workers) for layout in layouts]
     except (ValueError, RuntimeError) as e:
@@ -420,6 +421,21 @@ def main(argv: list[str] | None = None) -> int:
             write_plot(report, workload, path.with_name(f"{path.stem}_{workload}_attainment.png"))
     log(f"results in {path}")
     return 0
+
+
+def measure_work(model_dir: Path, device: str, dtype: str) -> dict:
+    """The ``work`` block of this run's entries (tools/bench/disagg_work.py): the model's FLOP
+    counts, and one GPU's (or the CPU's) matmul rate in the workers' dtype, None where it could
+    not be timed."""
+    try:
+        matmul = measure_matmul_flop_s(device, dtype)
+    except (RuntimeError, OSError, ValueError) as e:  # the run goes on without the ceiling
+        log(f"matmul rate not measured: {e}")
+        matmul = None
+    else:
+        log(f"{dtype} matmul on one {device} device: {flop_s_text(matmul)}")
+    return {"model": WorkModel.from_config(load_model_config(model_dir)).to_json(), "matmul_flop_s": matmul,
+            "matmul_dtype": dtype}
 
 
 def fit_kv(layout: Layout, model_dir: Path, workers: WorkerSettings,

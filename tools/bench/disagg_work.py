@@ -2,35 +2,16 @@
 rate measured in the same run: how near a rate is to what the GPUs can compute at all.
 
 A layout entry stores its model's FLOP counts and the measured matmul rate under ``work``
-(``run_work``); entries from before it name a random shape in their settings, from which the
+(disagg_bench.measure_work); entries from before it name a random shape in their settings, from which the
 counts follow, and no matmul rate. Both layouts of a rate send the same requests, so the work
 is read from the first entry that ran the rate.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
-from services.engine.model_config import ModelLoadError, load_model_config
-from tools.bench.model_work import WorkModel, flop_s_text, flop_text, llama_shape_config, measure_matmul_flop_s, offered_flop_s
-
-
-def log(message: str) -> None:
-    print(f"[disagg_bench] {message}", flush=True)
-
-
-def run_work(model_dir: Path, device: str, dtype: str) -> dict:
-    """The ``work`` block of this run's entries: the model's FLOP counts and one GPU's (or the
-    CPU's) matmul rate in the workers' dtype, None where it could not be timed."""
-    work = WorkModel.from_config(load_model_config(model_dir)).to_json()
-    try:
-        matmul = measure_matmul_flop_s(device, dtype)
-    except (RuntimeError, OSError, ValueError) as e:  # the run goes on without the ceiling
-        log(f"matmul rate not measured: {e}")
-        matmul = None
-    else:
-        log(f"{dtype} matmul on one {device} device: {flop_s_text(matmul)}")
-    return {"model": work, "matmul_flop_s": matmul, "matmul_dtype": dtype}
+from tools.bench.model_work import WorkModel, flop_s_text, flop_text, llama_shape_config, offered_flop_s
 
 
 def entry_work_model(entry: dict) -> WorkModel | None:
@@ -39,42 +20,40 @@ def entry_work_model(entry: dict) -> WorkModel | None:
     from tools.bench.disagg_presets import RANDOM_SHAPES  # results from before ``work``
 
     shape = RANDOM_SHAPES.get(entry["settings"].get("random_shape") or "")
-    try:
-        return WorkModel.from_config(llama_shape_config(shape)) if shape is not None else None
-    except ModelLoadError:
-        return None
+    return WorkModel.from_config(llama_shape_config(shape)) if shape is not None else None
 
 
-def offered_by_rate(entries: list[dict]) -> dict[float, float]:
-    """FLOP/s each swept rate's requests offer (prompt and asked output lengths), by rate."""
-    offered: dict[float, float] = {}
-    for entry in entries:
-        work = entry_work_model(entry)
-        if work is None:
-            continue
-        for run in entry["runs"]:
-            if run["rate"] in offered or not run.get("requests"):
-                continue
-            pairs = [(r.get("input_len"), r["output_len_requested"]) for r in run["requests"]]
-            if (flop_s := offered_flop_s(work, pairs, entry["settings"]["duration_s"])) is not None:
-                offered[run["rate"]] = flop_s
-    return dict(sorted(offered.items()))
-
-
-def mean_request_flops(entries: list[dict]) -> tuple[float, float] | None:
-    """Mean prefill and decode FLOPs of a request, over every rate's requests (each rate's once)."""
-    prefill, decode, seen = [], [], set()
+def _rate_requests(entries: list[dict]) -> Iterator[tuple[float, WorkModel, float, list[dict]]]:
+    """(rate, work model, send window s, requests) once per swept rate, from the first entry
+    that ran it with records and a known model."""
+    seen = set()
     for entry in entries:
         if (work := entry_work_model(entry)) is None:
             continue
         for run in entry["runs"]:
-            if run["rate"] in seen:
-                continue
-            seen.add(run["rate"])
-            for r in run.get("requests", ()):
-                if r.get("input_len") is not None:
-                    prefill.append(work.prefill_flops(r["input_len"]))
-                    decode.append(work.decode_flops(r["input_len"], r["output_len_requested"]))
+            if run["rate"] not in seen and run.get("requests"):
+                seen.add(run["rate"])
+                yield run["rate"], work, entry["settings"]["duration_s"], run["requests"]
+
+
+def offered_by_rate(entries: list[dict]) -> dict[float, float]:
+    """FLOP/s each swept rate's requests offer (prompt and asked output lengths), by rate."""
+    offered = {}
+    for rate, work, duration_s, requests in _rate_requests(entries):
+        pairs = [(r.get("input_len"), r["output_len_requested"]) for r in requests]
+        if (flop_s := offered_flop_s(work, pairs, duration_s)) is not None:
+            offered[rate] = flop_s
+    return dict(sorted(offered.items()))
+
+
+def mean_request_flops(entries: list[dict]) -> tuple[float, float] | None:
+    """Mean prefill and decode FLOPs of a request, over every rate's requests."""
+    prefill, decode = [], []
+    for _, work, _, requests in _rate_requests(entries):
+        for r in requests:
+            if r.get("input_len") is not None:
+                prefill.append(work.prefill_flops(r["input_len"]))
+                decode.append(work.decode_flops(r["input_len"], r["output_len_requested"]))
     return (sum(prefill) / len(prefill), sum(decode) / len(decode)) if prefill else None
 
 

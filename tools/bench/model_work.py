@@ -20,12 +20,14 @@ import subprocess
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from services.engine.model_config import ModelConfig, parse_model_config
 
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
 """Side of the square product timed per device type (the roofline's CUDA figure uses 8192)."""
 _PROBE_TIMEOUT_S = 180.0
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 _UNITS = ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"))
 
 
@@ -105,17 +107,11 @@ def measure_matmul_flop_s(device: str, dtype: str) -> float:
     """FLOP/s of a large square matmul in ``dtype`` on ``device`` ("cuda" uses GPU 0), best of 5,
     timed in a child process so this one holds no CUDA context on the workers' GPUs."""
     n = MATMUL_SIZE["cuda" if device.startswith("cuda") else "cpu"]
-    code = (
-        "import json, time, torch\n"
-        f"d, n, dt = torch.device({device!r}), {n}, getattr(torch, {dtype!r})\n"
-        "a = torch.randn(n, n, device=d, dtype=dt); b = torch.randn(n, n, device=d, dtype=dt)\n"
-        "sync = torch.cuda.synchronize if d.type == 'cuda' else (lambda: None)\n"
-        "a @ b; sync(); best = float('inf')\n"
-        "for _ in range(5):\n"
-        "    t = time.perf_counter(); a @ b; sync(); best = min(best, time.perf_counter() - t)\n"
-        "print(json.dumps(2 * n ** 3 / best))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S)
+    code = ("import json, torch\n"
+            "from tools.bench.roofline_bench import measure_matmul\n"
+            f"print(json.dumps(measure_matmul(torch.device({device!r}), {n}, getattr(torch, {dtype!r}))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S,
+                         cwd=_REPO_ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"could not time a matmul on {device}: {out.stderr.strip()[-500:]}")
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
