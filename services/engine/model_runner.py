@@ -19,6 +19,7 @@ import torch
 
 from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan, cuda_sdpa_backends
 from services.engine.decode_graphs import DecodeGraphs, FedTokens, graph_safe, pieces_graph_safe
+from services.engine.host_copy import device_tensor
 from services.engine.mixed_graphs import MixedGraphs
 from services.engine.model import CausalLM
 from services.engine.packed_prefill import PackedPrefill, pack_prefills, packed_prefill_usable
@@ -171,7 +172,7 @@ class ModelRunner:
             elif self.packed_prefill:
                 spans.append((row, chunk.num_tokens, end, table))
             else:
-                blocks = torch.tensor(table[: -(-end // bs)], dtype=torch.long, device=self.device)
+                blocks = self._tensor(table[: -(-end // bs)])
                 prefills.append(PrefillSpan(row, chunk.num_tokens, end, blocks))
             if chunk.completes:
                 sample_rows.append(row + chunk.num_tokens - 1)
@@ -188,7 +189,7 @@ class ModelRunner:
         return ids, pos, slots, prefills, packed, decode, self._tensor(sample_rows)
 
     def _tensor(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        return device_tensor(values, self.device)
 
     # -- KV export / import -------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.host_copy import to_device
 from services.engine.request import SamplingParams
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def sample_on_device(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[t
     else:
         tokens = allowed.argmax(dim=-1)
         if sampled:
-            rows = _to_device(torch.tensor(sampled, dtype=torch.long), logits.device)
+            rows = to_device(torch.tensor(sampled, dtype=torch.long), logits.device)
             picks = _sample_rows(allowed.index_select(0, rows), [inputs[r] for r in sampled])
             tokens = tokens.index_copy(0, rows, picks)
     if not any(item.params.logprobs for item in inputs):
@@ -71,7 +72,7 @@ def _mask_banned(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tenso
     pairs = [(row, token) for row, item in enumerate(inputs) for token in item.banned_token_ids]
     if not pairs:
         return logits
-    index = _to_device(torch.tensor(pairs, dtype=torch.long), logits.device)  # [N, 2]: (row, token id)
+    index = to_device(torch.tensor(pairs, dtype=torch.long), logits.device)  # [N, 2]: (row, token id)
     masked = logits.clone()
     masked[index[:, 0], index[:, 1]] = float("-inf")
     return masked
@@ -85,7 +86,7 @@ def _sample_rows(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tenso
                              [item.params.top_k if item.params.top_k < vocab else 0 for item in inputs],
                              [item.params.top_p if item.params.top_p < 1.0 else 2.0 for item in inputs],
                              [noise_key(item.seed, item.index) for item in inputs]], dtype=torch.float64)
-    temperature, top_k, top_p, keys = _to_device(settings, logits.device)  # each [S]
+    temperature, top_k, top_p, keys = to_device(settings, logits.device)  # each [S]
     scores = logits / temperature.to(logits.dtype)[:, None]
     if any(0 < item.params.top_k < vocab for item in inputs):
         scores = _top_k_filter(scores, top_k.long(), max(item.params.top_k for item in inputs if item.params.top_k < vocab))
@@ -144,11 +145,3 @@ def logprobs_list(logprobs: torch.Tensor | list[float] | None, inputs: list[Samp
         return [None] * len(inputs)
     values = logprobs.tolist() if isinstance(logprobs, torch.Tensor) else logprobs
     return [value if item.params.logprobs else None for value, item in zip(values, inputs)]
-
-
-def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``, copied from pinned memory without blocking the host (a plain
-    copy from the host waits for the device's queue: the step ahead, overlap.py)."""
-    if device.type != "cuda":
-        return values
-    return values.pin_memory().to(device, non_blocking=True)
