@@ -74,8 +74,9 @@ def _mask_banned(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tenso
         return logits
     index = to_device(torch.tensor(pairs, dtype=torch.long), logits.device)  # [N, 2]: (row, token id)
     masked = logits.clone()
-    masked[index[:, 0], index[:, 1]] = float("-inf")
-    return masked
+    # The value made on the device: a Python number here is copied over with a wait for the device.
+    minus_inf = torch.full((), float("-inf"), dtype=masked.dtype, device=masked.device)
+    return masked.index_put_((index[:, 0], index[:, 1]), minus_inf)
 
 
 def _sample_rows(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:
