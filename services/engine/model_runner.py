@@ -189,7 +189,8 @@ class ModelRunner:
         return ids, pos, slots, prefills, packed, decode, self._tensor(sample_rows)
 
     def _tensor(self, values) -> torch.Tensor:
-        return device_tensor(values, self.device)
+        """A step's inputs, built after the step before was read: nothing queued to wait for."""
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     # -- KV export / import -------------------------------------------------------------
 
@@ -212,4 +213,5 @@ class ModelRunner:
 
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None:
         """Fill the blocks from kv [layers, 2, len(block_ids), block_size, Hkv, D]."""
-        self.kv_cache[layers, :, self._tensor(block_ids)] = kv.to(device=self.device, dtype=self.kv_cache.dtype)
+        # Between steps, with a decode step possibly in flight: the index must not wait for it.
+        self.kv_cache[layers, :, device_tensor(block_ids, self.device)] = kv.to(device=self.device, dtype=self.kv_cache.dtype)

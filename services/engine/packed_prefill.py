@@ -23,8 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.host_copy import device_tensor
-
 log = logging.getLogger(__name__)
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -63,12 +61,12 @@ def pack_prefills(spans: list[tuple[int, int, int, list[int]]], block_size: int,
     if all(row == first + start for (row, *_), start in zip(spans, cu_q)):  # no decode rows between chunks
         rows: slice | torch.Tensor = slice(first, first + cu_q[-1])
     else:
-        rows = device_tensor([r for row, n, *_ in spans for r in range(row, row + n)], device)
+        rows = torch.tensor([r for row, n, *_ in spans for r in range(row, row + n)], dtype=torch.long, device=device)
     return PackedPrefill(
         rows=rows,
-        kv_index=device_tensor(slots, device),
-        cu_q=device_tensor(cu_q, device, torch.int32),
-        cu_k=device_tensor(cu_k, device, torch.int32),
+        kv_index=torch.tensor(slots, dtype=torch.long, device=device),
+        cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+        cu_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
         max_q=max(s[1] for s in spans),
         max_k=max(s[2] for s in spans),
     )
