@@ -23,6 +23,7 @@ import torch
 from services.engine.host_copy import to_device
 from services.engine.request import SamplingParams
 
+
 @dataclass(frozen=True)
 class SampleInput:
     params: SamplingParams
