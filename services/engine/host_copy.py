@@ -20,6 +20,6 @@ def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return values.pin_memory().to(device, non_blocking=True)
 
 
-def device_tensor(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A tensor of ``values`` (ids, positions, indices, offsets) on ``device``."""
-    return to_device(torch.tensor(values, dtype=dtype), device)
+def device_tensor(values, device: torch.device) -> torch.Tensor:
+    """An int64 tensor of ``values`` (ids, indices: nested lists too) on ``device``."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)

@@ -214,4 +214,5 @@ class ModelRunner:
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None:
         """Fill the blocks from kv [layers, 2, len(block_ids), block_size, Hkv, D]."""
         # Between steps, with a decode step possibly in flight: the index must not wait for it.
-        self.kv_cache[layers, :, device_tensor(block_ids, self.device)] = kv.to(device=self.device, dtype=self.kv_cache.dtype)
+        index = device_tensor(block_ids, self.device)
+        self.kv_cache[layers, :, index] = kv.to(device=self.device, dtype=self.kv_cache.dtype)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.host_copy import to_device
+from services.engine.host_copy import device_tensor, to_device
 from services.engine.request import SamplingParams
 
 
@@ -58,7 +58,7 @@ def sample_on_device(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[t
     else:
         tokens = allowed.argmax(dim=-1)
         if sampled:
-            rows = to_device(torch.tensor(sampled, dtype=torch.long), logits.device)
+            rows = device_tensor(sampled, logits.device)
             picks = _sample_rows(allowed.index_select(0, rows), [inputs[r] for r in sampled])
             tokens = tokens.index_copy(0, rows, picks)
     if not any(item.params.logprobs for item in inputs):
@@ -73,7 +73,7 @@ def _mask_banned(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tenso
     pairs = [(row, token) for row, item in enumerate(inputs) for token in item.banned_token_ids]
     if not pairs:
         return logits
-    index = to_device(torch.tensor(pairs, dtype=torch.long), logits.device)  # [N, 2]: (row, token id)
+    index = device_tensor(pairs, logits.device)  # [N, 2]: (row, token id)
     masked = logits.clone()
     # The value made on the device: a Python number here is copied over with a wait for the device.
     minus_inf = torch.full((), float("-inf"), dtype=masked.dtype, device=masked.device)

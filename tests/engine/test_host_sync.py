@@ -46,13 +46,13 @@ def test_small_values_reach_the_device_without_a_wait():
         for _ in range(8):
             busy @ busy  # a queue for a plain copy to wait on
         made["ids"] = device_tensor([3, 1, 2], device)
-        made["offsets"] = device_tensor([0, 5, 12], device, torch.int32)
+        made["pairs"] = device_tensor([[0, 5], [1, 12]], device)
         made["empty"] = device_tensor([], device)
         made["values"] = to_device(torch.tensor([0.5, 2.0]), device)
 
     assert _host_waits(copies) == []
     assert made["ids"].tolist() == [3, 1, 2] and made["ids"].dtype == torch.long
-    assert made["offsets"].tolist() == [0, 5, 12] and made["offsets"].dtype == torch.int32
+    assert made["pairs"].tolist() == [[0, 5], [1, 12]]
     assert made["empty"].numel() == 0
     assert made["values"].tolist() == [0.5, 2.0]
 

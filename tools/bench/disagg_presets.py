@@ -120,7 +120,8 @@ _CPU_WORKERS = WorkerSettings("cpu", "float32", kv_cache_bytes_per_device=256 <<
 # streaming ~100 requests most of its per-message host work; first and last tokens never wait.
 # Batches of up to 512 sequences, mixed and decode workers alike. Concurrency, not the mean
 # batch, decides: at 56 chatbot req/s one mixed worker on an H100 held up to 295-316 requests at
-# once (the disagg report's "requests in flight at most"; answers of ~190 tokens at ~25 ms), and capped at 256 it met the SLO for 72-89 % of them
+# once (the disagg report's "requests in flight at most"; answers of ~190 tokens at ~25 ms),
+# and capped at 256 it met the SLO for 72-89 % of them
 # in four runs, the rest waiting for a place (TTFT p90 0.5-1.6 s); capped at 512, 96-100 % in
 # three. A decode worker at 72-80 req/s capped at 256 was full likewise: a request waited
 # 1.2-1.9 s on average after its first token for a place in the batch

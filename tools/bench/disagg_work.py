@@ -66,7 +66,8 @@ def work_lines(entries: list[dict]) -> list[str]:
         return []
     measured = next((e for e in entries if e.get("work", {}).get("matmul_flop_s")), None)
     if measured is None:
-        return ["  model work offered, at rate: " + ", ".join(f"{rate:g}: {flop_s_text(v)}" for rate, v in offered.items())]
+        return ["  model work offered, at rate: "
+                + ", ".join(f"{rate:g}: {flop_s_text(v)}" for rate, v in offered.items())]
     matmul = measured["work"]["matmul_flop_s"]
     gpus = max(1, len({w["device"] for w in measured["layout"]["workers"].values()}))
     where = f"{gpus} x " if gpus > 1 else ""

@@ -69,7 +69,8 @@ ENGINE_ROLES = ("prefill", "decode", "mixed")
 STATS_TIMEOUT_S = 2.0
 """A worker that takes longer to answer is recorded as missing: the bench does not wait on it."""
 FIGURES = ("steps", "mean_step_ms", "host_share", "busy", "idle", "commands", "mean_decode_batch",
-           "prefill_tokens_per_s", "messages_per_s", "full_batch", "preemptions", "busy_refusals", "loop_lag_ms", "loop_stalls", "join_ms")
+           "prefill_tokens_per_s", "messages_per_s", "full_batch", "preemptions", "busy_refusals", "loop_lag_ms",
+           "loop_stalls", "join_ms")
 
 
 @dataclass(frozen=True)
