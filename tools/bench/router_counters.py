@@ -29,10 +29,11 @@ def parse(text: str) -> dict[str, float] | None:
     return found if all(key in found for key in _METRICS.values()) else None
 
 
-async def read(http_url: str) -> dict[str, float] | None:
-    """The router's loop counters now; None when it does not answer or lacks them."""
+async def read(http_url: str, timeout_s: float = _TIMEOUT_S) -> dict[str, float] | None:
+    """The router's loop counters now; None when it does not answer within ``timeout_s`` or
+    lacks them."""
     def fetch() -> str:
-        with urllib.request.urlopen(f"{http_url}/metrics", timeout=_TIMEOUT_S) as response:
+        with urllib.request.urlopen(f"{http_url}/metrics", timeout=timeout_s) as response:
             return response.read().decode()
 
     try:
