@@ -431,6 +431,8 @@ def test_sweeps_over_other_rates_and_batch_limits_compare():
     low = _entry([(4, 0.5), (6, 0.2)], None, devices=("cuda:0", "cuda:0"), workers=2, rates=[4, 6])
     assert compare({"colocated": co, "disaggregated": low})["notes"] == [
         "disaggregated met the SLO at no swept rate (sweep lower rates)"]
+    small_chunks = _entry([(2, 1.0), (3, 0.5)], 2, devices=("cuda:0",), workers=1, rates=[2, 3], max_batched_tokens=512)
+    assert compare({"colocated": small_chunks, "disaggregated": dis})["ratio"] == 3.0  # a chunk size is how it runs
     longer = _entry([(4, 1.0)], 4, devices=("cuda:0", "cuda:0"), workers=2, rates=[4], duration_s=20)
     assert compare({"colocated": co, "disaggregated": longer})["ratio"] is None  # other requests
 

@@ -71,11 +71,12 @@ def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: Ot
 
 
 LAYOUT_SHAPE = ("workers", "mps_sm_percent", "mps_priority", "decode_step_period_ms", "router_tpot_slo",
-                "max_num_seqs", "decode_max_num_seqs")
+                "max_num_seqs", "decode_max_num_seqs", "max_batched_tokens", "prefill_max_batched_tokens")
 """Settings that say how a layout runs on its GPUs, not what it serves: two layouts that differ
 only in these still compare (one mixed worker against a prefill and a decode process on one GPU,
 a layout run under MPS against one run without, a decode worker batching more sequences than a
-mixed one, whose steps also compute prompts)."""
+mixed one, whose steps also compute prompts, a mixed worker whose prompt chunks were sized for a
+tight TPOT limit)."""
 SWEEP = ("rates",)
 """The rates swept: each layout's goodput is the highest of its own rates that met the SLO, and
 a given rate and seed send the same requests in any sweep (``serve_bench.rate_seed``; entries
