@@ -22,7 +22,7 @@ against 4 mixed on four GPUs; ``--workers 1 --layouts colocated`` runs one mixed
 with the whole device, the other baseline when two processes share one GPU (same requests,
 its own ``-x1`` results file; give both runs one ``--results-file`` to get their ratio, or run
 both at once with ``--colocated-workers 1``: layouts that differ only in worker count, MPS,
-decode pacing, the router's TPOT target, batch limits or the rates swept compare where they
+decode pacing, the router's TPOT target, batch limits, token budgets or the rates swept compare where they
 ran on as many GPUs, ``disagg_report.comparable``). ``--kv-cache-bytes`` is a budget per device: processes
 sharing a device get an equal share each. The GPU presets name none: a worker alone on its
 GPU lets its engine take the memory left after its weights, workers sharing one split what
