@@ -169,4 +169,6 @@ def test_a_named_child_of_the_load_generator_is_not_counted_in_it():
         named.kill()
         named.wait()
     assert 0.3 < extra["cpu"]["router"] <= 1.1
-    assert extra["cpu"]["load-generator"] < 0.1
+    # counted in it, the busy child would add as much as the router's share; what is left is this
+    # process and the test session's other children (an idle etcd), a little of a core on a busy machine
+    assert extra["cpu"]["load-generator"] < extra["cpu"]["router"] / 2
