@@ -8,7 +8,7 @@ import pytest
 
 from tools.bench import disagg_merge
 from tools.bench.disagg_bench import plan_layout
-from tools.bench.disagg_report import write_report
+from tools.bench.disagg_report import OtherLimits, recompute, write_report
 from tools.bench.slo import SLO, RequestRecord, summarize
 
 _SLO = SLO(ttft_ms=500, tpot_ms=50)
@@ -92,3 +92,53 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
                           ([a, a], "is also an input")):
         assert disagg_merge.main([*argv, "--no-plots"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_best_of_takes_each_limits_best_variant_of_a_layout(tmp_path, capsys):
+    """A mixed worker run twice, differing only in how it runs (here its batch limit): with
+    --best-of colocated each TPOT limit compares the disaggregated layout with the better of the
+    two, named; the headline entry is the better at the headline SLO (the first of equals)."""
+    a = _file(tmp_path, "a.json", {"colocated": _entry("colocated", {40: 20, 48: 45, 56: 60}),
+                                   "disaggregated": _entry("disaggregated", {48: 10, 56: 10, 64: 10, 72: 60})},
+              sensitivity=(30, 20))
+    b = _file(tmp_path, "b.json", {"colocated": _entry("colocated", {40: 12, 48: 14, 56: 60}, 512)})
+    out = tmp_path / "best.json"
+    assert disagg_merge.main([str(out), a, b, "--best-of", "colocated", "--no-plots"]) == 0
+    report = json.loads(out.read_text())
+    slot = report["workloads"]["chatbot"]
+    assert slot["layouts"]["colocated"]["settings"]["max_num_seqs"] == 256  # 48 both: the first input's
+    assert [e["settings"]["max_num_seqs"] for e in slot["variants"]["colocated"]] == [512]
+    assert slot["comparison"]["ratio"] == 64 / 48
+    assert [(s["tpot_ms"], s["goodput"], s["chosen"]) for s in slot["slo_sensitivity"]] == [
+        (30, {"colocated": 48, "disaggregated": 64}, {"colocated": "max_num_seqs=512"}),
+        (20, {"colocated": 48, "disaggregated": 64}, {"colocated": "max_num_seqs=512"})]
+    printed = capsys.readouterr().out
+    assert "colocated: the best at each SLO limit of 2 runs" in printed
+    assert "max_num_seqs=256 (48, in the table); max_num_seqs=512 (48)" in printed
+    assert "TPOT <= 20 ms: colocated 48 [max_num_seqs=512], disaggregated 64 req/s (1.33x)" in printed
+    assert recompute(report, ["chatbot"], OtherLimits())[1] == []  # --report-only finds the variants too
+    # without the variant the 256-batch worker alone gives 40 at TPOT 20 ms
+    plain = tmp_path / "plain.json"
+    assert disagg_merge.main([str(plain), a, "--no-plots"]) == 0
+    tight = json.loads(plain.read_text())["workloads"]["chatbot"]["slo_sensitivity"][1]
+    assert tight["goodput"]["colocated"] == 40 and "chosen" not in tight
+
+
+def test_best_of_refuses_variants_that_served_other_requests(tmp_path, capsys):
+    a = _file(tmp_path, "a.json", {"colocated": _entry("colocated", {40: 20})})
+    other = _entry("colocated", {40: 20}, 512)
+    other["settings"]["duration_s"] = 20
+    b = _file(tmp_path, "b.json", {"colocated": other})
+    out = tmp_path / "m.json"
+    assert disagg_merge.main([str(out), a, b, "--best-of", "colocated", "--no-plots"]) == 2
+    assert "b.json served other requests than a.json (duration_s)" in capsys.readouterr().err
+    assert disagg_merge.main([str(out), a, b, "--best-of", "mixed", "--no-plots"]) == 2
+    assert "--best-of: unknown layout(s) mixed" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_layout_run_another_way_names_best_of(tmp_path, capsys):
+    a = _file(tmp_path, "a.json", {"colocated": _entry("colocated", {40: 20})})
+    b = _file(tmp_path, "b.json", {"colocated": _entry("colocated", {48: 20}, 512)})
+    assert disagg_merge.main([str(tmp_path / "m.json"), a, b, "--no-plots"]) == 2
+    assert "pass --best-of colocated" in capsys.readouterr().err

@@ -57,14 +57,21 @@ class OtherLimits:
 # -- results -------------------------------------------------------------------------------
 
 
-def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: OtherLimits = OtherLimits()) -> dict:
-    """Put one (workload, layout) result into the report, replacing an older one, and
-    recompute that workload's comparison and SLO sensitivity (for ``other``'s limits)."""
+def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: OtherLimits = OtherLimits(),
+                variants: Sequence[dict] = ()) -> dict:
+    """Put one (workload, layout) result into the report, replacing an older one (and its
+    ``variants``: other ways the layout ran, see layout_variants), and recompute that workload's
+    comparison and SLO sensitivity (for ``other``'s limits)."""
     slot = report["workloads"].setdefault(workload, {"layouts": {}, "comparison": None})
     slot["layouts"][layout] = entry
+    slot.setdefault("variants", {}).pop(layout, None)
+    if variants:
+        slot["variants"][layout] = list(variants)
+    if not slot["variants"]:
+        del slot["variants"]
     slot["comparison"] = compare(slot["layouts"])
     slot.pop("slo_sensitivity", None)  # computed from the layouts replaced just now
-    if block := slo_sensitivity(slot["layouts"], sensitivity_slos(slot, other)):
+    if block := slo_sensitivity(slot["layouts"], sensitivity_slos(slot, other), slot.get("variants")):
         slot["slo_sensitivity"] = block
     report["updated_at"] = _now()
     return report
@@ -162,23 +169,51 @@ def primary_slo(slot: dict) -> SLO:
     return SLO(**entry["settings"]["slo"])
 
 
-def slo_sensitivity(layouts: dict[str, dict], slos: Sequence[SLO]) -> list[dict]:
+def slo_sensitivity(layouts: dict[str, dict], slos: Sequence[SLO],
+                    variants: dict[str, list[dict]] | None = None) -> list[dict]:
     """Attainment per rate, goodput per layout and the ratios to colocated for each of ``slos``,
     recomputed from the stored request records: the same requests as the headline, on its rate
-    grid. A layout whose runs lack their records is listed under ``no_records`` with goodput None."""
+    grid. A layout whose runs lack their records is listed under ``no_records`` with goodput None.
+    A layout with ``variants`` counts at each limit with its best variant, named under ``chosen``."""
     names = [name for name in LAYOUTS if name in layouts]
+    groups = {name: [layouts[name], *(variants or {}).get(name, ())] for name in names}
     same = {name: BASELINE in layouts and comparable(layouts[name], layouts[BASELINE]) for name in _others(layouts)}
     block = []
     for slo in slos:
-        points = {name: _attainment_points(layouts[name], slo) for name in names}
+        best = {name: _best_variant(group, slo) for name, group in groups.items()}
+        points = {name: pts for name, (_, pts) in best.items()}
         good = {name: None if pts is None else goodput(pts) for name, pts in points.items()}
         ratios = {name: _goodput_ratio(good.get(BASELINE), good[name], same[name]) for name in same}
         item = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "goodput": good, "ratio": ratios.get("disaggregated"),
                 "ratios": ratios, "attainment": points}
+        if chosen := {name: shape_label(entry, groups[name]) for name, (entry, _) in best.items()
+                      if len(groups[name]) > 1}:
+            item["chosen"] = chosen
         if missing := [name for name, pts in points.items() if pts is None]:
             item["no_records"] = missing
         block.append(item)
     return block
+
+
+def _best_variant(group: list[dict], slo: SLO) -> tuple[dict, list[list[float | None]] | None]:
+    """(entry, attainment points) of the variant with the highest goodput under ``slo``, the first
+    of equals (the headline entry comes first); the headline's when it has no records."""
+    scored = [(entry, _attainment_points(entry, slo)) for entry in group]
+    if scored[0][1] is None:
+        return scored[0]
+    usable = [(entry, pts) for entry, pts in scored if pts is not None]
+    return max(usable, key=lambda ep: -1.0 if (g := goodput(ep[1])) is None else g)
+
+
+def shape_label(entry: dict, group: Sequence[dict]) -> str:
+    """The settings of how it runs (LAYOUT_SHAPE) in which the variants of ``group`` differ, with
+    ``entry``'s values: ``max_batched_tokens=512``."""
+    def value(e: dict, key: str) -> str:
+        v = e["settings"].get(key)
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    keys = [k for k in LAYOUT_SHAPE if len({value(e, k) for e in group}) > 1]
+    return ", ".join(f"{k}={value(entry, k)}" for k in keys)
 
 
 def _attainment_points(entry: dict, slo: SLO) -> list[list[float | None]] | None:
@@ -240,9 +275,13 @@ def write_report(path: Path, report: dict) -> None:
     def compact_run(run: dict) -> dict:
         return {**run, "requests": [placeholder(r) for r in run["requests"]]} if "requests" in run else run
 
+    def compact_entry(entry: dict) -> dict:
+        return {**entry, "runs": [compact_run(run) for run in entry["runs"]]}
+
     def compact_slot(slot: dict) -> dict:
-        compacted = {**slot, "layouts": {name: {**e, "runs": [compact_run(run) for run in e["runs"]]}
-                                         for name, e in slot["layouts"].items()}}
+        compacted = {**slot, "layouts": {name: compact_entry(e) for name, e in slot["layouts"].items()}}
+        if "variants" in slot:
+            compacted["variants"] = {name: [compact_entry(e) for e in group] for name, group in slot["variants"].items()}
         if "slo_sensitivity" in slot:
             compacted["slo_sensitivity"] = [
                 {**item, "attainment": {name: placeholder(pts) for name, pts in item["attainment"].items()}}
@@ -267,6 +306,7 @@ def format_table(report: dict, workloads: list[str]) -> str:
         rows += [_table_row(e) for e in entries]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines += _variant_lines(slot)
         lines += _cut_lines(entries, s["slo"])
         lines += _per_rate_lines(entries)
         lines += work_lines(entries)
@@ -284,6 +324,20 @@ def _table_row(entry: dict) -> tuple[str, ...]:
     return (entry["layout"]["name"], workers, "none" if entry["goodput_rate"] is None else f"{entry['goodput_rate']:g}",
             f"{sum(r['summary']['ok'] for r in runs)}/{sum(r['summary']['requests'] for r in runs)}",
             "  ".join(f"{r['rate']:g}: {_pct(r['summary']['slo_attainment'])}" for r in runs))
+
+
+def _variant_lines(slot: dict) -> list[str]:
+    """For a layout merged with other ways it ran: each of them, with its headline goodput."""
+    lines = []
+    for name in LAYOUTS:
+        if not (rest := slot.get("variants", {}).get(name)):
+            continue
+        group = [slot["layouts"][name], *rest]
+        shown = [f"{shape_label(e, group)} ({_good(e['goodput_rate'])}{', in the table' if i == 0 else ''})"
+                 for i, e in enumerate(group)]
+        lines.append(f"  {name}: the best at each SLO limit of {len(group)} runs, goodput at the headline SLO: "
+                     + "; ".join(shown))
+    return lines
 
 
 def _cut_lines(entries: list[dict], slo: dict) -> list[str]:
@@ -335,21 +389,29 @@ def _sensitivity_lines(slot: dict) -> list[str]:
     if not block:
         return []
     primary = primary_slo(slot)
-    tops = {name: max(run["rate"] for run in e["runs"]) for name, e in slot["layouts"].items()}
     lines = ["  other SLO limits, recomputed from the same requests and rates (the SLO above stays the headline):"]
     for item in block:
         limits = [f"{name} <= {value:g} ms" for name, value, own in (("TTFT", item["ttft_ms"], primary.ttft_ms),
                                                                       ("TPOT", item["tpot_ms"], primary.tpot_ms))
                   if value != own]
+        # the top rate of the run each goodput came from (a variant's own sweep, where one was chosen)
+        tops = {name: max(run["rate"] for run in e["runs"]) for name, e in slot["layouts"].items()}
+        tops.update({name: max(rate for rate, _ in pts) for name, pts in item["attainment"].items() if pts})
+        chosen = item.get("chosen", {})
         goods = [f"{name} no per-request records" if name in item.get("no_records", ())
-                 else f"{name} {_goodput_text(good, tops[name])}" for name, good in item["goodput"].items()]
+                 else f"{name} {_goodput_text(good, tops[name])}" + (f" [{chosen[name]}]" if name in chosen else "")
+                 for name, good in item["goodput"].items()]
         ratio = _ratio_text(item, tops)
         lines.append(f"    {', '.join(limits)}: {', '.join(goods)} req/s" + (f" ({ratio})" if ratio else ""))
     return lines
 
 
+def _good(good: float | None) -> str:
+    return "none" if good is None else f"{good:g}"
+
+
 def _goodput_text(good: float | None, top: float) -> str:
-    return "none" if good is None else f">={good:g}" if good == top else f"{good:g}"
+    return f">={good:g}" if good is not None and good == top else _good(good)
 
 
 def _ratio_text(item: dict, tops: dict[str, float]) -> str:
@@ -433,7 +495,7 @@ def recompute(report: dict, workloads: list[str], other: OtherLimits) -> tuple[d
     changed = []
     for workload in workloads:
         slot = report["workloads"][workload]
-        block = slo_sensitivity(slot["layouts"], sensitivity_slos(slot, other))
+        block = slo_sensitivity(slot["layouts"], sensitivity_slos(slot, other), slot.get("variants"))
         shown["workloads"][workload] = {**slot, "comparison": compare(slot["layouts"]), "slo_sensitivity": block}
         if block != slot.get("slo_sensitivity", []):
             changed.append(workload)
