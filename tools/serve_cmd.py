@@ -61,6 +61,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batched-tokens", type=int, default=DEFAULT_MAX_BATCHED_TOKENS)
+    p.add_argument("--step-target-ms", type=float, default=None, metavar="MS",
+                   help="workers: a step computing prompt chunks beside decodes takes only as many prompt tokens "
+                        "(up to --max-batched-tokens) as keep its estimated time within MS, the decoding "
+                        "requests' time per output token (default: off, the token budget alone)")
     p.add_argument("--decode-graphs", choices=("auto", "eager", "off"), default=None,
                    help="decode steps from CUDA graphs: auto (default; off for prefill workers, which do not "
                         "decode), eager, off")
@@ -129,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
                               decode_graphs=graphs, overlap_decode=args.overlap_decode,
                               mixed_graph_tokens=args.mixed_graph_tokens,
                               scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                                        max_num_batched_tokens=args.max_batched_tokens))
+                                                        max_num_batched_tokens=args.max_batched_tokens,
+                                                        step_target_s=None if args.step_target_ms is None
+                                                        else args.step_target_ms / 1000))
         config = WorkerConfig(role=args.role, model_dir=args.model, etcd_url=args.etcd, cluster=args.cluster,
                               model_name=args.model_name, worker_id=args.id, host=args.host,
                               grpc_port=args.grpc_port, ucx_port=args.ucx_port, engine=engine,

@@ -39,7 +39,8 @@ from services.engine.model_runner import ModelRunner
 from services.engine.overlap import LaunchedStep, TokenReadback, rows_ahead
 from services.engine.request import Completion, FinishReason, Request, RequestOutput, SamplingParams
 from services.engine.sampler import SampleInput, logprobs_list, sample, sample_on_device
-from services.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from services.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput, is_prompt_work
+from services.engine.step_budget import StepTimeBudget
 from services.engine.stop_checker import OutputTracker
 from services.engine.tokenizer import TextTokenizer
 
@@ -80,6 +81,9 @@ class LLMEngine:
         self._export_on_finish: set[str] = set()
         self._reserved: dict[str, int] = {}  # request id -> tokens of KV expected
         self.stats = EngineStats()
+        target = config.scheduler.step_target_s
+        self._step_budget = None if target is None else StepTimeBudget(target, config.scheduler.max_num_batched_tokens)
+        """Prompt tokens per step beside decodes, from a step time target (step_budget.py)."""
         self._overlap = _overlap_enabled(config.overlap_decode, self.runner)
         self._readback = TokenReadback(config.graph_batch_limit(), device) if self._overlap else None
         self._launched: LaunchedStep | None = None
@@ -153,13 +157,26 @@ class LLMEngine:
             self._plan = None  # the step in flight is its requests
             return self._step_ahead()
         start = time.perf_counter()
-        plan = self._plan = self.scheduler.schedule()
+        plan = self._plan = self.scheduler.schedule(self._prompt_limit())
         if not plan.chunks:
             return []
         if self._overlap and self.runner.is_decode_step(plan) and all(c.completes for c in plan.chunks):
             self._launched = self._launch_scheduled(plan, start)
             return self._step_ahead()
         return self._run_plan(plan, start)
+
+    def _prompt_limit(self) -> int | None:
+        """The prompt work the next step may carry beside its decodes (None: the token budget's)."""
+        if self._step_budget is None:
+            return None
+        rows = self.scheduler.decoding_rows()
+        return self._step_budget.prompt_tokens(rows) if rows else None
+
+    def _record(self, plan: SchedulerOutput, host_s: float, step_s: float) -> None:
+        self.stats.record(plan, host_s=host_s, step_s=step_s)
+        if self._step_budget is not None and plan.chunks:
+            prompt = [c.num_tokens for c in plan.chunks if is_prompt_work(c.request, c.start, c.num_tokens)]
+            self._step_budget.observe(sum(prompt), len(plan.chunks) - len(prompt), step_s)
 
     def _run_plan(self, plan: SchedulerOutput, start: float) -> list[RequestOutput]:
         """Run a scheduled step one at a time: the device computes, the host then samples."""
@@ -180,8 +197,8 @@ class LLMEngine:
         outputs = []
         for chunk, token, logprob in zip(completing, tokens, logprobs):
             outputs.append(self._append_token(chunk.request, token, logprob))
-        self.stats.record(plan, host_s=(launched - start) + (time.perf_counter() - computed),
-                          step_s=time.perf_counter() - start)
+        self._record(plan, host_s=(launched - start) + (time.perf_counter() - computed),
+                     step_s=time.perf_counter() - start)
         return outputs
 
     def _out_of_memory(self, error: torch.OutOfMemoryError) -> DeviceMemoryError:
@@ -215,7 +232,7 @@ class LLMEngine:
         for chunk in plan.chunks:
             self._account(chunk.request)
         step = self._sample_ahead(plan, logits, inputs)
-        self.stats.record(plan, host_s=launched - start, step_s=time.perf_counter() - start)
+        self._record(plan, host_s=launched - start, step_s=time.perf_counter() - start)
         return step
 
     def _step_ahead(self) -> list[RequestOutput]:
@@ -236,8 +253,8 @@ class LLMEngine:
         self._launched = following
         end = time.perf_counter()
         plan = following.plan if following is not None else SchedulerOutput()
-        self.stats.record(plan, host_s=(launched - start) if following is not None else end - tokens_at,
-                          step_s=end - start)
+        self._record(plan, host_s=(launched - start) if following is not None else end - tokens_at,
+                     step_s=end - start)
         return outputs
 
     def _launch_following(self, current: LaunchedStep) -> LaunchedStep | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 
-from services.engine.scheduler import SchedulerOutput
+from services.engine.scheduler import SchedulerOutput, is_prompt_work
 
 
 class EngineStats:
@@ -78,8 +78,7 @@ class EngineStats:
         self.host_s += host_s
         self.step_s += step_s
         # prompt work: more than one token, or inside the prompt (a decode step is one token past it)
-        prompt_tokens = sum(c.num_tokens for c in plan.chunks
-                            if c.num_tokens > 1 or c.start < len(c.request.prompt_token_ids))
+        prompt_tokens = sum(c.num_tokens for c in plan.chunks if is_prompt_work(c.request, c.start, c.num_tokens))
         if prompt_tokens:
             d = self._PREFILL_RATE_DECAY
             self.prefill_tokens += prompt_tokens

@@ -10,6 +10,9 @@ Queues: ``waiting`` (FIFO; preempted requests go back to its front) and ``runnin
 2. then waiting requests, in order, while budget, sequence slots and blocks last;
    a newly admitted request starts after its longest cached prefix.
 
+A step may also be given a limit on its prompt work (``schedule(prompt_tokens=N)``: a step
+time target, step_budget.py): prompt chunks then share N tokens, decodes are not counted.
+
 The scheduler owns the request states; the block manager owns the blocks; the
 engine frees a finished request through :meth:`finish`.
 """
@@ -29,10 +32,22 @@ class SchedulerConfig:
     """Requests running at once (a decode batch is at most this large)."""
     max_num_batched_tokens: int = 512
     """Token budget of one step; longer prompts are prefilled in chunks of at most this."""
+    step_target_s: float | None = None
+    """A step that computes prompt chunks beside decodes takes only as many prompt tokens as
+    keep its estimated time within this (the decoding requests' time per output token;
+    step_budget.py); None: the token budget alone decides."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.step_target_s is not None and not self.step_target_s > 0:
+            raise ValueError(f"step_target_s must be > 0, got {self.step_target_s}")
+
+
+def is_prompt_work(request: Request, start: int, num_tokens: int) -> bool:
+    """Whether a chunk computes prompt work: more than one token, or inside the prompt (a
+    decode step is one token past it)."""
+    return num_tokens > 1 or start < len(request.prompt_token_ids)
 
 
 @dataclass(frozen=True)
@@ -87,23 +102,37 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.ready)
 
-    def schedule(self) -> SchedulerOutput:
+    def decoding_rows(self) -> int:
+        """Running requests whose next step is a decode (one token past their prompt)."""
+        return sum(1 for r in self.running if not is_prompt_work(r, r.num_computed_tokens,
+                                                                 r.num_tokens - r.num_computed_tokens))
+
+    def schedule(self, prompt_tokens: int | None = None) -> SchedulerOutput:
+        """The next step; ``prompt_tokens``: the most prompt work it may carry (None: the token
+        budget's; 0: none), decodes not counted."""
         out = SchedulerOutput()
         while self.ready and len(self.running) < self.config.max_num_seqs:
             self.running.append(self.ready.popleft())
         budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget)
+        prompt = budget if prompt_tokens is None else prompt_tokens
+        budget, prompt = self._schedule_running(out, budget, prompt)
         if not out.preempted:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, min(budget, prompt))
         out.batch_full = len(self.running) >= self.config.max_num_seqs and bool(self.waiting or self.ready)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, prompt: int) -> tuple[int, int]:
+        """Chunks for the running requests in order: (token budget, prompt work) left."""
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            assert n > 0, "a running request always has a token to compute"
+            left = request.num_tokens - request.num_computed_tokens
+            assert left > 0, "a running request always has a token to compute"
+            counted = is_prompt_work(request, request.num_computed_tokens, left)
+            if counted and prompt <= 0:  # this step's prompt work is spent; decodes after it still run
+                i += 1
+                continue
+            n = min(left, budget, prompt) if counted else min(left, budget)
             target = request.num_computed_tokens + n
             if not self.blocks.covers(request.request_id, target):  # most decode steps stay in their block
                 while not self.blocks.can_allocate(request.request_id, target):
@@ -111,12 +140,13 @@ class Scheduler:
                     self._preempt(victim)
                     out.preempted.append(victim.request_id)
                     if victim is request:
-                        return budget
+                        return budget, prompt
                 self.blocks.allocate(request.request_id, target)
             out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
             budget -= n
+            prompt -= n if counted else 0
             i += 1
-        return budget
+        return budget, prompt
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

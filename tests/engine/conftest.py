@@ -48,8 +48,10 @@ def text_model(tmp_path_factory) -> Path:
 
 
 def small_engine(path: Path, *, kv_cache_bytes: int = 4 << 20, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, prefix_caching: bool = True, **kw) -> LLMEngine:
-    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+                 max_num_batched_tokens: int = 512, prefix_caching: bool = True, step_target_s: float | None = None,
+                 **kw) -> LLMEngine:
+    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            step_target_s=step_target_s)
     config = EngineConfig(kv_cache_bytes=kv_cache_bytes, enable_prefix_caching=prefix_caching,
                           scheduler=sched, **kw)
     return LLMEngine.from_pretrained(path, config)

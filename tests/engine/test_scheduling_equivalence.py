@@ -46,6 +46,36 @@ def test_chunked_prefill_equals_one_shot(model, expected, budget):
     assert [c.token_ids for c in engine.generate(_prompts(8), GREEDY)] == expected
 
 
+@pytest.mark.parametrize("target_s,steps_to_first_token", [(None, 1), (1e-9, 4)])
+def test_a_step_time_target_cuts_a_prompt_beside_decodes_and_changes_no_token(model, target_s, steps_to_first_token):
+    """A target no step can meet: a 100-token prompt arriving while another request decodes is
+    computed 32 tokens a step (the budget's floor; step_budget.py), so its first token comes in
+    the 4th step, not the 1st; every token is what each request gives alone."""
+    rng = random.Random(5)
+    prompts = {"first": [rng.randrange(96) for _ in range(40)], "second": [rng.randrange(96) for _ in range(100)]}
+    alone = {k: small_engine(model, prefix_caching=False).generate([p], GREEDY)[0].token_ids
+             for k, p in prompts.items()}
+    engine = small_engine(model, prefix_caching=False, step_target_s=target_s)
+    tokens: dict[str, list[int]] = {"first": [], "second": []}
+
+    def step() -> None:
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+
+    engine.add_request("first", prompts["first"], GREEDY)
+    for _ in range(3):  # the first prompt alone times a prompt token, then two decode steps
+        step()
+    engine.add_request("second", prompts["second"], GREEDY)
+    steps = 0
+    while not tokens["second"]:
+        step()
+        steps += 1
+    assert steps == steps_to_first_token
+    while engine.has_unfinished():
+        step()
+    assert tokens == alone
+
+
 def test_preempted_and_resumed_equals_uninterrupted(model, expected):
     # 12 blocks of 16 tokens: far less than 8 requests need at once, so the scheduler preempts.
     engine = small_engine(model, kv_cache_bytes=12 * engine_block_bytes(model), max_num_batched_tokens=64)

@@ -65,7 +65,8 @@ def test_serve_refuses_a_negative_gil_switch_interval():
 
 def test_serve_refuses_bad_memory_sizes_before_loading_anything():
     for flag, message in (("--device-memory-bytes", "device_memory_bytes must be positive"),
-                          ("--kv-cache-bytes", "kv_cache_bytes must be positive")):
+                          ("--kv-cache-bytes", "kv_cache_bytes must be positive"),
+                          ("--step-target-ms", "step_target_s must be > 0")):
         done = _tandem("serve", "decode", "--etcd", "http://127.0.0.1:9", flag, "0")
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr

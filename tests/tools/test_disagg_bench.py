@@ -104,6 +104,15 @@ def test_cluster_spec_puts_each_worker_on_its_device(tmp_path):
     spec = cluster_spec(plan_layout("disaggregated", "cpu", 0, 1), paced, tmp_path, tmp_path)
     assert spec.worker_name_args["decode-0"][-2:] == ("--decode-step-period-ms", "25")
     assert "--decode-step-period-ms" not in spec.worker_name_args["prefill-0"] + spec.worker_args
+    # a step time target: for mixed workers, whose steps carry prompt chunks beside decodes
+    targeted = replace(cpu, step_target_ms=20.0)
+    spec = cluster_spec(plan_layout("colocated", "cpu", 0, 1), targeted, tmp_path, tmp_path)
+    assert spec.worker_name_args["mixed-0"][-2:] == ("--step-target-ms", "20")
+    spec = cluster_spec(plan_layout("disaggregated", "cpu", 0, 1), targeted, tmp_path, tmp_path)
+    assert "--step-target-ms" not in spec.worker_name_args["prefill-0"] + spec.worker_name_args["decode-0"]
+    assert settings(replace(PRESETS["cpu-demo"], workers=targeted), PRESETS["cpu-demo"].plans["chatbot"],
+                    tmp_path, 2)["step_target_ms"] == 20
+    assert "step_target_ms" not in settings(PRESETS["cpu-demo"], PRESETS["cpu-demo"].plans["chatbot"], tmp_path, 2)
     # a batch limit of their own for decode workers; the common one stays for the others
     own = replace(workers, max_num_seqs=256, decode_max_num_seqs=512)
     spec = cluster_spec(plan_layout("disaggregated", "cuda", 2, None), own, tmp_path, tmp_path)
@@ -358,6 +367,7 @@ def test_other_limits_default_to_the_presets(argv, other):
     (["--also-ttft-ms", "0"], "--also-ttft-ms must be > 0"),
     (["--stream-interval-ms", "-1"], "--stream-interval-ms and --decode-step-period-ms must be >= 0"),
     (["--decode-step-period-ms", "-1"], "--stream-interval-ms and --decode-step-period-ms must be >= 0"),
+    (["--step-target-ms", "0"], "--step-target-ms must be > 0"),
     (["--mps-sm-percent", "70"], "--mps-sm-percent must be PREFILL,DECODE with each 1-100, got '70'"),
     (["--mps-sm-percent", "70,0"], "--mps-sm-percent must be PREFILL,DECODE"),
     (["--mps-sm-percent", "70,x", "--device", "cuda"], "--mps-sm-percent must be PREFILL,DECODE"),

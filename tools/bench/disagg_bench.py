@@ -37,6 +37,10 @@ prefill side while the decode GPU idles; ``disaggregated-slo`` lets the router s
 idle capacity on prompts that would otherwise miss their TTFT, paying interference only then.
 Each phase keeps its own token budget: prefill workers of the GPU presets prefill up to
 8192 tokens per step (a whole summarisation prompt), mixed and decode workers 2048.
+``--step-target-ms MS`` gives mixed workers a step time target instead of a fixed chunk size
+(services/engine/step_budget.py); as a setting of how the layout runs, it compares, and
+``tandem bench disagg-merge --best-of colocated`` takes runs at several token budgets and
+targets as variants of the mixed layout, the best of them counted at each SLO limit.
 
 Reported per workload and layout: SLO attainment per rate (the share of *all* requests
 meeting both the TTFT and the TPOT limit; failures count as misses) and goodput, the
@@ -239,6 +243,8 @@ def cluster_spec(layout: Layout, workers: WorkerSettings, model_dir: Path, state
             if name.startswith("prefill-"):
                 per_worker[name] += ("--max-batched-tokens", str(workers.prefill_max_batched_tokens))
     for name in per_worker:
+        if name.startswith("mixed-") and workers.step_target_ms is not None:
+            per_worker[name] += ("--step-target-ms", f"{workers.step_target_ms:g}")
         if name.startswith("decode-"):
             if workers.decode_max_num_seqs is not None:
                 per_worker[name] += ("--max-num-seqs", str(workers.decode_max_num_seqs))
@@ -339,7 +345,7 @@ def settings(preset: Preset, plan: WorkloadPlan, model_dir: Path, workers: int) 
     decode batch limit of its own and the router's TPOT target only where they are on, as results
     stored before they existed lack them)."""
     engine = asdict(preset.workers)
-    for key in ("decode_step_period_ms", "mps_sm_percent", "decode_max_num_seqs", "mps_priority"):
+    for key in ("decode_step_period_ms", "mps_sm_percent", "decode_max_num_seqs", "mps_priority", "step_target_ms"):
         if not engine[key]:
             del engine[key]
     for key in ("mps_sm_percent", "mps_priority"):
@@ -514,7 +520,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
                                                "max_batched_tokens", "max_num_seqs", "decode_max_num_seqs",
                                                "torch_threads",
                                                "prefill_max_batched_tokens", "gil_switch_interval_ms",
-                                               "stream_interval_ms", "decode_step_period_ms")
+                                               "stream_interval_ms", "decode_step_period_ms", "step_target_ms")
                  if getattr(args, k) is not None}
     if args.mps_sm_percent is not None:
         overrides["mps_sm_percent"] = parse_sm_percent(args.mps_sm_percent)
@@ -540,6 +546,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         raise ValueError("--duration, --drain-timeout, --scale and --kv-cache-bytes must be > 0")
     if p.workers.stream_interval_ms < 0 or p.workers.decode_step_period_ms < 0:
         raise ValueError("--stream-interval-ms and --decode-step-period-ms must be >= 0")
+    if p.workers.step_target_ms is not None and not p.workers.step_target_ms > 0:
+        raise ValueError("--step-target-ms must be > 0")
     if p.workers.mps_sm_percent is not None and p.workers.device != "cuda":
         raise ValueError("--mps-sm-percent needs --device cuda")
     if p.workers.mps_priority is not None and p.workers.mps_sm_percent is None:
@@ -637,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-step-period-ms", type=float, default=None, metavar="MS",
                         help="decode workers start their steps at least MS apart (decode pacing; default 0: "
                              "back to back), leaving a GPU they share to the prefill worker")
+    parser.add_argument("--step-target-ms", type=float, default=None, metavar="MS",
+                        help="mixed workers: prompt tokens per step beside decodes cut to keep each step's "
+                             "estimated time within MS (a TPOT target; default off)")
     parser.add_argument("--mps-sm-percent", metavar="PREFILL,DECODE", default=None,
                         help="workers sharing a GPU run under CUDA MPS (kernels of both at once, not time-sliced), "
                              "prefill and decode workers capped at these shares of the SMs (100,100: no cap); "

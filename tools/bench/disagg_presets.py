@@ -45,6 +45,9 @@ class WorkerSettings:
     decode_step_period_ms: float = 0.0
     """``--decode-step-period-ms`` of decode workers (decode pacing; 0: steps back to back):
     a decode worker sharing its GPU with a prefill worker leaves it the time between steps."""
+    step_target_ms: float | None = None
+    """``--step-target-ms`` of mixed workers: prompt tokens per step beside decodes cut to keep
+    each step's estimated time within it (services/engine/step_budget.py). None: off."""
     mps_sm_percent: tuple[int, int] | None = None
     """(prefill, decode) workers' share of the SMs, in %, where workers share a GPU: they run as
     clients of a CUDA MPS server, kernels of both at once (tools/bench/mps.py); mixed workers

@@ -78,12 +78,13 @@ def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: Ot
 
 
 LAYOUT_SHAPE = ("workers", "mps_sm_percent", "mps_priority", "decode_step_period_ms", "router_tpot_slo",
-                "max_num_seqs", "decode_max_num_seqs", "max_batched_tokens", "prefill_max_batched_tokens")
+                "max_num_seqs", "decode_max_num_seqs", "max_batched_tokens", "prefill_max_batched_tokens",
+                "step_target_ms")
 """Settings that say how a layout runs on its GPUs, not what it serves: two layouts that differ
 only in these still compare (one mixed worker against a prefill and a decode process on one GPU,
 a layout run under MPS against one run without, a decode worker batching more sequences than a
 mixed one, whose steps also compute prompts, a mixed worker whose prompt chunks were sized for a
-tight TPOT limit)."""
+tight TPOT limit or cut to a step time target)."""
 SWEEP = ("rates",)
 """The rates swept: each layout's goodput is the highest of its own rates that met the SLO, and
 a given rate and seed send the same requests in any sweep (``serve_bench.rate_seed``; entries
@@ -210,7 +211,9 @@ def shape_label(entry: dict, group: Sequence[dict]) -> str:
     ``entry``'s values: ``max_batched_tokens=512``."""
     def value(e: dict, key: str) -> str:
         v = e["settings"].get(key)
-        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+        if isinstance(v, list):
+            return ",".join(map(str, v))
+        return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
     keys = [k for k in LAYOUT_SHAPE if len({value(e, k) for e in group}) > 1]
     return ", ".join(f"{k}={value(entry, k)}" for k in keys)
