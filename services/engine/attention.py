@@ -75,21 +75,24 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D], attending over the cache (new tokens already written);
-    written into ``out`` if given (not for a decode-only batch, ``token_index`` None)."""
+    written into ``out`` if given (not for a decode-only batch, ``token_index`` None).
+    ``window``: a sliding window, each query seeing itself and the window - 1 positions before
+    it (None: every position before it)."""
     d = meta.decode
     if d is not None and d.token_index is None:
         assert out is None, "a decode-only step returns its own output"
-        return _decode_attention(q, kv_layer, d)
+        return _decode_attention(q, kv_layer, d, window)
     out = torch.empty_like(q) if out is None else out
     if meta.packed is not None:
+        assert window is None, "packed prompt chunks attend the whole context (the model runner packs no windowed model)"
         packed_prefill_attention(q, kv_layer, meta.packed, out)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
-        out[rows] = _prefill_attention(q[rows], kv_layer, span)
+        out[rows] = _prefill_attention(q[rows], kv_layer, span, window)
     if d is not None:
-        out[d.token_index] = _decode_attention(q[d.token_index], kv_layer, d)
+        out[d.token_index] = _decode_attention(q[d.token_index], kv_layer, d, window)
     return out
 
 
@@ -100,16 +103,28 @@ def _gather(kv_layer: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Te
     return k.flatten(-4, -3), v.flatten(-4, -3)
 
 
-def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan,
+                       window: int | None = None) -> torch.Tensor:
+    first = 0 if window is None else max(0, span.context_len - span.num_tokens - window + 1)
     k, v = _gather(kv_layer, span.block_table)  # [S, Hkv, D], S >= context_len
     q_ = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
-    k_ = k[: span.context_len].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
-    v_ = v[: span.context_len].transpose(0, 1).unsqueeze(0)
-    if span.context_len == span.num_tokens:
+    k_ = k[first: span.context_len].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+    v_ = v[first: span.context_len].transpose(0, 1).unsqueeze(0)
+    if window is not None and span.context_len - first > window:  # some query has keys past its window
+        out = _sdpa(q_, k_, v_, attn_mask=_window_mask(span.num_tokens, span.context_len - first, window, q.device))
+    elif span.context_len - first == span.num_tokens:
         out = _sdpa(q_, k_, v_, is_causal=True)
     else:
         out = _prefix_causal_attention(q_, k_, v_)
     return out.squeeze(0).transpose(0, 1)
+
+
+def _window_mask(num_queries: int, num_keys: int, window: int, device: torch.device) -> torch.Tensor:
+    """[Tq, S] bool: the Tq queries at the last positions of S keys, each seeing itself and the
+    window - 1 keys before it (causal, bottom-right aligned)."""
+    q_pos = torch.arange(num_keys - num_queries, num_keys, device=device).unsqueeze(1)
+    k_pos = torch.arange(num_keys, device=device).unsqueeze(0)
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
 def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -124,16 +139,18 @@ def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _sdpa(q, k, v, repeat_heads=repeat_heads, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
 
 
-def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch, window: int | None = None) -> torch.Tensor:
     if triton_available(q.device):
         scale = q.shape[-1] ** -0.5
         # a decode-only step runs on the static buffers (fixed shapes); other steps' tables vary
         return paged_decode_attention(q, kv_layer[0], kv_layer[1], d.block_tables, d.context_lens, scale,
-                                      specialize=d.token_index is None)
+                                      specialize=d.token_index is None, window=window or 0)
     k, v = _gather(kv_layer, d.block_tables)  # [B, S, Hkv, D]
     q_ = q.unsqueeze(2)  # [B, Hq, 1, D]
     k_pos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
-    mask = (k_pos < d.context_lens.unsqueeze(1))[:, None, None, :]  # [B, 1, 1, S]
+    lens = d.context_lens.unsqueeze(1)
+    live = k_pos < lens if window is None else (k_pos < lens) & (k_pos >= lens - window)
+    mask = live[:, None, None, :]  # [B, 1, 1, S]
     out = _sdpa(q_, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.squeeze(2)
 

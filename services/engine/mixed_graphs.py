@@ -101,7 +101,8 @@ class MixedGraphs(StaticSteps):
             else:
                 self._piece(piece, size)
             if piece < self.num_layers:
-                paged_attention(self._q[:n], self.kv_cache[piece], meta, out=self._attn[:n])
+                paged_attention(self._q[:n], self.kv_cache[piece], meta, out=self._attn[:n],
+                                window=self.model.config.window(piece))
         return self.model.logits(self._hidden[sample_rows])
 
     # -- internals ---------------------------------------------------------------------------

@@ -26,8 +26,10 @@ from services.engine.rope import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
+        self.window = config.window(layer)
+        """Sliding window (None: the whole context): see ModelConfig.layer_windows."""
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -51,7 +53,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q = self.project(x, positions, rotary, kv_layer, meta.slot_mapping)
-        return self.output(paged_attention(q, kv_layer, meta))
+        return self.output(paged_attention(q, kv_layer, meta, window=self.window))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv_layer: torch.Tensor,
                 slot_mapping: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,7 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         if config.is_moe_layer(layer):
             self.mlp = SparseMoeBlock(config)
         else:
@@ -87,7 +89,7 @@ class DecoderLayer(nn.Module):
         first layer); returns this layer's (MLP output, residual). Each residual add is fused
         with the norm that follows it."""
         q, residual = self.pre_attention(x, residual, positions, rotary, kv_layer, meta.slot_mapping)
-        return self.post_attention(paged_attention(q, kv_layer, meta), residual)
+        return self.post_attention(paged_attention(q, kv_layer, meta, window=self.self_attn.window), residual)
 
     def pre_attention(self, x, residual, positions, rotary, kv_layer, slot_mapping):
         """The layer up to attention: returns (q [T, Hq, D], residual)."""

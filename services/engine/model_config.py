@@ -118,6 +118,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     checkpoint_dtype: str = "float32"
+    layer_windows: tuple[int | None, ...] = ()
+    """Per layer, the sliding window of its attention: a query sees itself and the window - 1
+    positions before it (None: the whole context before it). Empty: every layer full."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -127,6 +130,10 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ModelLoadError(f"config field {name} must be positive, got {getattr(self, name)}")
+
+    def window(self, layer: int) -> int | None:
+        """The layer's sliding window (None: full attention)."""
+        return self.layer_windows[layer] if self.layer_windows else None
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer in self.moe.moe_layers
@@ -152,7 +159,6 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
     act = raw.get("hidden_act", "silu")
     if act not in _SUPPORTED_ACTIVATIONS:
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported; supported: silu")
-    _reject_sliding_window(raw)
     try:
         num_heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
@@ -180,6 +186,7 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
             eos_token_ids=_eos_ids(raw, generation or {}),
             bos_token_id=raw.get("bos_token_id"),
             checkpoint_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+            layer_windows=_layer_windows(raw, family, num_layers),
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -273,12 +280,36 @@ def _eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]
     return tuple(ids)
 
 
-def _reject_sliding_window(raw: dict[str, Any]) -> None:
+_WINDOWED_FAMILIES = ("mistral", "mixtral")
+"""Families whose ``sliding_window`` applies to every layer (transformers builds them so)."""
+_LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
+
+
+def _layer_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window, as transformers resolves the config: ``layer_types`` where
+    the config lists them; else the whole model for Mistral and Mixtral, and for Qwen2/Qwen3
+    (and their MoE kinds) with ``use_sliding_window`` the layers from ``max_window_layers`` on.
+    A window covering the whole context (>= max_position_embeddings) is full attention: ()."""
     window = raw.get("sliding_window")
-    uses_window = raw.get("use_sliding_window", window is not None)
-    max_pos = int(raw.get("max_position_embeddings", 0) or 0)
-    if uses_window and window and int(window) < max_pos:
-        raise UnsupportedModelError(
-            f"sliding-window attention (sliding_window={window}) is not supported; "
-            "only full attention over the whole context is"
-        )
+    types = raw.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != num_layers:
+            raise ModelLoadError(f"layer_types must list one type per layer ({num_layers}), got {types!r}")
+        if unknown := sorted({t for t in types if t not in _LAYER_TYPES}):
+            raise UnsupportedModelError(f"attention layer type(s) {', '.join(map(str, unknown))} are not supported; "
+                                        f"supported: {', '.join(_LAYER_TYPES)}")
+        sliding = [_LAYER_TYPES[t] for t in types]
+    elif family in _WINDOWED_FAMILIES:
+        sliding = [True] * num_layers
+    else:
+        use = bool(raw.get("use_sliding_window", False))
+        first = int(raw.get("max_window_layers", num_layers) or 0)
+        sliding = [use and i >= first for i in range(num_layers)]
+    if window is None or not any(sliding):
+        return ()
+    window = int(window)
+    if window < 1:
+        raise ModelLoadError(f"sliding_window must be >= 1, got {window}")
+    if window >= int(raw.get("max_position_embeddings", 0) or 0) > 0:
+        return ()  # sees the whole context anyway
+    return tuple(window if s else None for s in sliding)

@@ -69,9 +69,11 @@ def triton_available(device: torch.device) -> bool:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, *,
-                           partition_tokens: int | None = None, specialize: bool = True) -> torch.Tensor:
+                           partition_tokens: int | None = None, specialize: bool = True,
+                           window: int = 0) -> torch.Tensor:
     """q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
-    int32/int64; context_lens [B] int32/int64 (>= 1; row b attends to positions 0..context_lens[b]-1).
+    int32/int64; context_lens [B] int32/int64 (>= 1; row b attends to positions 0..context_lens[b]-1,
+    or with a sliding ``window`` > 0 to the last ``window`` of them: its splits start there).
     Returns [B, Hq, D] in q.dtype (written into ``out`` if given). ``partition_tokens`` (a multiple
     of 16) overrides the tokens per split; tests use it to get many splits from short rows.
     ``specialize=False`` launches the variant that is not specialised on the table width and
@@ -96,7 +98,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     _SPLIT[specialize][(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, split_out, split_lse,
-        scale * math.log2(math.e), partition,
+        scale * math.log2(math.e), partition, window,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -113,7 +115,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_warps=4, num_stages=3,
     )
     _MERGE[specialize][(batch, num_heads)](
-        split_out, split_lse, context_lens, out, partition,
+        split_out, split_lse, context_lens, out, partition, window,
         split_out.stride(0), split_out.stride(1), split_out.stride(2),
         split_lse.stride(0), split_lse.stride(1),
         context_lens.stride(0), out.stride(0), out.stride(1),
@@ -138,7 +140,7 @@ if triton is not None:
 
     def _paged_decode_split_kernel(
         q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, split_out_ptr, split_lse_ptr,
-        scale_log2, partition,
+        scale_log2, partition, window,
         stride_qb, stride_qh,
         stride_kblock, stride_ktoken, stride_khead,
         stride_vblock, stride_vtoken, stride_vhead,
@@ -153,7 +155,10 @@ if triton is not None:
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         context_len = tl.load(context_lens_ptr + row * stride_len)
-        split_start = split * partition
+        first = 0
+        if window > 0:  # a sliding window: the row's splits start at its window's first position
+            first = tl.maximum(context_len - window, 0)
+        split_start = first + split * partition
         if split_start < context_len:
             split_end = tl.minimum(split_start + partition, context_len)
             offs_g = tl.arange(0, GROUP_PAD)
@@ -197,7 +202,7 @@ if triton is not None:
                      acc / l[:, None], mask=head_mask[:, None] & d_mask[None, :])
 
     def _paged_decode_merge_kernel(
-        split_out_ptr, split_lse_ptr, context_lens_ptr, out_ptr, partition,
+        split_out_ptr, split_lse_ptr, context_lens_ptr, out_ptr, partition, window,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
         stride_len, stride_outb, stride_outh,
@@ -206,7 +211,10 @@ if triton is not None:
         row = tl.program_id(0)
         head = tl.program_id(1)
         context_len = tl.load(context_lens_ptr + row * stride_len)
-        num_live = tl.cdiv(context_len, partition)  # >= 1: split 0 is always live
+        first = 0
+        if window > 0:
+            first = tl.maximum(context_len - window, 0)
+        num_live = tl.cdiv(context_len - first, partition)  # >= 1: split 0 is always live
         offs_c = tl.arange(0, CHUNK)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         d_mask = offs_d < HEAD_DIM

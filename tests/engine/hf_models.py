@@ -17,6 +17,11 @@ FAMILIES = {
     # Mistral's layers have no bias whatever attention_bias / mlp_bias say
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None, "attention_bias": True,
                                                           "mlp_bias": True}),
+    # sliding windows shorter than the test sequences: every layer (Mistral), the layers from
+    # max_window_layers on (Qwen2: layer 0 full, layer 1 windowed)
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 12}),
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 9,
+                                                         "max_window_layers": 1}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_theta": 1000000.0}),
     # pre-trained context 32 < the test sequences; head_dim 32 puts pairs 1-2 inside yarn's blend
     "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM", {

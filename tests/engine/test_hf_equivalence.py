@@ -42,7 +42,7 @@ def test_gqa_ratios_and_odd_sizes(checkpoints, heads, kv_heads, hidden):
     assert got == [reference_greedy(path, p, NEW_TOKENS) for p in prompts]
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "mistral_window"])
 def test_requests_arriving_at_different_steps(checkpoints, family):
     path = checkpoints(family, 2)
     prompts = _prompts(11, 97, [9, 33, 2, 17, 50])

@@ -10,7 +10,7 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
-from services.engine.errors import UnsupportedModelError
+from services.engine.errors import ModelLoadError, UnsupportedModelError
 from services.engine.model_config import load_model_config, parse_model_config
 from services.engine.request import SamplingParams
 from services.engine.rope import cos_sin_scale, inverse_frequencies
@@ -63,7 +63,7 @@ def test_yarn_frequencies_and_scale_match_transformers(extra, top_level):
     assert cos_sin_scale(rope) == scale
 
 
-def test_unsupported_rope_and_sliding_window_are_named():
+def test_unsupported_rope_and_attention_types_are_named():
     base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
             "num_attention_heads": 2, "max_position_embeddings": 64}
     with pytest.raises(UnsupportedModelError, match="rope type 'dynamic'"):
@@ -72,19 +72,35 @@ def test_unsupported_rope_and_sliding_window_are_named():
         with pytest.raises(UnsupportedModelError, match="partial_rotary_factor=0.5"):
             parse_model_config({**base, **partial})
     parse_model_config({**base, "partial_rotary_factor": 1.0})
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        parse_model_config({**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
-                            "sliding_window": 16})
-    parse_model_config({**base, "sliding_window": 4096})  # wider than the context: no effect
+    with pytest.raises(UnsupportedModelError, match="layer type.s. chunked_attention are not supported"):
+        parse_model_config({**base, "layer_types": ["chunked_attention"], "sliding_window": 16})
+    with pytest.raises(ModelLoadError, match="one type per layer"):
+        parse_model_config({**base, "layer_types": ["full_attention"] * 2, "sliding_window": 16})
 
 
-def test_mistral_needs_full_attention_and_has_no_bias():
-    base = {"architectures": ["MistralForCausalLM"], "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+def test_sliding_windows_per_layer_as_transformers_resolves_them():
+    base = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "max_position_embeddings": 64}
+    qwen = parse_model_config({**base, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1})
+    assert qwen.layer_windows == (None, 16, 16, 16) and (qwen.window(0), qwen.window(3)) == (None, 16)
+    listed = ["sliding_attention", "full_attention"] * 2
+    assert parse_model_config({**base, "layer_types": listed, "sliding_window": 8}).layer_windows == (8, None, 8, None)
+    assert parse_model_config({**base, "sliding_window": 16}).layer_windows == ()  # use_sliding_window off
+    llama = parse_model_config({**base, "architectures": ["LlamaForCausalLM"], "sliding_window": 16})
+    assert llama.layer_windows == () and llama.window(2) is None  # Llama has no windowed layers
+    wide = parse_model_config({**base, "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0})
+    assert wide.layer_windows == ()  # a window as long as the context changes nothing
+    with pytest.raises(ModelLoadError, match="sliding_window must be >= 1"):
+        parse_model_config({**base, "use_sliding_window": True, "sliding_window": 0, "max_window_layers": 0})
+
+
+def test_mistral_windows_every_layer_and_has_no_bias():
+    base = {"architectures": ["MistralForCausalLM"], "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 2,
             "num_attention_heads": 2, "max_position_embeddings": 32768}
-    with pytest.raises(UnsupportedModelError, match=r"sliding-window attention \(sliding_window=4096\)"):
-        parse_model_config({**base, "sliding_window": 4096})  # Mistral-7B-v0.1
+    assert parse_model_config({**base, "sliding_window": 4096}).layer_windows == (4096, 4096)  # Mistral-7B-v0.1
     config = parse_model_config({**base, "sliding_window": None, "attention_bias": True, "mlp_bias": True})
     assert (config.family, config.qkv_bias, config.o_bias, config.mlp_bias) == ("mistral", False, False, False)
+    assert config.layer_windows == ()
 
 
 def test_sharded_checkpoint_loads(checkpoints, tmp_path):

@@ -54,6 +54,8 @@ class Case:
     """Pass a preallocated (NaN-filled) ``out``."""
     specialize: bool = True
     """False: the kernels launched for steps whose table widths vary (no integer specialisation)."""
+    window: int = 0
+    """A sliding window: each row attends to its last ``window`` positions (0: all of them)."""
 
     @property
     def tolerance(self) -> float:
@@ -79,6 +81,10 @@ CASES = {
                                           specialize=False),
     "g4_d80_bs16_bf16_unspecialized": Case(4, 2, 80, 16, torch.bfloat16, (50, 17), partition_tokens=None,
                                            give_out=True, specialize=False),
+    # sliding windows: rows longer and shorter than the window, starting mid-block and mid-split
+    "g2_d64_bs16_f32_window": Case(2, 2, 64, 16, torch.float32, (100, 7, 37, 1), partition_tokens=16, window=37),
+    "g4_d64_bs8_bf16_window_unspecialized": Case(4, 1, 64, 8, torch.bfloat16, (300, 21), partition_tokens=None,
+                                                 window=50, specialize=False),
 }
 
 
@@ -105,16 +111,19 @@ def make_inputs(case: Case, seed: int) -> dict:
         inputs["out"] = torch.full_like(inputs["q"], float("nan"))
     if not case.specialize:
         inputs["specialize"] = False
+    if case.window:
+        inputs["window"] = case.window
     return inputs
 
 
-def reference(q, k_cache, v_cache, block_tables, context_lens, scale, **_) -> torch.Tensor:
-    """Row by row in float32: gather the row's keys/values, softmax(q k^T * scale) v."""
+def reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, **_) -> torch.Tensor:
+    """Row by row in float32: gather the row's keys/values (its last ``window`` of them with a
+    window), softmax(q k^T * scale) v."""
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
     rows = []
     for b, n in enumerate(context_lens.tolist()):
-        pos = torch.arange(n)
+        pos = torch.arange(max(0, n - window) if window else 0, n)
         blocks = block_tables[b, pos // block_size].long()
         k = k_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)  # [n, Hq, D]
         v = v_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
@@ -159,7 +168,7 @@ def test_reference_is_the_engine_decode_path(name):
                                   context_lens=inputs["context_lens"])
     # SDPA's default scale is 1/sqrt(D): compare at that scale
     inputs["scale"] = 1 / math.sqrt(CASES[name].head_dim)
-    expected = attention._decode_attention(inputs["q"], kv_layer, batch)
+    expected = attention._decode_attention(inputs["q"], kv_layer, batch, inputs.get("window"))
     torch.testing.assert_close(reference(**inputs), expected, rtol=1e-5, atol=1e-5)
 
 
