@@ -18,7 +18,8 @@ from services.engine.errors import ModelLoadError, UnsupportedModelError
 # architecture name in config.json -> family that decides the layer layout
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",  # Llama's layers without any bias; full attention only
+    "MistralForCausalLM": "mistral",  # Llama's layers without any bias
+    "Phi3ForCausalLM": "phi3",  # Llama's layers, q/k/v and gate/up stored fused, no bias
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
@@ -280,14 +281,14 @@ def _eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]
     return tuple(ids)
 
 
-_WINDOWED_FAMILIES = ("mistral", "mixtral")
+_WINDOWED_FAMILIES = ("mistral", "mixtral", "phi3")
 """Families whose ``sliding_window`` applies to every layer (transformers builds them so)."""
 _LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
 
 
 def _layer_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple[int | None, ...]:
     """Each layer's sliding window, as transformers resolves the config: ``layer_types`` where
-    the config lists them; else the whole model for Mistral and Mixtral, and for Qwen2/Qwen3
+    the config lists them; else the whole model for Mistral, Mixtral and Phi-3, and for Qwen2/Qwen3
     (and their MoE kinds) with ``use_sliding_window`` the layers from ``max_window_layers`` on.
     A window covering the whole context (>= max_position_embeddings) is full attention: ()."""
     window = raw.get("sliding_window")

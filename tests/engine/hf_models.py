@@ -22,6 +22,9 @@ FAMILIES = {
     "mistral_window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 12}),
     "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 9,
                                                          "max_window_layers": 1}),
+    # q/k/v and gate/up stored fused in the checkpoint
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None}),
+    "phi3_window": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 10}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_theta": 1000000.0}),
     # pre-trained context 32 < the test sequences; head_dim 32 puts pairs 1-2 inside yarn's blend
     "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM", {
