@@ -86,8 +86,7 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
         return _decode_attention(q, kv_layer, d, window)
     out = torch.empty_like(q) if out is None else out
     if meta.packed is not None:
-        assert window is None, "packed prompt chunks attend the whole context (the model runner packs no windowed model)"
-        packed_prefill_attention(q, kv_layer, meta.packed, out)
+        packed_prefill_attention(q, kv_layer, meta.packed, out, window)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         out[rows] = _prefill_attention(q[rows], kv_layer, span, window)

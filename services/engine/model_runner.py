@@ -44,10 +44,10 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         self.launched_at = 0.0
         """perf_counter() when the last step's inputs were built and its model work began."""
-        self.packed_prefill = not c.layer_windows and packed_prefill_usable(device, dtype, c.num_heads,
-                                                                            c.num_kv_heads, c.head_dim)
-        """Attend a step's prompt chunks in one call per layer (packed_prefill.py); set where it runs,
-        for models without sliding windows (their prompt chunks are attended one by one)."""
+        self.packed_prefill = packed_prefill_usable(device, dtype, c.num_heads, c.num_kv_heads, c.head_dim,
+                                                    windowed=bool(c.layer_windows))
+        """Attend a step's prompt chunks in one call per layer (packed_prefill.py); set where it runs
+        (for a model with sliding windows: where the flash kernel's window agrees with SDPA too)."""
 
     def enable_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
         """Run decode-only steps of up to ``max_batch`` requests on static buffers, captured as

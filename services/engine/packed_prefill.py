@@ -73,40 +73,47 @@ def pack_prefills(spans: list[tuple[int, int, int, list[int]]], block_size: int,
 
 
 def packed_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, packed: PackedPrefill,
-                             out: torch.Tensor) -> None:
+                             out: torch.Tensor, window: int | None = None) -> None:
     """q, out: [T, Hq, D] of the whole step; writes the prompt chunks' rows of ``out``.
-    kv_layer: [2, num_blocks, block_size, Hkv, D] with the step's keys/values already in it."""
+    kv_layer: [2, num_blocks, block_size, Hkv, D] with the step's keys/values already in it.
+    ``window``: a sliding window (each query sees itself and the window - 1 keys before it)."""
     keys = kv_layer[0].flatten(0, 1).index_select(0, packed.kv_index)
     values = kv_layer[1].flatten(0, 1).index_select(0, packed.kv_index)
     rows = packed.rows
-    result = _flash_varlen(q[rows], keys, values, packed)
+    result = _flash_varlen(q[rows], keys, values, packed, window)
     if isinstance(rows, slice):
         out[rows] = result
     else:
         out.index_copy_(0, rows, result)
 
 
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedPrefill) -> torch.Tensor:
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedPrefill,
+                  window: int | None = None) -> torch.Tensor:
+    # FlashAttention's window: keys from (bottom-right aligned) position - left to position + right
+    sides = {} if window is None else {"window_size_left": window - 1, "window_size_right": 0}
     return torch.ops.aten._flash_attention_forward(
         q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, 0.0, True, False,
-        scale=q.shape[-1] ** -0.5)[0]
+        scale=q.shape[-1] ** -0.5, **sides)[0]
 
 
 def packed_prefill_usable(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
-                          head_dim: int) -> bool:
+                          head_dim: int, windowed: bool = False) -> bool:
     """Whether the packed path runs here, and agrees with SDPA on a small causal case after a
-    prefix (checked once per device, dtype and head shape; outside any graph capture)."""
+    prefix (and, ``windowed``, on one with a sliding window too); checked once per device, dtype
+    and head shape, outside any graph capture."""
     if device.type != "cuda" or dtype not in _FLASH_DTYPES or head_dim % 8 or head_dim > 256:
         return False
-    key = (str(device), dtype, num_heads, num_kv_heads, head_dim)
+    key = (str(device), dtype, num_heads, num_kv_heads, head_dim, windowed)
     if key not in _usable:
-        _usable[key] = _probe(device, dtype, num_heads, num_kv_heads, head_dim)
+        _usable[key] = all(_probe(device, dtype, num_heads, num_kv_heads, head_dim, window)
+                           for window in ((None, 4) if windowed else (None,)))
     return _usable[key]
 
 
-def _probe(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+def _probe(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+           window: int | None = None) -> bool:
     """Two chunks, one after a cached prefix (5 queries over 12 keys) and one whole (7 over 7),
-    against SDPA with an explicit bottom-right causal mask."""
+    against SDPA with an explicit bottom-right causal mask (and sliding ``window``)."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(12, num_heads, head_dim, dtype=dtype, generator=gen, device=device)
@@ -115,21 +122,26 @@ def _probe(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_head
         packed = PackedPrefill(slice(0, 12), torch.arange(19, device=device),
                                torch.tensor([0, 5, 12], dtype=torch.int32, device=device),
                                torch.tensor([0, 12, 19], dtype=torch.int32, device=device), 7, 12)
-        got = _flash_varlen(q, k, v, packed)
-        want = torch.cat([_reference(q[:5], k[:12], v[:12]), _reference(q[5:], k[12:], v[12:])])
+        got = _flash_varlen(q, k, v, packed, window)
+        want = torch.cat([_reference(q[:5], k[:12], v[:12], window), _reference(q[5:], k[12:], v[12:], window)])
         ok = torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     except (RuntimeError, TypeError, NotImplementedError) as e:
-        log.info("packed prefill attention not available on %s (%s): one attention call per prompt chunk", device, e)
+        log.info("packed prefill attention%s not available on %s (%s): one attention call per prompt chunk",
+                 "" if window is None else " with a sliding window", device, e)
         return False
     if not ok:
-        log.warning("packed prefill attention disagrees with SDPA on %s: one attention call per prompt chunk", device)
+        log.warning("packed prefill attention%s disagrees with SDPA on %s: one attention call per prompt chunk",
+                    "" if window is None else " with a sliding window", device)
     return ok
 
 
-def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[Tq, Hq, D] attention of q at the last Tq positions of k/v [S, Hkv, D], in float32."""
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[Tq, Hq, D] attention of q at the last Tq positions of k/v [S, Hkv, D], in float32 (each
+    query seeing its window - 1 keys before it too, with a sliding ``window``)."""
     groups = q.shape[1] // k.shape[1]
     q_, k_, v_ = (t.float().transpose(0, 1) for t in (q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)))
     tq, s = q.shape[0], k.shape[0]
     mask = torch.ones(tq, s, dtype=torch.bool, device=q.device).tril(diagonal=s - tq)
+    if window is not None:
+        mask &= ~torch.ones_like(mask).tril(diagonal=s - tq - window)
     return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask).transpose(0, 1)

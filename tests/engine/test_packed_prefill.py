@@ -10,8 +10,9 @@ import os
 import pytest
 import torch
 
+from services.engine import attention
 from services.engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan, paged_attention
-from services.engine.packed_prefill import pack_prefills, packed_prefill_usable
+from services.engine.packed_prefill import _reference, pack_prefills, packed_prefill_usable
 
 DEVICE = torch.device(os.environ.get("TANDEM_TEST_DEVICE", "cpu"))
 
@@ -42,14 +43,27 @@ def _cache(blocks: int, block_size: int, kv_heads: int, dim: int, dtype: torch.d
     return torch.randn(2, blocks, block_size, kv_heads, dim, dtype=dtype, device=DEVICE)
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (4, 4, 128)])
-def test_packed_equals_per_chunk(heads, kv_heads, dim):
+@pytest.mark.parametrize("window", [1, 4, 9, 40])
+def test_the_probes_window_is_the_engines(window):
+    """The reference the startup probe holds the flash kernel's window to (packed_prefill._reference)
+    is the mask the per-chunk path attends with (attention._window_mask)."""
+    gen = torch.Generator().manual_seed(window)
+    q, k, v = (torch.randn(n, 4, 16, generator=gen) for n in (5, 12, 12))
+    mask = attention._window_mask(5, 12, window, torch.device("cpu"))
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                            attn_mask=mask)
+    torch.testing.assert_close(_reference(q, k, v, window), want.transpose(0, 1))
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim, window", [(8, 2, 64, None), (4, 4, 128, None), (8, 2, 64, 24)])
+def test_packed_equals_per_chunk(heads, kv_heads, dim, window):
     """A step as the engine lays it out: a chunk after a cached prefix, a decode row, a whole
-    prompt, a second decode row; block tables out of order."""
+    prompt, a second decode row; block tables out of order (with a sliding window: some queries'
+    windows end inside the cached prefix)."""
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     if DEVICE.type != "cuda":
         pytest.skip("the flash kernel runs on CUDA only (TANDEM_TEST_DEVICE=cuda)")
-    assert packed_prefill_usable(DEVICE, dtype, heads, kv_heads, dim)
+    assert packed_prefill_usable(DEVICE, dtype, heads, kv_heads, dim, windowed=window is not None)
     torch.manual_seed(0)
     bs = 16
     kv = _cache(40, bs, kv_heads, dim, dtype)
@@ -65,6 +79,6 @@ def test_packed_equals_per_chunk(heads, kv_heads, dim):
         PrefillSpan(row, n, ctx, torch.tensor(table[: -(-ctx // bs)], device=DEVICE)) for row, n, ctx, table in spans
     ], decode)
     packed = AttentionMetadata(per_chunk.slot_mapping, [], decode, packed=pack_prefills(spans, bs, DEVICE))
-    want = paged_attention(q, kv, per_chunk)
-    got = paged_attention(q, kv, packed)
+    want = paged_attention(q, kv, per_chunk, window=window)
+    got = paged_attention(q, kv, packed, window=window)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
