@@ -49,6 +49,9 @@ def add_parsers(sub) -> None:
     up.add_argument("--decode-max-num-seqs", type=int, default=None, metavar="N",
                     help="the same for decode workers, which compute no prompts and keep pace with a larger "
                          "batch (default: --max-num-seqs)")
+    up.add_argument("--step-target-ms", type=float, default=None, metavar="MS",
+                    help="mixed workers: prompt tokens per step beside decodes cut to keep each step's estimated "
+                         "time within MS (tandem serve --step-target-ms; default off)")
     up.add_argument("--kv-cache-bytes", type=int, default=None)
     up.add_argument("--stream-interval-ms", type=float, default=0.0, metavar="MS",
                     help="workers send the tokens of each MS milliseconds of a stream in one message (default 0)")
@@ -98,11 +101,15 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     if args.router_processes < 1:
         _say(f"error: --router-processes must be >= 1, got {args.router_processes}")
         return _EXIT_BAD_INPUT
+    if args.step_target_ms is not None and not args.step_target_ms > 0:
+        _say(f"error: --step-target-ms must be > 0, got {args.step_target_ms}")
+        return _EXIT_BAD_INPUT
     try:
         batch_args, role_args = batch_limits(args.max_num_seqs, args.decode_max_num_seqs)
     except ValueError as e:
         _say(f"error: {e}")
         return _EXIT_BAD_INPUT
+    role_args = {**role_args, **step_target_args(args.step_target_ms)}
     worker_args = ["--dtype", args.dtype, *batch_args]
     if args.kv_cache_bytes:
         worker_args += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
@@ -126,6 +133,12 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     print(f"tandem is up: http {state.http_url}  grpc {state.grpc_address}  etcd {state.etcd_url}")
     print(f"logs in {state_dir / 'logs'}; stop with `tandem down`")
     return 0
+
+
+def step_target_args(step_target_ms: float | None) -> dict[str, tuple[str, ...]]:
+    """``tandem serve`` arguments per role for a step time target: mixed workers only (their steps
+    carry prompt chunks beside decodes)."""
+    return {} if step_target_ms is None else {"mixed": ("--step-target-ms", f"{step_target_ms:g}")}
 
 
 def batch_limits(max_num_seqs: int | None, decode_max_num_seqs: int | None) -> tuple[list[str], dict]:

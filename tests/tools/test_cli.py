@@ -95,6 +95,16 @@ def test_up_gives_decode_workers_their_own_batch_limit(tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "cluster.json").exists()
 
 
+def test_up_gives_mixed_workers_the_step_target(tmp_path):
+    from tools.cluster_cmd import step_target_args
+
+    assert step_target_args(None) == {}
+    assert step_target_args(20.0) == {"mixed": ("--step-target-ms", "20")}
+    done = _tandem("up", "--mixed", "1", "--step-target-ms", "0", "--state-dir", str(tmp_path))
+    assert done.returncode == 2 and "--step-target-ms must be > 0" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "cluster.json").exists()
+
+
 def test_policy_flags_given_are_passed_on():
     from tools.cli import _build_parser as build_parser
     from tools.serve_cmd import policy_flags
