@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +178,27 @@ def test_tandem_status_lists_the_live_workers(cluster):
     assert set(rows) == {"prefill-0", "decode-0", "router", "kvstore"}
     assert all(row[-2] == "serving" for row in rows.values())
     assert rows["decode-0"][-1] == str(state.processes["decode-0"])
+
+
+def test_a_sliding_window_model_served_disaggregated_matches_the_in_process_engine(tmp_path):
+    """The demo model with sliding windows of 24 tokens on three of its five layers: prompts and
+    outputs past the window, KV handed from the prefill worker to the decode worker."""
+    model = tmp_path / "windowed"
+    shutil.copytree(DEMO_MODEL_DIR, model)
+    config = json.loads((model / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    config.update(sliding_window=24, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                  for i in range(layers)])
+    (model / "config.json").write_text(json.dumps(config))
+    prompts = [p for p in _prompts(12, seed=3) if len(p) > 40][:6]
+    want = _reference(model, prompts, 30)
+    assert want != _reference(DEMO_MODEL_DIR, prompts, 30)  # the windows change what it says
+
+    async def main(state):
+        async with AsyncClient(state.grpc_address) as client:
+            return await asyncio.gather(*(client.generate(p, max_tokens=30, temperature=0) for p in prompts))
+
+    with local_cluster(tmp_path / "state", model) as state:
+        got = asyncio.run(main(state))
+    assert [c.token_ids for c in got] == want
+    assert all(c.workers == ["prefill-0", "decode-0"] for c in got if len(c.token_ids) > 1)
