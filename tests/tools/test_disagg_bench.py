@@ -368,6 +368,8 @@ def test_other_limits_default_to_the_presets(argv, other):
     (["--stream-interval-ms", "-1"], "--stream-interval-ms and --decode-step-period-ms must be >= 0"),
     (["--decode-step-period-ms", "-1"], "--stream-interval-ms and --decode-step-period-ms must be >= 0"),
     (["--step-target-ms", "0"], "--step-target-ms must be > 0"),
+    (["--colocated-max-batched-tokens", "512,0"], "--colocated-max-batched-tokens must be > 0"),
+    (["--colocated-step-target-ms", "x"], "--colocated-step-target-ms must be comma-separated numbers"),
     (["--mps-sm-percent", "70"], "--mps-sm-percent must be PREFILL,DECODE with each 1-100, got '70'"),
     (["--mps-sm-percent", "70,0"], "--mps-sm-percent must be PREFILL,DECODE"),
     (["--mps-sm-percent", "70,x", "--device", "cuda"], "--mps-sm-percent must be PREFILL,DECODE"),
@@ -682,6 +684,29 @@ def test_cpu_run_of_every_layout(tmp_path, capsys):
     assert "disaggregated-slo / colocated goodput:" in out
     assert "    TPOT <= 1000 ms: colocated " in out
     assert "  model work offered, at rate (share of " in out
+
+
+def test_cpu_run_of_colocated_variants_keeps_each_and_counts_the_best(tmp_path, capsys):
+    """--colocated-max-batched-tokens / --colocated-step-target-ms: one cluster per way the mixed
+    layout runs, all kept; the best at the headline SLO is the layout's entry."""
+    path = tmp_path / "variants.json"
+    argv = ["--preset", "cpu-demo", "--workloads", "chatbot", "--scale", "0.05", "--rates", "4", "--duration", "2",
+            "--drain-timeout", "20", "--state-dir", str(tmp_path / "state"), "--results-file", str(path),
+            "--layouts", "colocated", "--colocated-max-batched-tokens", "512,32", "--colocated-step-target-ms", "50",
+            "--also-tpot-ms", "1000", "--no-plots"]
+    assert disagg_bench.main(argv) == 0
+    slot = json.loads(path.read_text())["workloads"]["chatbot"]
+    group = [slot["layouts"]["colocated"], *slot["variants"]["colocated"]]
+    shapes = sorted((e["settings"]["max_batched_tokens"], e["settings"].get("step_target_ms", 0)) for e in group)
+    assert shapes == [(32, 0), (512, 0), (512, 50)]  # the preset's budget (512) with the target
+    goodputs = [-1 if e["goodput_rate"] is None else e["goodput_rate"] for e in group]
+    assert goodputs[0] == max(goodputs)
+    for entry in group:
+        assert all(run["summary"]["ok"] == run["summary"]["requests"] > 0 for run in entry["runs"])
+    [looser] = slot["slo_sensitivity"]
+    assert "colocated" in looser["chosen"]
+    out = capsys.readouterr().out
+    assert "colocated: the best at each SLO limit of 3 runs" in out
 
 
 def test_other_worker_counts_get_their_own_results_file(tmp_path):

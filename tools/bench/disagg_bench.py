@@ -38,9 +38,11 @@ idle capacity on prompts that would otherwise miss their TTFT, paying interferen
 Each phase keeps its own token budget: prefill workers of the GPU presets prefill up to
 8192 tokens per step (a whole summarisation prompt), mixed and decode workers 2048.
 ``--step-target-ms MS`` gives mixed workers a step time target instead of a fixed chunk size
-(services/engine/step_budget.py); as a setting of how the layout runs, it compares, and
-``tandem bench disagg-merge --best-of colocated`` takes runs at several token budgets and
-targets as variants of the mixed layout, the best of them counted at each SLO limit.
+(services/engine/step_budget.py); as a setting of how the layout runs, it compares.
+``--colocated-max-batched-tokens N,N,...`` and ``--colocated-step-target-ms MS,...`` run the
+colocated layout once per value (a cluster each), kept as variants of it: at each SLO limit the
+best of them counts and is named, a colocated baseline given its best chunk size at every limit
+(``tandem bench disagg-merge --best-of colocated`` does the same for runs made apart).
 
 Reported per workload and layout: SLO attainment per rate (the share of *all* requests
 meeting both the TTFT and the TPOT limit; failures count as misses) and goodput, the
@@ -132,9 +134,9 @@ import torch
 from services.engine.model_config import load_model_config
 from tools.bench import kv_budget, serve_bench, worker_counters
 from tools.bench.disagg_presets import PRESETS, RANDOM_SHAPES, Harness, Preset, WorkerSettings, WorkloadPlan
-from tools.bench.disagg_report import (LAYOUTS, OtherLimits, existing_results_path, format_table, load_report, log,
-                                       merge_entry, read_report, recompute, reported_workloads, results_path,
-                                       write_plot, write_report)
+from tools.bench.disagg_report import (LAYOUTS, OtherLimits, best_first, existing_results_path, format_table,
+                                       load_report, log, merge_entry, read_report, recompute, reported_workloads,
+                                       results_path, write_plot, write_report)
 from tools.bench.model_work import WorkModel, flop_s_text, measure_matmul_flop_s
 from tools.bench.mps import MpsDaemon, parse_priority, parse_sm_percent
 from tools.bench.random_models import random_hf_model
@@ -396,15 +398,18 @@ def main(argv: list[str] | None = None) -> int:
         preset = resolve_preset(args)
         layouts = [] if args.report_only else plan_layouts(preset, args.layouts.split(","), args.workers,
                                                              args.prefill_workers, args.colocated_workers)
+        clusters = len(layouts) + (len(colocated_variants(args)) - 1) * ("colocated" in args.layouts.split(","))
     except ValueError as e:
         parser.error(str(e))
     if args.report_only:
         return report_only(args, preset)
-    log(estimate_text(preset, len(layouts), args.scratch))
+    log(estimate_text(preset, clusters, args.scratch))
     model_dir = prepare_model(preset, args.scratch)
     work = measure_work(model_dir, preset.workers.device, preset.workers.dtype)
-    try:
-        layouts = [fit_kv(layout, model_dir, preset.workers) for layout in layouts]
+    try:  # per layout, each way it runs: (the preset with its worker settings, the layout sized for them)
+        runs = {layout.name: [(p, fit_kv(layout, model_dir, p.workers)) for p in (
+            [replace(preset, workers=replace(preset.workers, **o)) for o in colocated_variants(args)]
+            if layout.name == "colocated" else [preset])] for layout in layouts}
     except (ValueError, RuntimeError) as e:
         print(f"tandem bench disagg: error: {e}", file=sys.stderr)
         return _EXIT_RUN_FAILED
@@ -414,9 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for workload in preset.workloads:
             for layout in layouts:
-                entry = run_layout(layout, preset.plans[workload], preset, model_dir, args.state_dir, work)
-                report = merge_entry(load_report(path, preset), workload, layout.name, entry, preset.other_limits)
-                write_report(path, report)  # after every layout: a cut-off run keeps what it finished
+                entries = []
+                for run, sized in runs[layout.name]:
+                    entries.append(run_layout(sized, preset.plans[workload], run, model_dir, args.state_dir, work))
+                    best, *others = best_first(entries)
+                    report = merge_entry(load_report(path, preset), workload, layout.name, best,
+                                         preset.other_limits, others)
+                    write_report(path, report)  # after every layout: a cut-off run keeps what it finished
     except (OSError, RuntimeError, TimeoutError) as e:  # a cluster that did not start, a router gone
         print(f"tandem bench disagg: error: {e}", file=sys.stderr)
         return _EXIT_RUN_FAILED
@@ -427,6 +436,30 @@ def main(argv: list[str] | None = None) -> int:
             write_plot(report, workload, path.with_name(f"{path.stem}_{workload}_attainment.png"))
     log(f"results in {path}")
     return 0
+
+
+def colocated_variants(args: argparse.Namespace) -> list[dict]:
+    """The ways to run the colocated layout (worker settings each replaces): one per
+    ``--colocated-max-batched-tokens`` and ``--colocated-step-target-ms`` value, else just the
+    preset's. Kept as variants of the layout, each SLO limit counting the best of them
+    (disagg_report.slo_sensitivity): a colocated baseline given its best chunk size at every limit."""
+    variants = [{"max_batched_tokens": n} for n in _positive_list(args.colocated_max_batched_tokens, int,
+                                                                  "--colocated-max-batched-tokens")]
+    variants += [{"step_target_ms": t} for t in _positive_list(args.colocated_step_target_ms, float,
+                                                                "--colocated-step-target-ms")]
+    return variants or [{}]
+
+
+def _positive_list(text: str | None, kind: type, flag: str) -> list:
+    if not text:
+        return []
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ValueError(f"{flag} must be > 0")
+    return values
 
 
 def measure_work(model_dir: Path, device: str, dtype: str) -> dict:
@@ -645,6 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-step-period-ms", type=float, default=None, metavar="MS",
                         help="decode workers start their steps at least MS apart (decode pacing; default 0: "
                              "back to back), leaving a GPU they share to the prefill worker")
+    parser.add_argument("--colocated-max-batched-tokens", metavar="N,N,...", default=None,
+                        help="run the colocated layout once per token budget, kept as variants: at each SLO limit "
+                             "the best of them counts (a baseline given its best chunk size at every limit)")
+    parser.add_argument("--colocated-step-target-ms", metavar="MS,MS,...", default=None,
+                        help="likewise, once per step time target (with the preset's token budget)")
     parser.add_argument("--step-target-ms", type=float, default=None, metavar="MS",
                         help="mixed workers: prompt tokens per step beside decodes cut to keep each step's "
                              "estimated time within MS (a TPOT target; default off)")

@@ -31,8 +31,8 @@ import json
 import sys
 from pathlib import Path
 
-from tools.bench.disagg_report import (LAYOUT_SHAPE, LAYOUTS, OtherLimits, comparable, format_table, merge_entry,
-                                       primary_slo, read_report, write_plot, write_report)
+from tools.bench.disagg_report import (LAYOUT_SHAPE, LAYOUTS, OtherLimits, best_first, comparable, format_table,
+                                       merge_entry, primary_slo, read_report, write_plot, write_report)
 from tools.bench.slo import goodput
 
 
@@ -104,7 +104,7 @@ def merge_variants(parts: list[tuple[str, dict]]) -> list[dict]:
             differ = [k for k in _differ(_settings(merged[0]), _settings(entry)) if k not in LAYOUT_SHAPE]
             raise MergeError(f"{name} served other requests than {first_name} ({', '.join(differ) or 'GPU count'}): "
                              "variants of a layout differ only in how it runs")
-    return sorted(merged, key=lambda e: -1.0 if e["goodput_rate"] is None else -e["goodput_rate"])
+    return best_first(merged)
 
 
 def other_limits(slots: list[tuple[str, dict]]) -> dict[str, OtherLimits]:

@@ -93,6 +93,11 @@ among themselves), so two sweeps over different rates compare too
 (the report notes a goodput that is only a bound: met at the highest rate, or at none)."""
 
 
+def best_first(entries: list[dict]) -> list[dict]:
+    """Variants of one layout, the best headline goodput first (the first of equals)."""
+    return sorted(entries, key=lambda e: -1.0 if e["goodput_rate"] is None else -e["goodput_rate"])
+
+
 def comparable(entry: dict, baseline: dict) -> bool:
     """Whether ``entry``'s goodput may be divided by ``baseline``'s: the same requests (model,
     workload, seed, SLO, duration, engine settings) on as many GPUs."""
