@@ -173,6 +173,8 @@ class LLMEngine:
         return self._step_budget.prompt_tokens(rows) if rows else None
 
     def _record(self, plan: SchedulerOutput, host_s: float, step_s: float) -> None:
+        """Count a step whose ``step_s`` spans its device work (run one at a time, or a step ahead
+        read back), and let the step budget learn from it."""
         self.stats.record(plan, host_s=host_s, step_s=step_s)
         if self._step_budget is not None and plan.chunks:
             prompt = [c.num_tokens for c in plan.chunks if is_prompt_work(c.request, c.start, c.num_tokens)]
@@ -232,7 +234,8 @@ class LLMEngine:
         for chunk in plan.chunks:
             self._account(chunk.request)
         step = self._sample_ahead(plan, logits, inputs)
-        self._record(plan, host_s=launched - start, step_s=time.perf_counter() - start)
+        # its step_s is the launch alone: not a step time for the step budget to learn from
+        self.stats.record(plan, host_s=launched - start, step_s=time.perf_counter() - start)
         return step
 
     def _step_ahead(self) -> list[RequestOutput]:

@@ -398,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         preset = resolve_preset(args)
         layouts = [] if args.report_only else plan_layouts(preset, args.layouts.split(","), args.workers,
                                                              args.prefill_workers, args.colocated_workers)
-        clusters = len(layouts) + (len(colocated_variants(args)) - 1) * ("colocated" in args.layouts.split(","))
+        variants = colocated_variants(args)
+        clusters = len(layouts) + (len(variants) - 1) * ("colocated" in args.layouts.split(","))
     except ValueError as e:
         parser.error(str(e))
     if args.report_only:
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     work = measure_work(model_dir, preset.workers.device, preset.workers.dtype)
     try:  # per layout, each way it runs: (the preset with its worker settings, the layout sized for them)
         runs = {layout.name: [(p, fit_kv(layout, model_dir, p.workers)) for p in (
-            [replace(preset, workers=replace(preset.workers, **o)) for o in colocated_variants(args)]
+            [replace(preset, workers=replace(preset.workers, **o)) for o in variants]
             if layout.name == "colocated" else [preset])] for layout in layouts}
     except (ValueError, RuntimeError) as e:
         print(f"tandem bench disagg: error: {e}", file=sys.stderr)

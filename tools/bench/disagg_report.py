@@ -60,7 +60,7 @@ class OtherLimits:
 def merge_entry(report: dict, workload: str, layout: str, entry: dict, other: OtherLimits = OtherLimits(),
                 variants: Sequence[dict] = ()) -> dict:
     """Put one (workload, layout) result into the report, replacing an older one (and its
-    ``variants``: other ways the layout ran, see layout_variants), and recompute that workload's
+    ``variants``: other ways the layout ran, see slo_sensitivity), and recompute that workload's
     comparison and SLO sensitivity (for ``other``'s limits)."""
     slot = report["workloads"].setdefault(workload, {"layouts": {}, "comparison": None})
     slot["layouts"][layout] = entry
@@ -397,14 +397,15 @@ def _sensitivity_lines(slot: dict) -> list[str]:
     if not block:
         return []
     primary = primary_slo(slot)
+    headline_tops = {name: max(run["rate"] for run in e["runs"]) for name, e in slot["layouts"].items()}
     lines = ["  other SLO limits, recomputed from the same requests and rates (the SLO above stays the headline):"]
     for item in block:
         limits = [f"{name} <= {value:g} ms" for name, value, own in (("TTFT", item["ttft_ms"], primary.ttft_ms),
                                                                       ("TPOT", item["tpot_ms"], primary.tpot_ms))
                   if value != own]
         # the top rate of the run each goodput came from (a variant's own sweep, where one was chosen)
-        tops = {name: max(run["rate"] for run in e["runs"]) for name, e in slot["layouts"].items()}
-        tops.update({name: max(rate for rate, _ in pts) for name, pts in item["attainment"].items() if pts})
+        tops = {**headline_tops, **{name: max(rate for rate, _ in pts) for name, pts in item["attainment"].items()
+                                    if pts}}
         chosen = item.get("chosen", {})
         goods = [f"{name} no per-request records" if name in item.get("no_records", ())
                  else f"{name} {_goodput_text(good, tops[name])}" + (f" [{chosen[name]}]" if name in chosen else "")
