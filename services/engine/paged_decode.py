@@ -155,9 +155,9 @@ if triton is not None:
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         context_len = tl.load(context_lens_ptr + row * stride_len)
-        first = 0
-        if window > 0:  # a sliding window: the row's splits start at its window's first position
-            first = tl.maximum(context_len - window, 0)
+        # With a sliding window (> 0) the row's splits start at its window's first position; written
+        # without a branch, which compiled Triton would reject for giving `first` two integer types.
+        first = tl.maximum(context_len - tl.where(window > 0, window, context_len), 0)
         split_start = first + split * partition
         if split_start < context_len:
             split_end = tl.minimum(split_start + partition, context_len)
@@ -211,9 +211,7 @@ if triton is not None:
         row = tl.program_id(0)
         head = tl.program_id(1)
         context_len = tl.load(context_lens_ptr + row * stride_len)
-        first = 0
-        if window > 0:
-            first = tl.maximum(context_len - window, 0)
+        first = tl.maximum(context_len - tl.where(window > 0, window, context_len), 0)
         num_live = tl.cdiv(context_len - first, partition)  # >= 1: split 0 is always live
         offs_c = tl.arange(0, CHUNK)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
