@@ -117,6 +117,12 @@ def test_best_of_takes_each_limits_best_variant_of_a_layout(tmp_path, capsys):
     assert "max_num_seqs=256 (48, in the table); max_num_seqs=512 (48)" in printed
     assert "TPOT <= 20 ms: colocated 48 [max_num_seqs=512], disaggregated 64 req/s (1.33x)" in printed
     assert recompute(report, ["chatbot"], OtherLimits())[1] == []  # --report-only finds the variants too
+    # a merged file's variants come along when it is merged again (here with nothing new)
+    again = tmp_path / "again.json"
+    assert disagg_merge.main([str(again), str(out), "--best-of", "colocated", "--no-plots"]) == 0
+    assert json.loads(again.read_text())["workloads"]["chatbot"]["slo_sensitivity"] == slot["slo_sensitivity"]
+    assert disagg_merge.main([str(again), str(out), "--no-plots"]) == 2  # variants without --best-of
+    assert "--best-of colocated" in capsys.readouterr().err
     # without the variant the 256-batch worker alone gives 40 at TPOT 20 ms
     plain = tmp_path / "plain.json"
     assert disagg_merge.main([str(plain), a, "--no-plots"]) == 0

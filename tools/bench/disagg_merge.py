@@ -18,7 +18,7 @@ writes them, and its table is printed. A merged entry keeps where each run came 
 
 ``--best-of LAYOUT[,LAYOUT]``: that layout's inputs may also differ in how it runs (the
 settings of ``disagg_report.LAYOUT_SHAPE``: token budgets, batch limits, MPS shares, ...), not
-in what it serves. Each way it ran becomes a variant, and at each SLO limit the layout counts
+in what it serves. Each way it ran becomes a variant (an input's own variants too), and at each SLO limit the layout counts
 with its best variant, named in the output: a colocated baseline given its best chunk size at
 every TPOT limit. The variant with the best headline goodput is the layout's entry (table,
 plots, headline ratio); the others are kept under the workload's ``variants``.
@@ -135,7 +135,9 @@ def merge(inputs: list[tuple[Path, tuple[str, ...] | None]], best_of: tuple[str,
         for workload, slot in report["workloads"].items():
             for layout, entry in slot["layouts"].items():
                 if wanted is None or layout in wanted:
-                    parts.setdefault((workload, layout), []).append((path.name, entry))
+                    # an input's own variants (an earlier --best-of, or --colocated-* runs) come along
+                    for each in (entry, *slot.get("variants", {}).get(layout, [])):
+                        parts.setdefault((workload, layout), []).append((path.name, each))
                     taken += 1
         if not taken:
             raise MergeError(f"{path}: holds none of the layouts asked for ({', '.join(wanted or ())})")
