@@ -43,6 +43,30 @@ def test_the_budget_keeps_a_floor_and_its_cap_and_follows_newer_steps():
         SchedulerConfig(step_target_s=-1)
 
 
+def test_a_fixed_cost_of_mixed_steps_is_fitted_not_charged_to_the_prompt_tokens():
+    """Mixed steps cost 6 ms beyond the decodes whatever they carry, then 30 us a token. With
+    prompts mostly shorter than the budget, a cost per token through the origin would be
+    30 us + 6 ms / tokens (~100 us at 90 tokens) and the budget a third of what fits."""
+    budget = StepTimeBudget(target_s=0.040, cap=2048)
+    budget.observe(0, 64, 0.012)
+    for tokens in (40, 150, 90, 300, 60, 120, 80, 200, 50, 100) * 3:
+        budget.observe(tokens, 64, 0.012 + 0.006 + tokens * 30e-6)
+    assert budget.fixed_s == pytest.approx(0.006) and budget.per_token_s == pytest.approx(30e-6)
+    assert budget.prompt_tokens(64) == 733  # (40 - 12 - 6) ms / 30 us
+    # chunks all alike: no line; the mean cost per token, intercept 0 (here: the budget's own size)
+    alike = StepTimeBudget(target_s=0.040, cap=2048)
+    alike.observe(0, 64, 0.012)
+    for _ in range(5):
+        alike.observe(733, 64, 0.040)
+    assert alike.fixed_s == 0 and alike.prompt_tokens(64) == 733
+    # a line that would say prompt work costs less than nothing at all: the mean cost instead
+    odd = StepTimeBudget(target_s=0.040, cap=2048)
+    odd.observe(0, 64, 0.012)
+    odd.observe(100, 64, 0.013)
+    odd.observe(400, 64, 0.032)
+    assert odd.fixed_s == 0 and odd.per_token_s == pytest.approx((0.9 * 0.001 + 0.020) / (0.9 * 100 + 400))  # weighted
+
+
 def _request(request_id: str, prompt_len: int) -> Request:
     return Request(request_id, list(range(prompt_len)), SamplingParams(max_tokens=8), seed=0, max_tokens=8)
 
