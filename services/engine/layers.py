@@ -1,25 +1,34 @@
-"""Building blocks shared by every model family: RMSNorm, fused projections and the gated SiLU MLP."""
+"""Building blocks shared by every model family: RMSNorm, fused projections and the gated MLP."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from services.engine.fused_ops import add_rms_norm, rms_norm, silu_and_mul
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.plus_one = plus_one
+        """Scale by (1 + weight) in float32, rounding once at the end (Gemma's norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plus_one:
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).to(x.dtype)
         # Normalise in float32 and scale in the model dtype, as the reference does.
         return rms_norm(x, self.weight, self.eps)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual) in one pass."""
+        if self.plus_one:
+            h = x + residual
+            return self.forward(h), h
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -42,14 +51,23 @@ class FusedLinear(nn.Linear):
         return rows
 
 
-class MLP(nn.Module):
-    """down_proj(silu(gate_proj(x)) * up_proj(x)), gate and up fused into one matmul."""
+_GATE_ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
+
+class MLP(nn.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)), gate and up fused into one matmul; act is
+    silu (one fused kernel with the product on CUDA) or a GELU (model_config._SUPPORTED_ACTIVATIONS)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, activation: str = "silu"):
         super().__init__()
         self.gate_up_proj = FusedLinear(hidden_size, [("gate_proj", intermediate_size),
                                                       ("up_proj", intermediate_size)], bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.activation = None if activation == "silu" else _GATE_ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.activation is None:
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.activation(gate) * up)

@@ -118,7 +118,7 @@ class MixedGraphs(StaticSteps):
         model, layers = self.model, self.model.model.layers
         ids, positions, slots = self._ints[_IDS, :size], self._ints[_POSITIONS, :size], self._ints[_SLOTS, :size]
         if piece == 0:
-            x, residual = model.model.embed_tokens(ids), None
+            x, residual = model.embed(ids), None
         else:
             x, residual = layers[piece - 1].post_attention(self._attn[:size], self._residual[:size])
         if piece == self.num_layers:

@@ -1,4 +1,4 @@
-"""Decoder-only transformer for the Llama / Mistral / Phi-3 / Qwen2 / Qwen3 / Mixtral / Qwen-MoE families.
+"""Decoder-only transformer for the Llama / Mistral / Phi-3 / Gemma / Qwen2 / Qwen3 / Mixtral / Qwen-MoE families.
 
 Parameters are named as in the Hugging Face checkpoints (``model.layers.0.self_attn.o_proj``
 ...), so loading is a name lookup, except that q/k/v and gate/up projections are fused
@@ -80,9 +80,10 @@ class DecoderLayer(nn.Module):
         if config.is_moe_layer(layer):
             self.mlp = SparseMoeBlock(config)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias,
+                           activation=config.activation)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_plus_one)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_plus_one)
 
     def forward(self, x, residual, positions, rotary, kv_layer, meta):
         """x: the previous layer's MLP output, not yet added to ``residual`` (None before the
@@ -110,7 +111,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_plus_one)
 
 
 class CausalLM(nn.Module):
@@ -140,10 +141,17 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         assert self.rotary is not None, "init_rotary() must run before forward()"
-        x, residual = self.model.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
         return self.final_norm(x, residual)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden] input embeddings (scaled where the family scales them)."""
+        x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale is not None:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        return x
 
     def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The last layer's MLP output plus the residual, normalised: hidden states [T, hidden]."""

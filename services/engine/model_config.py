@@ -20,6 +20,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",  # Llama's layers without any bias
     "Phi3ForCausalLM": "phi3",  # Llama's layers, q/k/v and gate/up stored fused, no bias
+    "GemmaForCausalLM": "gemma",  # Llama's layers, norms scaling by 1 + weight, embeddings by sqrt(hidden)
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
@@ -29,8 +30,9 @@ SUPPORTED_ARCHITECTURES = {
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # rope types whose scaling is relative to the context length the model was pre-trained with
 _PRETRAINED_CONTEXT_ROPE_TYPES = ("llama3", "yarn")
-_SUPPORTED_ACTIVATIONS = ("silu",)
-_O_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe")
+_SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
+"""The gate's activation in a gated MLP: F.silu, F.gelu, F.gelu(approximate="tanh")."""
+_O_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma")
 """Families whose ``attention_bias`` also gives the output projection a bias."""
 
 
@@ -122,6 +124,13 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()
     """Per layer, the sliding window of its attention: a query sees itself and the window - 1
     positions before it (None: the whole context before it). Empty: every layer full."""
+    activation: str = "silu"
+    """The dense MLPs' gate activation (_SUPPORTED_ACTIVATIONS); experts always use silu."""
+    norm_plus_one: bool = False
+    """RMSNorms scale by (1 + weight) in float32 and round once (Gemma), not by weight after
+    rounding the normalised input (Llama)."""
+    embed_scale: float | None = None
+    """Input embeddings multiplied by this, rounded to the model dtype first (Gemma: sqrt(hidden))."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -157,9 +166,7 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     family = SUPPORTED_ARCHITECTURES[architecture]
-    act = raw.get("hidden_act", "silu")
-    if act not in _SUPPORTED_ACTIVATIONS:
-        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; supported: silu")
+    act = _activation(raw, family)
     try:
         num_heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
@@ -188,11 +195,29 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
             bos_token_id=raw.get("bos_token_id"),
             checkpoint_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
             layer_windows=_layer_windows(raw, family, num_layers),
+            activation=act,
+            norm_plus_one=family == "gemma",
+            embed_scale=hidden ** 0.5 if family == "gemma" else None,
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"config.json has a malformed field: {e}") from None
+
+
+def _activation(raw: dict[str, Any], family: str) -> str:
+    """The gate activation, as transformers resolves it: Gemma's ``hidden_activation`` first,
+    and its legacy ``gelu`` meant the tanh approximation."""
+    if family == "gemma":
+        act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+    else:
+        act = raw.get("hidden_act", "silu")
+    if act not in _SUPPORTED_ACTIVATIONS:
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; supported: {', '.join(_SUPPORTED_ACTIVATIONS)}")
+    if act != "silu" and family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported for {family} experts; supported: silu")
+    return act
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any] | None:

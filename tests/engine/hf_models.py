@@ -25,6 +25,10 @@ FAMILIES = {
     # q/k/v and gate/up stored fused in the checkpoint
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None}),
     "phi3_window": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 10}),
+    # norms by 1 + weight, embeddings scaled by sqrt(hidden), a tanh-GELU gate, tied embeddings
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16, "attention_bias": True}),
+    "gemma_untied": ("GemmaConfig", "GemmaForCausalLM", {"tie_word_embeddings": False, "hidden_act": "gelu"}),
+    "llama_gelu": ("LlamaConfig", "LlamaForCausalLM", {"hidden_act": "gelu"}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_theta": 1000000.0}),
     # pre-trained context 32 < the test sequences; head_dim 32 puts pairs 1-2 inside yarn's blend
     "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM", {

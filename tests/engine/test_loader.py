@@ -103,6 +103,23 @@ def test_mistral_windows_every_layer_and_has_no_bias():
     assert config.layer_windows == ()
 
 
+def test_activations_as_transformers_resolves_them():
+    base = {"architectures": ["GemmaForCausalLM"], "vocab_size": 10, "hidden_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 64}
+    gemma = parse_model_config(base)
+    assert (gemma.activation, gemma.norm_plus_one, gemma.embed_scale) == ("gelu_pytorch_tanh", True, 4.0)
+    assert parse_model_config({**base, "hidden_act": "gelu"}).activation == "gelu_pytorch_tanh"  # Gemma's legacy value
+    assert parse_model_config({**base, "hidden_activation": "gelu", "hidden_act": "silu"}).activation == "gelu_pytorch_tanh"
+    llama = {**base, "architectures": ["LlamaForCausalLM"]}
+    assert parse_model_config({**llama, "hidden_act": "gelu"}).activation == "gelu"  # exact, as transformers' Llama
+    assert parse_model_config(llama).norm_plus_one is False and parse_model_config(llama).embed_scale is None
+    with pytest.raises(UnsupportedModelError, match="hidden_act 'relu2' is not supported; supported: silu, gelu"):
+        parse_model_config({**llama, "hidden_act": "relu2"})
+    with pytest.raises(UnsupportedModelError, match="not supported for mixtral experts"):
+        parse_model_config({**llama, "architectures": ["MixtralForCausalLM"], "hidden_act": "gelu",
+                            "num_local_experts": 4, "num_experts_per_tok": 2})
+
+
 def test_sharded_checkpoint_loads(checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM
 
