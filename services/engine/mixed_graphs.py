@@ -124,7 +124,8 @@ class MixedGraphs(StaticSteps):
         if piece == self.num_layers:
             self._hidden[:size] = model.final_norm(x, residual)
             return
-        q, residual = layers[piece].pre_attention(x, residual, positions, model.rotary, self.kv_cache[piece], slots)
+        q, residual = layers[piece].pre_attention(x, residual, positions, model.rotary_for(piece), self.kv_cache[piece],
+                                                   slots)
         self._q[:size] = q
         self._residual[:size] = residual
 

@@ -1,4 +1,4 @@
-"""Decoder-only transformer for the Llama / Mistral / Phi-3 / Gemma / Qwen2 / Qwen3 / Mixtral / Qwen-MoE families.
+"""Decoder-only transformer for the Llama / Mistral / Phi-3 / Gemma / Gemma 3 / Qwen2 / Qwen3 / Mixtral / Qwen-MoE families.
 
 Parameters are named as in the Hugging Face checkpoints (``model.layers.0.self_attn.o_proj``
 ...), so loading is a name lookup, except that q/k/v and gate/up projections are fused
@@ -39,10 +39,11 @@ class Attention(nn.Module):
         self.q_dim, self.kv_dim = q_dim, kv_dim
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config.norm_plus_one)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config.norm_plus_one)
         else:
             self.q_norm = self.k_norm = None
+        self.q_scale = config.q_scale
 
     def forward(
         self,
@@ -65,6 +66,8 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         q, _ = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kv_layer, slot_mapping)
         return q
 
@@ -84,6 +87,11 @@ class DecoderLayer(nn.Module):
                            activation=config.activation)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_plus_one)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_plus_one)
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_plus_one)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_plus_one)
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
 
     def forward(self, x, residual, positions, rotary, kv_layer, meta):
         """x: the previous layer's MLP output, not yet added to ``residual`` (None before the
@@ -102,8 +110,13 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, attn, residual):
         """The layer after attention (attn [T, Hq, D]): returns (MLP output, residual)."""
-        h, residual = self.post_attention_layernorm.add_forward(self.self_attn.output(attn), residual)
-        return self.mlp(h), residual
+        out = self.self_attn.output(attn)
+        if self.pre_feedforward_layernorm is None:
+            h, residual = self.post_attention_layernorm.add_forward(out, residual)
+            return self.mlp(h), residual
+        # sandwich norms: each sublayer's output normalised before its residual add
+        h, residual = self.pre_feedforward_layernorm.add_forward(self.post_attention_layernorm(out), residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
 class DecoderModel(nn.Module):
@@ -123,6 +136,8 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
+        self.local_rotary: RotaryEmbedding | None = None
+        """The rotary of config.local_rope_layers (None: every layer uses ``rotary``)."""
 
     def init_rotary(self, max_positions: int) -> None:
         """Build the cos/sin tables on the parameters' device (after weights are loaded). Tables
@@ -132,6 +147,12 @@ class CausalLM(nn.Module):
             return
         device = self.model.embed_tokens.weight.device
         self.rotary = RotaryEmbedding(self.config.rope, self.config.head_dim, max_positions, device)
+        if self.config.local_rope is not None:
+            self.local_rotary = RotaryEmbedding(self.config.local_rope, self.config.head_dim, max_positions, device)
+
+    def rotary_for(self, layer: int) -> RotaryEmbedding:
+        """The rotary tables ``layer`` reads."""
+        return self.local_rotary if layer in self.config.local_rope_layers else self.rotary
 
     def forward(
         self,
@@ -143,7 +164,7 @@ class CausalLM(nn.Module):
         assert self.rotary is not None, "init_rotary() must run before forward()"
         x, residual = self.embed(input_ids), None
         for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
+            x, residual = layer(x, residual, positions, self.rotary_for(i), kv_cache[i], meta)
         return self.final_norm(x, residual)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",  # Llama's layers without any bias
     "Phi3ForCausalLM": "phi3",  # Llama's layers, q/k/v and gate/up stored fused, no bias
     "GemmaForCausalLM": "gemma",  # Llama's layers, norms scaling by 1 + weight, embeddings by sqrt(hidden)
+    "Gemma3ForCausalLM": "gemma3",  # Gemma's, with q/k norm, four norms a layer, local and global rotary
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
@@ -32,7 +33,8 @@ _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _PRETRAINED_CONTEXT_ROPE_TYPES = ("llama3", "yarn")
 _SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 """The gate's activation in a gated MLP: F.silu, F.gelu, F.gelu(approximate="tanh")."""
-_O_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma")
+_O_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma3")
+_GEMMA_FAMILIES = ("gemma", "gemma3")
 """Families whose ``attention_bias`` also gives the output projection a bias."""
 
 
@@ -131,6 +133,15 @@ class ModelConfig:
     rounding the normalised input (Llama)."""
     embed_scale: float | None = None
     """Input embeddings multiplied by this, rounded to the model dtype first (Gemma: sqrt(hidden))."""
+    q_scale: float = 1.0
+    """Queries multiplied by this after their norm: attention then scales scores by
+    head_dim ** -0.5 * q_scale (Gemma 3: query_pre_attn_scalar ** -0.5 in all)."""
+    sandwich_norms: bool = False
+    """Attention and MLP outputs are normalised before their residual add, and the MLP input
+    by its own norm (Gemma 3: post_attention, pre_ and post_feedforward_layernorm)."""
+    local_rope: RopeConfig | None = None
+    """Rotary of the layers in ``local_rope_layers`` (Gemma 3's sliding layers); ``rope`` the others'."""
+    local_rope_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -184,11 +195,11 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
             head_dim=int(head_dim),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            rope=_parse_rope(raw),
+            rope=_parse_rope(raw, _layer_type_rope(raw, "full_attention", family)),
             qkv_bias=_qkv_bias(raw, family),
             o_bias=family in _O_BIAS_FAMILIES and bool(raw.get("attention_bias", False)),
             mlp_bias=family == "llama" and bool(raw.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "qwen3_moe"),
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             moe=_parse_moe(raw, family, num_layers),
             eos_token_ids=_eos_ids(raw, generation or {}),
@@ -196,8 +207,9 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
             checkpoint_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
             layer_windows=_layer_windows(raw, family, num_layers),
             activation=act,
-            norm_plus_one=family == "gemma",
-            embed_scale=hidden ** 0.5 if family == "gemma" else None,
+            norm_plus_one=family in _GEMMA_FAMILIES,
+            embed_scale=hidden ** 0.5 if family in _GEMMA_FAMILIES else None,
+            **(_gemma3(raw, num_layers, int(head_dim)) if family == "gemma3" else {}),
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -208,7 +220,7 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
 def _activation(raw: dict[str, Any], family: str) -> str:
     """The gate activation, as transformers resolves it: Gemma's ``hidden_activation`` first,
     and its legacy ``gelu`` meant the tanh approximation."""
-    if family == "gemma":
+    if family in _GEMMA_FAMILIES:
         act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
         act = "gelu_pytorch_tanh" if act == "gelu" else act
     else:
@@ -231,8 +243,39 @@ def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
         raise ModelLoadError(f"cannot read {path}: {e}") from None
 
 
-def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
-    # transformers 5.x: rope_parameters holds theta and scaling together.
+def _gemma3(raw: dict[str, Any], num_layers: int, head_dim: int) -> dict[str, Any]:
+    """Gemma 3's fields beyond Gemma's (ModelConfig keyword arguments); what it has that the
+    engine does not do (soft-capping, bidirectional attention) is refused by name."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if raw.get(key) is not None:
+            raise UnsupportedModelError(f"{key}={raw[key]} is not supported (no soft-capping)")
+    if raw.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("use_bidirectional_attention is not supported (causal attention only)")
+    local = [i for i, sliding in enumerate(_sliding_layers(raw, "gemma3", num_layers)) if sliding]
+    scalar = float(raw.get("query_pre_attn_scalar") or head_dim)
+    return {"q_scale": (head_dim / scalar) ** 0.5, "sandwich_norms": True, "local_rope_layers": tuple(local),
+            "local_rope": _parse_rope(raw, _layer_type_rope(raw, "sliding_attention", "gemma3")) if local else None}
+
+
+def _layer_type_rope(raw: dict[str, Any], layer_type: str, family: str) -> dict[str, Any] | None:
+    """Rope parameters of one layer type, for configs that give them per type: transformers 5's
+    ``rope_parameters`` keyed by layer type, or Gemma 3's ``rope_local_base_freq`` (the sliding
+    layers' default rope; the full ones take the top-level rope). None: the config's one rope."""
+    params = raw.get("rope_parameters") or {}
+    if isinstance(params.get(layer_type), dict):
+        if family != "gemma3" and any(p != params[layer_type] for p in params.values()):
+            raise UnsupportedModelError(f"rope parameters differing by layer type are supported for Gemma 3 only; "
+                                        f"{family} gives {sorted(params)}")
+        return params[layer_type]
+    if family == "gemma3" and layer_type == "sliding_attention":
+        return {"rope_type": "default", "rope_theta": float(raw.get("rope_local_base_freq", 10000.0))}
+    return None
+
+
+def _parse_rope(raw: dict[str, Any], per_type: dict[str, Any] | None = None) -> RopeConfig:
+    # transformers 5.x: rope_parameters holds theta and scaling together (per layer type for some).
+    if per_type is not None:
+        raw = {**raw, "rope_parameters": per_type, "rope_scaling": None}
     params = dict(raw.get("rope_parameters") or {})
     scaling = raw.get("rope_scaling") or {}
     params = {**scaling, **params}
@@ -312,11 +355,25 @@ _LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
 
 
 def _layer_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple[int | None, ...]:
-    """Each layer's sliding window, as transformers resolves the config: ``layer_types`` where
-    the config lists them; else the whole model for Mistral, Mixtral and Phi-3, and for Qwen2/Qwen3
-    (and their MoE kinds) with ``use_sliding_window`` the layers from ``max_window_layers`` on.
-    A window covering the whole context (>= max_position_embeddings) is full attention: ()."""
+    """Each layer's sliding window (_sliding_layers says which layers have one). A window
+    covering the whole context (>= max_position_embeddings) is full attention: ()."""
     window = raw.get("sliding_window")
+    sliding = _sliding_layers(raw, family, num_layers)
+    if window is None or not any(sliding):
+        return ()
+    window = int(window)
+    if window < 1:
+        raise ModelLoadError(f"sliding_window must be >= 1, got {window}")
+    if window >= int(raw.get("max_position_embeddings", 0) or 0) > 0:
+        return ()  # sees the whole context anyway
+    return tuple(window if s else None for s in sliding)
+
+
+def _sliding_layers(raw: dict[str, Any], family: str, num_layers: int) -> list[bool]:
+    """Which layers slide, as transformers resolves the config: ``layer_types`` where the config
+    lists them; else the whole model for Mistral, Mixtral and Phi-3; for Gemma 3 all but every
+    ``sliding_window_pattern``-th layer; for Qwen2/Qwen3 (and their MoE kinds) with
+    ``use_sliding_window`` the layers from ``max_window_layers`` on."""
     types = raw.get("layer_types")
     if types is not None:
         if not isinstance(types, list) or len(types) != num_layers:
@@ -327,15 +384,11 @@ def _layer_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple[i
         sliding = [_LAYER_TYPES[t] for t in types]
     elif family in _WINDOWED_FAMILIES:
         sliding = [True] * num_layers
+    elif family == "gemma3":
+        pattern = int(raw.get("sliding_window_pattern") or 6)
+        sliding = [(i + 1) % pattern != 0 for i in range(num_layers)]
     else:
         use = bool(raw.get("use_sliding_window", False))
         first = int(raw.get("max_window_layers", num_layers) or 0)
         sliding = [use and i >= first for i in range(num_layers)]
-    if window is None or not any(sliding):
-        return ()
-    window = int(window)
-    if window < 1:
-        raise ModelLoadError(f"sliding_window must be >= 1, got {window}")
-    if window >= int(raw.get("max_position_embeddings", 0) or 0) > 0:
-        return ()  # sees the whole context anyway
-    return tuple(window if s else None for s in sliding)
+    return sliding

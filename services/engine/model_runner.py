@@ -37,7 +37,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(
             c.num_layers, 2, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim, dtype=dtype, device=device
         )
-        self._rotary = model.rotary
+        self._rotary = (model.rotary, model.local_rotary)
         """The rotary tables this runner's graphs capture, kept alive should another engine over
         the same model replace the model's with longer ones (a graph holds addresses, not tensors)."""
         self.decode_graphs: DecodeGraphs | None = None

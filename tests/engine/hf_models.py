@@ -29,6 +29,13 @@ FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16, "attention_bias": True}),
     "gemma_untied": ("GemmaConfig", "GemmaForCausalLM", {"tie_word_embeddings": False, "hidden_act": "gelu"}),
     "llama_gelu": ("LlamaConfig", "LlamaForCausalLM", {"hidden_act": "gelu"}),
+    # q/k norm by 1 + weight, four norms a layer, q scaled by query_pre_attn_scalar, sliding layers
+    # with their own rotary (here theta 10,000 against the full layer's 1,000,000, linear x8)
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 20, "sliding_window": 10, "attention_bias": True,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_theta": 1000000.0}),
     # pre-trained context 32 < the test sequences; head_dim 32 puts pairs 1-2 inside yarn's blend
     "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM", {

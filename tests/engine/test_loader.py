@@ -120,6 +120,33 @@ def test_activations_as_transformers_resolves_them():
                             "num_local_experts": 4, "num_experts_per_tok": 2})
 
 
+def test_gemma3_configs_as_released_and_as_transformers_5_writes_them():
+    base = {"architectures": ["Gemma3ForCausalLM"], "vocab_size": 10, "hidden_size": 64, "num_hidden_layers": 12,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 128, "max_position_embeddings": 131072,
+            "sliding_window": 1024, "query_pre_attn_scalar": 168}
+    released = parse_model_config({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 6,
+                                   "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert released.layer_windows == tuple(None if i in (5, 11) else 1024 for i in range(12))
+    assert released.local_rope_layers == (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)
+    assert (released.rope.theta, released.rope.rope_type, released.rope.factor) == (1e6, "linear", 8.0)
+    assert (released.local_rope.theta, released.local_rope.rope_type, released.local_rope.factor) == (1e4, "default", 1.0)
+    assert released.q_scale == pytest.approx((128 / 168) ** 0.5) and released.sandwich_norms and released.qk_norm
+    keyed = parse_model_config({**base, "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2,
+                                "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                    "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                       "rope_theta": 1e6}}})
+    assert keyed == released
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        with pytest.raises(UnsupportedModelError, match=f"{key}=30.0 is not supported"):
+            parse_model_config({**base, key: 30.0})
+    with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention"):
+        parse_model_config({**base, "use_bidirectional_attention": True})
+    llama = {**base, "architectures": ["LlamaForCausalLM"]}
+    with pytest.raises(UnsupportedModelError, match="differing by layer type are supported for Gemma 3 only"):
+        parse_model_config({**llama, "rope_parameters": {"sliding_attention": {"rope_theta": 1e4},
+                                                         "full_attention": {"rope_theta": 1e6}}})
+
+
 def test_sharded_checkpoint_loads(checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM
 
