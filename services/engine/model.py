@@ -1,4 +1,4 @@
-"""Decoder-only transformer for the Llama / Mistral / Phi-3 / Gemma / Gemma 3 / Qwen2 / Qwen3 / Mixtral / Qwen-MoE families.
+"""Decoder-only transformer: the Llama, Mistral, Phi-3, Gemma, Gemma 3, Qwen2, Qwen3, Mixtral and Qwen-MoE families.
 
 Parameters are named as in the Hugging Face checkpoints (``model.layers.0.self_attn.o_proj``
 ...), so loading is a name lookup, except that q/k/v and gate/up projections are fused

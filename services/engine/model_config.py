@@ -226,7 +226,8 @@ def _activation(raw: dict[str, Any], family: str) -> str:
     else:
         act = raw.get("hidden_act", "silu")
     if act not in _SUPPORTED_ACTIVATIONS:
-        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; supported: {', '.join(_SUPPORTED_ACTIVATIONS)}")
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; "
+                                    f"supported: {', '.join(_SUPPORTED_ACTIVATIONS)}")
     if act != "silu" and family in ("mixtral", "qwen2_moe", "qwen3_moe"):
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported for {family} experts; supported: silu")
     return act

@@ -108,8 +108,9 @@ def test_activations_as_transformers_resolves_them():
             "num_attention_heads": 2, "max_position_embeddings": 64}
     gemma = parse_model_config(base)
     assert (gemma.activation, gemma.norm_plus_one, gemma.embed_scale) == ("gelu_pytorch_tanh", True, 4.0)
-    assert parse_model_config({**base, "hidden_act": "gelu"}).activation == "gelu_pytorch_tanh"  # Gemma's legacy value
-    assert parse_model_config({**base, "hidden_activation": "gelu", "hidden_act": "silu"}).activation == "gelu_pytorch_tanh"
+    tanh = "gelu_pytorch_tanh"
+    assert parse_model_config({**base, "hidden_act": "gelu"}).activation == tanh  # Gemma's legacy value
+    assert parse_model_config({**base, "hidden_activation": "gelu", "hidden_act": "silu"}).activation == tanh
     llama = {**base, "architectures": ["LlamaForCausalLM"]}
     assert parse_model_config({**llama, "hidden_act": "gelu"}).activation == "gelu"  # exact, as transformers' Llama
     assert parse_model_config(llama).norm_plus_one is False and parse_model_config(llama).embed_scale is None
@@ -129,7 +130,8 @@ def test_gemma3_configs_as_released_and_as_transformers_5_writes_them():
     assert released.layer_windows == tuple(None if i in (5, 11) else 1024 for i in range(12))
     assert released.local_rope_layers == (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)
     assert (released.rope.theta, released.rope.rope_type, released.rope.factor) == (1e6, "linear", 8.0)
-    assert (released.local_rope.theta, released.local_rope.rope_type, released.local_rope.factor) == (1e4, "default", 1.0)
+    local = released.local_rope
+    assert (local.theta, local.rope_type, local.factor) == (1e4, "default", 1.0)
     assert released.q_scale == pytest.approx((128 / 168) ** 0.5) and released.sandwich_norms and released.qk_norm
     keyed = parse_model_config({**base, "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2,
                                 "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
