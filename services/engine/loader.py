@@ -113,7 +113,7 @@ def _load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) 
     fused = _fused_rows(model)
     loaded: set[str] = set()
     expert_parts: dict[str, int] = {}  # fused param name -> per-expert slices filled
-    for name, tensor in tensors:
+    for name, tensor in _renamed(model.config, tensors):
         if name in fused:
             target, rows = fused[name]
             _copy(name, params[target].data[rows], tensor)
@@ -130,6 +130,17 @@ def _load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) 
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"checkpoint lacks weights: {shown}")
+
+
+def _renamed(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors under the model's names (config.weight_prefixes; without them, as they are)."""
+    for name, tensor in tensors:
+        if not config.weight_prefixes:
+            yield name, tensor
+            continue
+        for ours, theirs in ((o, t) for o, t in config.weight_prefixes if name.startswith(o)):
+            yield theirs + name[len(ours):], tensor
+            break
 
 
 def _fused_rows(model: CausalLM) -> dict[str, tuple[str, slice]]:

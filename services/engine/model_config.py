@@ -22,6 +22,7 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",  # Llama's layers, q/k/v and gate/up stored fused, no bias
     "GemmaForCausalLM": "gemma",  # Llama's layers, norms scaling by 1 + weight, embeddings by sqrt(hidden)
     "Gemma3ForCausalLM": "gemma3",  # Gemma's, with q/k norm, four norms a layer, local and global rotary
+    "Gemma3ForConditionalGeneration": "gemma3",  # its language model, for text (the vision tower is skipped)
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
@@ -142,6 +143,10 @@ class ModelConfig:
     local_rope: RopeConfig | None = None
     """Rotary of the layers in ``local_rope_layers`` (Gemma 3's sliding layers); ``rope`` the others'."""
     local_rope_layers: tuple[int, ...] = ()
+    weight_prefixes: tuple[tuple[str, str], ...] = ()
+    """(checkpoint prefix, model prefix) pairs. Where given, each checkpoint tensor is renamed by
+    the first pair whose prefix it has, and tensors with none are skipped: a multimodal
+    checkpoint's language model is loaded, its other towers are not."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -177,6 +182,15 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     family = SUPPORTED_ARCHITECTURES[architecture]
+    prefixes: tuple[tuple[str, str], ...] = ()
+    if family == "gemma3":
+        if "text_config" in raw:  # Gemma3ForConditionalGeneration: its language model's config
+            top = raw
+            raw = {"tie_word_embeddings": top.get("tie_word_embeddings", True), **(top["text_config"] or {})}
+            raw["dtype"] = raw.get("dtype") or top.get("dtype") or top.get("torch_dtype")
+            prefixes = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                        ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+        raw = {**_GEMMA3_TEXT_DEFAULTS, **raw}
     act = _activation(raw, family)
     try:
         num_heads = int(raw["num_attention_heads"])
@@ -210,6 +224,7 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
             norm_plus_one=family in _GEMMA_FAMILIES,
             embed_scale=hidden ** 0.5 if family in _GEMMA_FAMILIES else None,
             **(_gemma3(raw, num_layers, int(head_dim)) if family == "gemma3" else {}),
+            weight_prefixes=prefixes,
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -242,6 +257,17 @@ def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from None
+
+
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "tie_word_embeddings": True,
+    "eos_token_id": 1, "bos_token_id": 2,
+}
+"""transformers' Gemma3TextConfig defaults: the released multimodal checkpoints' text_config
+gives only the fields that differ from them."""
 
 
 def _gemma3(raw: dict[str, Any], num_layers: int, head_dim: int) -> dict[str, Any]:

@@ -36,6 +36,9 @@ FAMILIES = {
         "layer_types": ["sliding_attention", "full_attention"],
         "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}}),
+    # the same language model inside a multimodal checkpoint (text_config; a vision tower to skip)
+    "gemma3_multimodal": ("Gemma3Config", "Gemma3ForConditionalGeneration", {
+        "head_dim": 16, "sliding_window": 10, "layer_types": ["sliding_attention", "full_attention"]}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_theta": 1000000.0}),
     # pre-trained context 32 < the test sequences; head_dim 32 puts pairs 1-2 inside yarn's blend
     "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM", {
@@ -65,7 +68,13 @@ def make_checkpoint(path: Path, family: str, seed: int = 0, *, num_heads: int = 
                   bos_token_id=None, pad_token_id=None)
     kwargs.update(extra)
     kwargs.update(overrides)
-    config = getattr(transformers, config_cls)(**kwargs)
+    if config_cls == "Gemma3Config":  # kwargs are the language model's; a small vision tower beside it
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                      patch_size=8)
+        config = transformers.Gemma3Config(text_config=kwargs, vision_config=vision, mm_tokens_per_image=4,
+                                           image_token_index=vocab_size - 1)  # EOS: never in a test prompt
+    else:
+        config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     model.save_pretrained(path)

@@ -143,6 +143,18 @@ def test_gemma3_configs_as_released_and_as_transformers_5_writes_them():
             parse_model_config({**base, key: 30.0})
     with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention"):
         parse_model_config({**base, "use_bidirectional_attention": True})
+    # Gemma 3 4B's config as released: the language model's fields that differ from the defaults
+    multimodal = parse_model_config({"architectures": ["Gemma3ForConditionalGeneration"], "torch_dtype": "bfloat16",
+                                     "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                                                     "num_hidden_layers": 34, "sliding_window": 1024,
+                                                     "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+                                     "vision_config": {"hidden_size": 1152}})
+    shape = (multimodal.num_heads, multimodal.num_kv_heads, multimodal.head_dim, multimodal.vocab_size)
+    assert shape == (8, 4, 256, 262208)
+    assert multimodal.layer_windows[4:6] == (1024, None) and multimodal.rope.factor == 8.0
+    assert multimodal.local_rope.theta == 1e4 and multimodal.q_scale == 1.0 and multimodal.tie_word_embeddings
+    assert multimodal.checkpoint_dtype == "bfloat16" and multimodal.eos_token_ids == (1,)
+    assert ("language_model.model.", "model.") in multimodal.weight_prefixes and released.weight_prefixes == ()
     llama = {**base, "architectures": ["LlamaForCausalLM"]}
     with pytest.raises(UnsupportedModelError, match="differing by layer type are supported for Gemma 3 only"):
         parse_model_config({**llama, "rope_parameters": {"sliding_attention": {"rope_theta": 1e4},
