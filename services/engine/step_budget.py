@@ -13,8 +13,8 @@ fitted to the steps that ran:
 
 ``decode_s``: the recent decode-only steps' time (exponentially weighted), standing for the
 decode part of a mixed step at the batch running now. ``fixed_s`` and ``per_token_s``: a line
-fitted, with the same weighting, to what each mixed step took beyond that against its prompt
-tokens. The intercept is what carrying prompt work costs a step at all (other kernels than the
+fitted (exponentially weighted too, over about the last ten) to what each mixed step took
+beyond that against its prompt tokens. The intercept is what carrying prompt work costs a step at all (other kernels than the
 decode graph, the prompt's launches); without it, a worker whose prompts are mostly shorter
 than its budget would charge that cost to their few tokens, think prompt tokens dearer than
 they are and cut its budget short when a burst comes. Where the recent chunks are too alike in
