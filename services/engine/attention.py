@@ -75,23 +75,26 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
-                    out: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D], attending over the cache (new tokens already written);
     written into ``out`` if given (not for a decode-only batch, ``token_index`` None).
     ``window``: a sliding window, each query seeing itself and the window - 1 positions before
-    it (None: every position before it)."""
+    it (None: every position before it). ``softcap``: scores s become softcap * tanh(s / softcap)
+    before the mask and softmax (no packed prompt call then: the caller does not pack)."""
     d = meta.decode
     if d is not None and d.token_index is None:
         assert out is None, "a decode-only step returns its own output"
-        return _decode_attention(q, kv_layer, d, window)
+        return _decode_attention(q, kv_layer, d, window, softcap)
     out = torch.empty_like(q) if out is None else out
     if meta.packed is not None:
+        assert softcap is None, "the packed prompt call has no soft-capping"
         packed_prefill_attention(q, kv_layer, meta.packed, out, window)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
-        out[rows] = _prefill_attention(q[rows], kv_layer, span, window)
+        out[rows] = _prefill_attention(q[rows], kv_layer, span, window, softcap)
     if d is not None:
-        out[d.token_index] = _decode_attention(q[d.token_index], kv_layer, d, window)
+        out[d.token_index] = _decode_attention(q[d.token_index], kv_layer, d, window, softcap)
     return out
 
 
@@ -103,13 +106,17 @@ def _gather(kv_layer: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Te
 
 
 def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan,
-                       window: int | None = None) -> torch.Tensor:
+                       window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     first = 0 if window is None else max(0, span.context_len - span.num_tokens - window + 1)
     k, v = _gather(kv_layer, span.block_table)  # [S, Hkv, D], S >= context_len
     q_ = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
     k_ = k[first: span.context_len].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
     v_ = v[first: span.context_len].transpose(0, 1).unsqueeze(0)
-    if window is not None and span.context_len - first > window:  # some query has keys past its window
+    num_keys = span.context_len - first
+    if softcap is not None:
+        mask = _window_mask(span.num_tokens, num_keys, window or num_keys, q.device)
+        out = _softcapped_attention(q_, k_, v_, mask, softcap)
+    elif window is not None and span.context_len - first > window:  # some query has keys past its window
         out = _sdpa(q_, k_, v_, attn_mask=_window_mask(span.num_tokens, span.context_len - first, window, q.device))
     elif span.context_len - first == span.num_tokens:
         out = _sdpa(q_, k_, v_, is_causal=True)
@@ -138,8 +145,9 @@ def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _sdpa(q, k, v, repeat_heads=repeat_heads, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
 
 
-def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch, window: int | None = None) -> torch.Tensor:
-    if triton_available(q.device):
+def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch, window: int | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
+    if triton_available(q.device) and softcap is None:
         scale = q.shape[-1] ** -0.5
         # a decode-only step runs on the static buffers (fixed shapes); other steps' tables vary
         return paged_decode_attention(q, kv_layer[0], kv_layer[1], d.block_tables, d.context_lens, scale,
@@ -150,8 +158,24 @@ def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch, w
     lens = d.context_lens.unsqueeze(1)
     live = k_pos < lens if window is None else (k_pos < lens) & (k_pos >= lens - window)
     mask = live[:, None, None, :]  # [B, 1, 1, S]
+    if softcap is not None:
+        return _softcapped_attention(q_, k.transpose(1, 2), v.transpose(1, 2), mask, softcap).squeeze(2)
     out = _sdpa(q_, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.squeeze(2)
+
+
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                          softcap: float) -> torch.Tensor:
+    """Attention with soft-capped scores, as transformers computes it (SDPA has no soft-capping):
+    q [..., Hq, T, D], k/v [..., Hkv, S, D], mask broadcast to [..., T, S] (True: attended).
+    Scores in q's dtype, capped, masked, softmax in float32, rounded back, times v."""
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeat_heads: bool | None = None,

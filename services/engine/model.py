@@ -44,6 +44,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.q_scale = config.q_scale
+        self.softcap = config.attn_softcap
 
     def forward(
         self,
@@ -54,7 +55,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q = self.project(x, positions, rotary, kv_layer, meta.slot_mapping)
-        return self.output(paged_attention(q, kv_layer, meta, window=self.window))
+        return self.output(paged_attention(q, kv_layer, meta, window=self.window, softcap=self.softcap))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv_layer: torch.Tensor,
                 slot_mapping: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,8 @@ class DecoderLayer(nn.Module):
         first layer); returns this layer's (MLP output, residual). Each residual add is fused
         with the norm that follows it."""
         q, residual = self.pre_attention(x, residual, positions, rotary, kv_layer, meta.slot_mapping)
-        return self.post_attention(paged_attention(q, kv_layer, meta, window=self.self_attn.window), residual)
+        attn = paged_attention(q, kv_layer, meta, window=self.self_attn.window, softcap=self.self_attn.softcap)
+        return self.post_attention(attn, residual)
 
     def pre_attention(self, x, residual, positions, rotary, kv_layer, slot_mapping):
         """The layer up to attention: returns (q [T, Hq, D], residual)."""
@@ -181,7 +183,11 @@ class CausalLM(nn.Module):
         return self.model.norm.add_forward(x, residual)[0]
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, vocab] float32; written into ``out`` (a float32 [N, vocab] view) when given."""
-        if out is None:
-            return self.lm_head(hidden).float()
-        return out.copy_(self.lm_head(hidden))
+        """[N, vocab] float32 (soft-capped where the family caps them); written into ``out`` (a
+        float32 [N, vocab] view) when given."""
+        cap = self.config.logit_softcap
+        if cap is None:
+            return self.lm_head(hidden).float() if out is None else out.copy_(self.lm_head(hidden))
+        # as transformers: capped in the model dtype, then widened
+        capped = torch.tanh(self.lm_head(hidden) / cap) * cap
+        return capped.float() if out is None else out.copy_(capped)

@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",  # Llama's layers without any bias
     "Phi3ForCausalLM": "phi3",  # Llama's layers, q/k/v and gate/up stored fused, no bias
     "GemmaForCausalLM": "gemma",  # Llama's layers, norms scaling by 1 + weight, embeddings by sqrt(hidden)
+    "Gemma2ForCausalLM": "gemma2",  # Gemma's, with four norms a layer and soft-capped scores and logits
     "Gemma3ForCausalLM": "gemma3",  # Gemma's, with q/k norm, four norms a layer, local and global rotary
     "Gemma3ForConditionalGeneration": "gemma3",  # its language model, for text (the vision tower is skipped)
     "Qwen2ForCausalLM": "qwen2",
@@ -34,8 +35,9 @@ _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _PRETRAINED_CONTEXT_ROPE_TYPES = ("llama3", "yarn")
 _SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 """The gate's activation in a gated MLP: F.silu, F.gelu, F.gelu(approximate="tanh")."""
-_O_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma3")
-_GEMMA_FAMILIES = ("gemma", "gemma3")
+_O_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3")
+_GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
+_SANDWICH_FAMILIES = ("gemma2", "gemma3")
 """Families whose ``attention_bias`` also gives the output projection a bias."""
 
 
@@ -143,6 +145,10 @@ class ModelConfig:
     local_rope: RopeConfig | None = None
     """Rotary of the layers in ``local_rope_layers`` (Gemma 3's sliding layers); ``rope`` the others'."""
     local_rope_layers: tuple[int, ...] = ()
+    attn_softcap: float | None = None
+    """Attention scores s become softcap * tanh(s / softcap) before the mask and softmax (Gemma 2)."""
+    logit_softcap: float | None = None
+    """Likewise the final logits (Gemma 2)."""
     weight_prefixes: tuple[tuple[str, str], ...] = ()
     """(checkpoint prefix, model prefix) pairs. Where given, each checkpoint tensor is renamed by
     the first pair whose prefix it has, and tensors with none are skipped: a multimodal
@@ -223,7 +229,7 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
             activation=act,
             norm_plus_one=family in _GEMMA_FAMILIES,
             embed_scale=hidden ** 0.5 if family in _GEMMA_FAMILIES else None,
-            **(_gemma3(raw, num_layers, int(head_dim)) if family == "gemma3" else {}),
+            **(_gemma_sandwich(raw, family, num_layers, int(head_dim)) if family in _SANDWICH_FAMILIES else {}),
             weight_prefixes=prefixes,
         )
     except KeyError as e:
@@ -270,18 +276,26 @@ _GEMMA3_TEXT_DEFAULTS = {
 gives only the fields that differ from them."""
 
 
-def _gemma3(raw: dict[str, Any], num_layers: int, head_dim: int) -> dict[str, Any]:
-    """Gemma 3's fields beyond Gemma's (ModelConfig keyword arguments); what it has that the
-    engine does not do (soft-capping, bidirectional attention) is refused by name."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if raw.get(key) is not None:
-            raise UnsupportedModelError(f"{key}={raw[key]} is not supported (no soft-capping)")
+def _gemma_sandwich(raw: dict[str, Any], family: str, num_layers: int, head_dim: int) -> dict[str, Any]:
+    """Gemma 2's and 3's fields beyond Gemma's (ModelConfig keyword arguments): four norms a
+    layer, the query scale, soft-capping (Gemma 2 by default), Gemma 3's local rotary. Bidirectional
+    attention is refused by name."""
     if raw.get("use_bidirectional_attention"):
         raise UnsupportedModelError("use_bidirectional_attention is not supported (causal attention only)")
-    local = [i for i, sliding in enumerate(_sliding_layers(raw, "gemma3", num_layers)) if sliding]
+    caps = {}
+    for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
+        cap = raw.get(key, default if family == "gemma2" else None)
+        if cap is not None and not float(cap) > 0:
+            raise ModelLoadError(f"{key} must be > 0 or null, got {cap}")
+        caps[key] = None if cap is None else float(cap)
     scalar = float(raw.get("query_pre_attn_scalar") or head_dim)
-    return {"q_scale": (head_dim / scalar) ** 0.5, "sandwich_norms": True, "local_rope_layers": tuple(local),
-            "local_rope": _parse_rope(raw, _layer_type_rope(raw, "sliding_attention", "gemma3")) if local else None}
+    fields = {"q_scale": (head_dim / scalar) ** 0.5, "sandwich_norms": True,
+              "attn_softcap": caps["attn_logit_softcapping"], "logit_softcap": caps["final_logit_softcapping"]}
+    if family == "gemma3":
+        local = [i for i, sliding in enumerate(_sliding_layers(raw, "gemma3", num_layers)) if sliding]
+        fields["local_rope_layers"] = tuple(local)
+        fields["local_rope"] = _parse_rope(raw, _layer_type_rope(raw, "sliding_attention", "gemma3")) if local else None
+    return fields
 
 
 def _layer_type_rope(raw: dict[str, Any], layer_type: str, family: str) -> dict[str, Any] | None:
@@ -397,10 +411,11 @@ def _layer_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple[i
 
 
 def _sliding_layers(raw: dict[str, Any], family: str, num_layers: int) -> list[bool]:
-    """Which layers slide, as transformers resolves the config: ``layer_types`` where the config
-    lists them; else the whole model for Mistral, Mixtral and Phi-3; for Gemma 3 all but every
-    ``sliding_window_pattern``-th layer; for Qwen2/Qwen3 (and their MoE kinds) with
-    ``use_sliding_window`` the layers from ``max_window_layers`` on."""
+    """Which layers slide, as transformers resolves the config: ``layer_types`` where the config lists
+    them; else the whole model for Mistral, Mixtral and Phi-3; for Gemma 3 all but every
+    ``sliding_window_pattern``-th layer; for Gemma 2 every other one, from the first; for
+    Qwen2/Qwen3 (and their MoE kinds) with ``use_sliding_window`` the layers from
+    ``max_window_layers`` on."""
     types = raw.get("layer_types")
     if types is not None:
         if not isinstance(types, list) or len(types) != num_layers:
@@ -414,6 +429,8 @@ def _sliding_layers(raw: dict[str, Any], family: str, num_layers: int) -> list[b
     elif family == "gemma3":
         pattern = int(raw.get("sliding_window_pattern") or 6)
         sliding = [(i + 1) % pattern != 0 for i in range(num_layers)]
+    elif family == "gemma2":
+        sliding = [i % 2 == 0 for i in range(num_layers)]
     else:
         use = bool(raw.get("use_sliding_window", False))
         first = int(raw.get("max_window_layers", num_layers) or 0)

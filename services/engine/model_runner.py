@@ -44,10 +44,11 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         self.launched_at = 0.0
         """perf_counter() when the last step's inputs were built and its model work began."""
-        self.packed_prefill = packed_prefill_usable(device, dtype, c.num_heads, c.num_kv_heads, c.head_dim,
-                                                    windowed=bool(c.layer_windows))
+        self.packed_prefill = c.attn_softcap is None and packed_prefill_usable(
+            device, dtype, c.num_heads, c.num_kv_heads, c.head_dim, windowed=bool(c.layer_windows))
         """Attend a step's prompt chunks in one call per layer (packed_prefill.py); set where it runs
-        (for a model with sliding windows: where the flash kernel's window agrees with SDPA too)."""
+        (for a model with sliding windows: where the flash kernel's window agrees with SDPA too; not
+        for soft-capped scores, which the flash call does not cap)."""
 
     def enable_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
         """Run decode-only steps of up to ``max_batch`` requests on static buffers, captured as

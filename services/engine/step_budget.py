@@ -14,15 +14,16 @@ fitted to the steps that ran:
 ``decode_s``: the recent decode-only steps' time (exponentially weighted), standing for the
 decode part of a mixed step at the batch running now. ``fixed_s`` and ``per_token_s``: a line
 fitted (exponentially weighted too, over about the last ten) to what each mixed step took
-beyond that against its prompt tokens. The intercept is what carrying prompt work costs a step at all (other kernels than the
-decode graph, the prompt's launches); without it, a worker whose prompts are mostly shorter
-than its budget would charge that cost to their few tokens, think prompt tokens dearer than
-they are and cut its budget short when a burst comes. Where the recent chunks are too alike in
-size for a line (or it comes out with a negative slope or intercept), the cost per token is
-the weighted mean one, intercept 0: never an optimistic guess. A step without decodes has no
-TPOT to keep and takes the whole token budget. The budget never falls below ``floor`` tokens,
-so prompts progress (their TTFT) even when the decodes alone fill the target; until a mixed
-step has been timed, the whole budget (that step is the first measurement).
+beyond that against its prompt tokens. The intercept is what carrying prompt work costs a step
+at all (other kernels than the decode graph, the prompt's launches); without it, a worker whose
+prompts are mostly shorter than its budget would charge that cost to their few tokens, think
+prompt tokens dearer than they are and cut its budget short when a burst comes. Where the
+recent chunks are too alike in size for a line (or it comes out with a negative slope or
+intercept), the cost per token is the weighted mean one, intercept 0: never an optimistic
+guess. A step without decodes has no TPOT to keep and takes the whole token budget. The budget
+never falls below ``floor`` tokens, so prompts progress (their TTFT) even when the decodes
+alone fill the target; until a mixed step has been timed, the whole budget (that step is the
+first measurement).
 
 A target bounds each step, so each gap between a request's tokens; an SLO on a request's
 mean time per output token is met by fewer, larger chunks as well, and those compute prompts

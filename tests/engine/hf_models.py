@@ -29,6 +29,10 @@ FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16, "attention_bias": True}),
     "gemma_untied": ("GemmaConfig", "GemmaForCausalLM", {"tie_word_embeddings": False, "hidden_act": "gelu"}),
     "llama_gelu": ("LlamaConfig", "LlamaForCausalLM", {"hidden_act": "gelu"}),
+    # four norms a layer, soft-capped scores (small cap: it bites) and logits, every other layer windowed
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 20, "sliding_window": 10, "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0}),
     # q/k norm by 1 + weight, four norms a layer, q scaled by query_pre_attn_scalar, sliding layers
     # with their own rotary (here theta 10,000 against the full layer's 1,000,000, linear x8)
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {

@@ -39,7 +39,7 @@ def test_graph_batch_sizes():
     assert len(graph_batch_sizes(512)) == 51 and graph_batch_sizes(512)[-2:] == [496, 512]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral", "mistral_window", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral", "mistral_window", "gemma2", "gemma3"])
 def test_static_decode_equals_eager(checkpoints, family):
     model = checkpoints(family, 2)
     prompts = _prompts(7)

@@ -58,3 +58,23 @@ def test_requests_arriving_at_different_steps(checkpoints, family):
             results.setdefault(out.request_id, []).extend(out.new_token_ids)
         step += 1
     assert [results[f"r{i}"] for i in range(len(prompts))] == [reference_greedy(path, p, NEW_TOKENS) for p in prompts]
+
+
+def test_logprobs_of_soft_capped_logits_match_transformers(checkpoints):
+    """Gemma 2 caps its final logits (30 * tanh(x / 30); 3 in this checkpoint): greedy tokens do not
+    show it, the log-probabilities do."""
+    import torch
+    import transformers
+
+    path = checkpoints("gemma2", 0)
+    prompt = _prompts(3, 97, [12])[0]
+    [c] = small_engine(path).generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    want = [torch.log_softmax(step[0], -1)[t].item() for step, t in zip(out.logits, tokens)]
+    assert c.token_ids == tokens and len(want) >= 2
+    assert c.logprobs == pytest.approx(want, abs=1e-4)

@@ -138,9 +138,18 @@ def test_gemma3_configs_as_released_and_as_transformers_5_writes_them():
                                                     "full_attention": {"rope_type": "linear", "factor": 8.0,
                                                                        "rope_theta": 1e6}}})
     assert keyed == released
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        with pytest.raises(UnsupportedModelError, match=f"{key}=30.0 is not supported"):
-            parse_model_config({**base, key: 30.0})
+    assert (released.attn_softcap, released.logit_softcap) == (None, None)
+    capped = parse_model_config({**base, "attn_logit_softcapping": 50.0})
+    assert (capped.attn_softcap, capped.logit_softcap) == (50.0, None)
+    # Gemma 2: soft-capped unless the config says null, every other layer windowed from the first
+    gemma2 = {**base, "architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 4, "sliding_window": 4096,
+              "query_pre_attn_scalar": 224, "head_dim": 256}
+    parsed = parse_model_config(gemma2)
+    assert (parsed.attn_softcap, parsed.logit_softcap, parsed.local_rope) == (50.0, 30.0, None)
+    assert parsed.layer_windows == (4096, None, 4096, None) and parsed.q_scale == pytest.approx((256 / 224) ** 0.5)
+    assert parse_model_config({**gemma2, "final_logit_softcapping": None}).logit_softcap is None
+    with pytest.raises(ModelLoadError, match="attn_logit_softcapping must be > 0 or null, got 0"):
+        parse_model_config({**gemma2, "attn_logit_softcapping": 0})
     with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention"):
         parse_model_config({**base, "use_bidirectional_attention": True})
     # Gemma 3 4B's config as released: the language model's fields that differ from the defaults

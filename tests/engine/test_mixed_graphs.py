@@ -44,7 +44,8 @@ def test_mixed_graph_sizes():
 
 
 @pytest.mark.parametrize("family,budget,pieces", [("llama", 40, 40), ("qwen3", 40, 40), ("mixtral", 40, 40),
-                                                   ("llama", 48, 24), ("qwen2_window", 40, 40), ("gemma3", 40, 40)])
+                                                   ("llama", 48, 24), ("qwen2_window", 40, 40), ("gemma3", 40, 40),
+                                                   ("gemma2", 40, 40)])
 def test_pieces_equal_eager(checkpoints, family, budget, pieces):
     model = checkpoints(family, 3)
     prompts = _prompts(9, seed=4)
