@@ -147,11 +147,11 @@ def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch, window: int | None = None,
                       softcap: float | None = None) -> torch.Tensor:
-    if triton_available(q.device) and softcap is None:
+    if triton_available(q.device):
         scale = q.shape[-1] ** -0.5
         # a decode-only step runs on the static buffers (fixed shapes); other steps' tables vary
         return paged_decode_attention(q, kv_layer[0], kv_layer[1], d.block_tables, d.context_lens, scale,
-                                      specialize=d.token_index is None, window=window or 0)
+                                      specialize=d.token_index is None, window=window or 0, softcap=softcap or 0.0)
     k, v = _gather(kv_layer, d.block_tables)  # [B, S, Hkv, D]
     q_ = q.unsqueeze(2)  # [B, Hq, 1, D]
     k_pos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)

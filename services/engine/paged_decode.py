@@ -70,10 +70,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, *,
                            partition_tokens: int | None = None, specialize: bool = True,
-                           window: int = 0) -> torch.Tensor:
+                           window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
     int32/int64; context_lens [B] int32/int64 (>= 1; row b attends to positions 0..context_lens[b]-1,
     or with a sliding ``window`` > 0 to the last ``window`` of them: its splits start there).
+    ``softcap`` > 0: each score s (q.k * scale) becomes softcap * tanh(s / softcap) (Gemma 2).
     Returns [B, Hq, D] in q.dtype (written into ``out`` if given). ``partition_tokens`` (a multiple
     of 16) overrides the tokens per split; tests use it to get many splits from short rows.
     ``specialize=False`` launches the variant that is not specialised on the table width and
@@ -110,6 +111,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size,
         BLOCK_N=math.gcd(partition, _TILE_TOKENS),  # 16, 32 or 64: tiles never straddle splits
+        SOFTCAP=float(softcap),
         # float32 caches get an exact dot; Triton's float32 default is tf32 (ignored for 16-bit inputs)
         DOT_PRECISION="ieee",
         num_warps=4, num_stages=3,
@@ -150,6 +152,7 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -187,6 +190,10 @@ if triton is not None:
                             + offs_d[None, :], mask=kv_mask, other=0.0)
 
                 scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N]
+                if SOFTCAP > 0:  # compiled in for soft-capped models only: s -> cap * tanh(s / cap)
+                    # in log2 units: scores = s * log2(e); tanh(x) = 1 - 2 / (exp(2x) + 1), exp2-based
+                    x2 = scores * (2.0 / SOFTCAP)  # 2 s / cap, in log2 units
+                    scores = (1.0 - 2.0 / (tl.exp2(x2) + 1.0)) * (SOFTCAP * 1.4426950408889634)
                 scores = tl.where(live[None, :], scores, float("-inf"))
                 # Every tile holds at least one live position, so m_new is finite from the first tile on.
                 m_new = tl.maximum(m, tl.max(scores, axis=1))

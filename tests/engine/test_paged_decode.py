@@ -56,6 +56,8 @@ class Case:
     """False: the kernels launched for steps whose table widths vary (no integer specialisation)."""
     window: int = 0
     """A sliding window: each row attends to its last ``window`` positions (0: all of them)."""
+    softcap: float = 0.0
+    """Scores s become softcap * tanh(s / softcap) (0: not capped)."""
 
     @property
     def tolerance(self) -> float:
@@ -85,6 +87,10 @@ CASES = {
     "g2_d64_bs16_f32_window": Case(2, 2, 64, 16, torch.float32, (100, 7, 37, 1), partition_tokens=16, window=37),
     "g4_d64_bs8_bf16_window_unspecialized": Case(4, 1, 64, 8, torch.bfloat16, (300, 21), partition_tokens=None,
                                                  window=50, specialize=False),
+    # soft-capped scores (a cap of 2 bites: scores here reach ~5), with a window too
+    "g2_d64_bs16_f32_softcap": Case(2, 2, 64, 16, torch.float32, (100, 7, 1), partition_tokens=16, softcap=2.0),
+    "g4_d64_bs8_bf16_softcap_window": Case(4, 1, 64, 8, torch.bfloat16, (90, 21), partition_tokens=None, window=30,
+                                           softcap=2.0, specialize=False),
 }
 
 
@@ -113,10 +119,12 @@ def make_inputs(case: Case, seed: int) -> dict:
         inputs["specialize"] = False
     if case.window:
         inputs["window"] = case.window
+    if case.softcap:
+        inputs["softcap"] = case.softcap
     return inputs
 
 
-def reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, **_) -> torch.Tensor:
+def reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, softcap=0.0, **_) -> torch.Tensor:
     """Row by row in float32: gather the row's keys/values (its last ``window`` of them with a
     window), softmax(q k^T * scale) v."""
     block_size = k_cache.shape[1]
@@ -127,7 +135,10 @@ def reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, 
         blocks = block_tables[b, pos // block_size].long()
         k = k_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)  # [n, Hq, D]
         v = v_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
-        weights = (torch.einsum("hd,nhd->hn", q[b].float(), k) * scale).softmax(dim=-1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        weights = scores.softmax(dim=-1)
         rows.append(torch.einsum("hn,nhd->hd", weights, v))
     return torch.stack(rows)
 
@@ -168,7 +179,7 @@ def test_reference_is_the_engine_decode_path(name):
                                   context_lens=inputs["context_lens"])
     # SDPA's default scale is 1/sqrt(D): compare at that scale
     inputs["scale"] = 1 / math.sqrt(CASES[name].head_dim)
-    expected = attention._decode_attention(inputs["q"], kv_layer, batch, inputs.get("window"))
+    expected = attention._decode_attention(inputs["q"], kv_layer, batch, inputs.get("window"), inputs.get("softcap"))
     torch.testing.assert_close(reference(**inputs), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -24,13 +24,13 @@ def _compile_all(launches: list[Launches]) -> int:
     return compiled
 
 
-@pytest.mark.parametrize("dtype, lens_dtype, tables_dtype, window", [
-    (torch.bfloat16, torch.int64, torch.int32, 0),  # a decode graph's step: int64 lengths, int32 tables
-    (torch.bfloat16, torch.int64, torch.int32, 4096),  # a sliding-window layer
-    (torch.float16, torch.int32, torch.int64, 100),
-    (torch.float32, torch.int32, torch.int32, 0),
+@pytest.mark.parametrize("dtype, lens_dtype, tables_dtype, window, softcap", [
+    (torch.bfloat16, torch.int64, torch.int32, 0, 0.0),  # a decode graph's step: int64 lengths, int32 tables
+    (torch.bfloat16, torch.int64, torch.int32, 4096, 50.0),  # a sliding-window, soft-capped layer (Gemma 2)
+    (torch.float16, torch.int32, torch.int64, 100, 0.0),
+    (torch.float32, torch.int32, torch.int32, 0, 0.0),
 ])
-def test_paged_decode_kernels_compile(monkeypatch, dtype, lens_dtype, tables_dtype, window):
+def test_paged_decode_kernels_compile(monkeypatch, dtype, lens_dtype, tables_dtype, window, softcap):
     split = {k: Launches(v) for k, v in paged_decode._SPLIT.items()}
     merge = {k: Launches(v) for k, v in paged_decode._MERGE.items()}
     monkeypatch.setattr(paged_decode, "_SPLIT", split)
@@ -41,7 +41,7 @@ def test_paged_decode_kernels_compile(monkeypatch, dtype, lens_dtype, tables_dty
     lens = torch.tensor([90, 17, 1], dtype=lens_dtype)
     for specialize in (True, False):
         paged_decode.paged_decode_attention(q, cache, cache, tables, lens, 128 ** -0.5,
-                                            specialize=specialize, window=window)
+                                            specialize=specialize, window=window, softcap=softcap)
     assert _compile_all([*split.values(), *merge.values()]) == 4
 
 
