@@ -69,24 +69,29 @@ def use_triton(impl: Impl | None, device: torch.device) -> bool:
 # --------------------------------------------------------------------------- RMSNorm
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, impl: Impl | None = None) -> torch.Tensor:
-    """x [..., H], weight [H] -> [..., H]: x normalised in float32, rounded to x.dtype, times weight."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, impl: Impl | None = None,
+             plus_one: bool = False) -> torch.Tensor:
+    """x [..., H], weight [H] -> [..., H]: x normalised in float32, rounded to x.dtype, times weight;
+    ``plus_one`` (Gemma): normalised in float32 times (1 + weight) in float32, rounded once."""
     if not use_triton(impl, x.device):
-        return _rms_norm_torch(x, weight, eps)
-    return _launch_rms_norm(x, None, weight, eps)[0]
+        return _rms_norm_torch(x, weight, eps, plus_one)
+    return _launch_rms_norm(x, None, weight, eps, plus_one)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                 impl: Impl | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 impl: Impl | None = None, plus_one: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [..., H] (same dtype) -> (rms_norm(h), h) with h = x + residual rounded to x.dtype."""
     assert x.shape == residual.shape and x.dtype == residual.dtype, (x.shape, residual.shape, x.dtype, residual.dtype)
     if not use_triton(impl, x.device):
         h = x + residual
-        return _rms_norm_torch(h, weight, eps), h
-    return _launch_rms_norm(x, residual, weight, eps)
+        return _rms_norm_torch(h, weight, eps, plus_one), h
+    return _launch_rms_norm(x, residual, weight, eps, plus_one)
 
 
-def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False) -> torch.Tensor:
+    if plus_one:  # transformers' GemmaRMSNorm, verbatim
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).type_as(x)
     # layers.RMSNorm.forward, verbatim.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -94,15 +99,16 @@ def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     eps: float, plus_one: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One program per row. Returns (normed, x + residual); the second is x itself without residual."""
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and weight.stride(0) == 1, (weight.shape, hidden)
     block = triton.next_power_of_2(hidden)
     assert block <= _MAX_NORM_BLOCK, f"hidden size {hidden} is too wide for the one-pass rms_norm kernel"
     rows = _rows(x)
-    # weight * normed promotes as in torch: x.dtype when the weight is in the model dtype.
-    out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    # weight * normed promotes as in torch: x.dtype when the weight is in the model dtype (plus_one: x.dtype).
+    out_dtype = x.dtype if plus_one else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     if residual is None:
         residual_rows = summed = rows  # neither read nor written: ADD_RESIDUAL is False
     else:
@@ -111,7 +117,7 @@ def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     _rms_norm_kernel[(rows.shape[0],)](
         rows, residual_rows, weight, out, summed, eps,
         rows.stride(0), residual_rows.stride(0), out.stride(0), summed.stride(0),
-        HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None,
+        HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None, PLUS_ONE=plus_one,
         num_warps=min(16, max(4, block // 512)), enable_fp_fusion=False,
     )
     return out.view(x.shape), (x if residual is None else summed.view(x.shape))
@@ -214,7 +220,7 @@ if triton is not None:
     def _rms_norm_kernel(
         x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, eps,
         stride_x, stride_residual, stride_out, stride_summed,
-        HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+        HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PLUS_ONE: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 in a long prefill
         offs = tl.arange(0, BLOCK)
@@ -226,9 +232,12 @@ if triton is not None:
             tl.store(summed_ptr + row * stride_summed + offs, x, mask=mask)
         xf = x.to(tl.float32)  # padding lanes are 0 and add nothing to the sum
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
-        normed = (xf * rstd).to(x_ptr.dtype.element_ty)  # rounded to the model dtype before the weight
         weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-        out = normed.to(tl.float32) * weight.to(tl.float32)
+        if PLUS_ONE:  # Gemma: times (1 + weight) in float32, rounded once
+            out = xf * rstd * (1.0 + weight.to(tl.float32))
+        else:
+            normed = (xf * rstd).to(x_ptr.dtype.element_ty)  # rounded to the model dtype before the weight
+            out = normed.to(tl.float32) * weight.to(tl.float32)
         tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit

@@ -18,19 +18,12 @@ class RMSNorm(nn.Module):
         """Scale by (1 + weight) in float32, rounding once at the end (Gemma's norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plus_one:
-            xf = x.float()
-            normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         # Normalise in float32 and scale in the model dtype, as the reference does.
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, plus_one=self.plus_one)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual) in one pass."""
-        if self.plus_one:
-            h = x + residual
-            return self.forward(h), h
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps, plus_one=self.plus_one)
 
 
 class FusedLinear(nn.Linear):

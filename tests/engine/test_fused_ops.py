@@ -41,7 +41,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclass(frozen=True)
 class Case:
     op: str
-    """One of rms_norm, add_rms_norm, silu_and_mul, rope_and_cache."""
+    """One of rms_norm, add_rms_norm, gemma_rms_norm, gemma_add_rms_norm, silu_and_mul, rope_and_cache."""
     shape: tuple[int, ...]
     """x's shape for the norms, (T, I) for silu_and_mul, (T, Hq, Hkv, D) for rope_and_cache."""
     dtype_name: str
@@ -58,6 +58,8 @@ class Case:
 _SHAPES = {
     "rms_norm": [(1, 1000), (7, 1000), (7, 6, 80)],  # the last: a q/k norm over heads
     "add_rms_norm": [(1, 1000), (7, 1000)],
+    "gemma_rms_norm": [(7, 1000), (7, 6, 80)],  # by (1 + weight), rounded once
+    "gemma_add_rms_norm": [(7, 1000)],
     "silu_and_mul": [(1, 1000), (7, 2500)],
     "rope_and_cache": [(1, 6, 2, 80), (7, 6, 2, 80), (7, 4, 4, 96)],
 }
@@ -73,7 +75,7 @@ def _make_inputs(case: Case, gen: torch.Generator) -> dict[str, torch.Tensor]:
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(case.dtype)
 
-    if case.op in ("rms_norm", "add_rms_norm"):
+    if case.op.endswith("rms_norm"):
         return {"x": randn(*case.shape), "residual": randn(*case.shape), "weight": randn(case.shape[-1])}
     if case.op == "silu_and_mul":
         tokens, inter = case.shape
@@ -104,11 +106,13 @@ def _rotary(head_dim: int) -> RotaryEmbedding:
 
 
 def _run_fused(case: Case, inputs: dict[str, torch.Tensor], impl: str) -> dict[str, torch.Tensor]:
-    if case.op == "rms_norm":
-        return {"out": fused_ops.rms_norm(inputs["x"], inputs["weight"], _EPS, impl=impl)}
-    if case.op == "add_rms_norm":
-        out, summed = fused_ops.add_rms_norm(inputs["x"], inputs["residual"], inputs["weight"], _EPS, impl=impl)
+    plus_one = case.op.startswith("gemma_")
+    if case.op.endswith("add_rms_norm"):
+        out, summed = fused_ops.add_rms_norm(inputs["x"], inputs["residual"], inputs["weight"], _EPS, impl=impl,
+                                             plus_one=plus_one)
         return {"out": out, "sum": summed}
+    if case.op.endswith("rms_norm"):
+        return {"out": fused_ops.rms_norm(inputs["x"], inputs["weight"], _EPS, impl=impl, plus_one=plus_one)}
     if case.op == "silu_and_mul":
         return {"out": fused_ops.silu_and_mul(inputs["gate_up"], impl=impl)}
     q, k, v = _split_qkv(inputs["qkv"], case)
@@ -124,6 +128,12 @@ def _reference_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return weight * (x.float() * torch.rsqrt(variance + _EPS)).to(x.dtype)
 
 
+def _reference_gemma_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # transformers' GemmaRMSNorm: normalise and scale by (1 + weight) in float32, round once
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _EPS) * (1.0 + weight.float())).type_as(x)
+
+
 def _reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, cos/sin in x.dtype
     half = x.shape[-1] // 2
@@ -133,11 +143,12 @@ def _reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 def _run_modules(case: Case, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What fused_ops must compute, written as the reference implementations do."""
-    if case.op in ("rms_norm", "add_rms_norm"):
-        if case.op == "rms_norm":
-            return {"out": _reference_norm(inputs["x"], inputs["weight"])}
+    if case.op.endswith("rms_norm"):
+        norm = _reference_gemma_norm if case.op.startswith("gemma_") else _reference_norm
+        if not case.op.endswith("add_rms_norm"):
+            return {"out": norm(inputs["x"], inputs["weight"])}
         summed = inputs["x"] + inputs["residual"]
-        return {"out": _reference_norm(summed, inputs["weight"]), "sum": summed}
+        return {"out": norm(summed, inputs["weight"]), "sum": summed}
     if case.op == "silu_and_mul":
         gate, up = inputs["gate_up"].chunk(2, dim=-1)
         return {"out": F.silu(gate.contiguous()) * up.contiguous()}  # as two separate projections' outputs
