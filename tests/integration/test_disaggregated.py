@@ -202,3 +202,26 @@ def test_a_sliding_window_model_served_disaggregated_matches_the_in_process_engi
         got = asyncio.run(main(state))
     assert [c.token_ids for c in got] == want
     assert all(c.workers == ["prefill-0", "decode-0"] for c in got if len(c.token_ids) > 1)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_models_served_disaggregated_match_the_in_process_engine(tmp_path, family):
+    """Random Gemma 2 (soft-capped scores and logits, windows of 10 on every other layer) and
+    Gemma 3 (q/k norms, local and global rotary) checkpoints with the demo tokenizer: KV handed
+    from the prefill worker to the decode worker, the output as the in-process engine's."""
+    from tests.engine.hf_models import make_checkpoint
+
+    model = make_checkpoint(tmp_path / family, family, vocab_size=3072, hidden_size=64)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_MODEL_DIR / name, model / name)
+    prompts = [p for p in _prompts(12, seed=5) if len(p) > 20][:4]
+    want = _reference(model, prompts, 16)
+
+    async def main(state):
+        async with AsyncClient(state.grpc_address) as client:
+            return await asyncio.gather(*(client.generate(p, max_tokens=16, temperature=0) for p in prompts))
+
+    with local_cluster(tmp_path / "state", model) as state:
+        got = asyncio.run(main(state))
+    assert [c.token_ids for c in got] == want and len(want) == 4
+    assert all(c.workers == ["prefill-0", "decode-0"] for c in got if len(c.token_ids) > 1)
