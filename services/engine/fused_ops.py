@@ -10,6 +10,7 @@ work is ~40 such kernels; fused, it is 4:
     rms_norm        RMSNorm: .float, pow, mean, +eps, rsqrt, *, .to, *weight     8 -> 1
     add_rms_norm    the residual add before an RMSNorm, and the RMSNorm          9 -> 1
     silu_and_mul    silu(gate) * up, over one merged gate_up projection          2 -> 1
+    gelu_tanh_and_mul  the same with tanh-GELU (Gemma's gate)                   3 -> 1
     rope_and_cache  rotary on q and k (index and cast cos/sin, rotate_half,     16 -> 1
                     products, sums) and write_kv's two scatters into the cache
 
@@ -129,23 +130,32 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-# --------------------------------------------------------------------------- SiLU-and-mul
+# --------------------------------------------------------------------------- SiLU-and-mul, GELU-and-mul
 
 
 def silu_and_mul(gate_up: torch.Tensor, *, impl: Impl | None = None) -> torch.Tensor:
     """gate_up [..., 2I] (gate, then up) -> [..., I] = silu(gate) * up, rounded to the input dtype after each."""
+    return _gated(gate_up, "silu", F.silu, impl)
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor, *, impl: Impl | None = None) -> torch.Tensor:
+    """As silu_and_mul with F.gelu(gate, approximate="tanh") for the gate."""
+    return _gated(gate_up, "gelu_tanh", lambda g: F.gelu(g, approximate="tanh"), impl)
+
+
+def _gated(gate_up: torch.Tensor, act: str, torch_act, impl: Impl | None) -> torch.Tensor:
     assert gate_up.shape[-1] % 2 == 0, gate_up.shape
     inter = gate_up.shape[-1] // 2
     if not use_triton(impl, gate_up.device):
         # contiguous(): on CPU, silu over a strided view takes a scalar loop whose exp differs
         # in the last bit from the vectorised one that MLP's separate gate projection gets.
-        return F.silu(gate_up[..., :inter].contiguous()) * gate_up[..., inter:]
+        return torch_act(gate_up[..., :inter].contiguous()) * gate_up[..., inter:]
     rows = _rows(gate_up)
     out = torch.empty(rows.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
     block = min(_SILU_BLOCK, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
         rows, out, rows.stride(0), out.stride(0),
-        INTER=inter, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        INTER=inter, BLOCK=block, ACT=act, num_warps=4, enable_fp_fusion=False,
     )
     return out.view(*gate_up.shape[:-1], inter)
 
@@ -241,15 +251,23 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, INTER: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, INTER: tl.constexpr, BLOCK: tl.constexpr,
+                             ACT: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < INTER
         gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(gate_up_ptr + row * stride_in + INTER + offs, mask=mask, other=0.0).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
-        # F.silu rounds to the model dtype, then the product is rounded again.
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        # The activation rounds to the model dtype, then the product is rounded again.
+        if ACT == "gelu_tanh":  # 0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3)
+            inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+            # tanh(u) = 2 / (1 + e^-2u) - 1: near -1 as exact as a float32 tanh, so 1 + tanh(u) keeps
+            # the small values torch's gelu gives for negative g (1 - 2 / (e^2u + 1) would round them to 0)
+            tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+            act = (0.5 * gate * (1.0 + tanh)).to(dtype).to(tl.float32)
+        else:
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         tl.store(out_ptr + row * stride_out + offs, (act * up).to(dtype), mask=mask)
 
     @triton.jit

@@ -41,7 +41,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclass(frozen=True)
 class Case:
     op: str
-    """One of rms_norm, add_rms_norm, gemma_rms_norm, gemma_add_rms_norm, silu_and_mul, rope_and_cache."""
+    """rms_norm, add_rms_norm, gemma_rms_norm, gemma_add_rms_norm, silu_and_mul, gelu_tanh_and_mul, rope_and_cache."""
     shape: tuple[int, ...]
     """x's shape for the norms, (T, I) for silu_and_mul, (T, Hq, Hkv, D) for rope_and_cache."""
     dtype_name: str
@@ -61,6 +61,7 @@ _SHAPES = {
     "gemma_rms_norm": [(7, 1000), (7, 6, 80)],  # by (1 + weight), rounded once
     "gemma_add_rms_norm": [(7, 1000)],
     "silu_and_mul": [(1, 1000), (7, 2500)],
+    "gelu_tanh_and_mul": [(1, 1000), (7, 2500)],
     "rope_and_cache": [(1, 6, 2, 80), (7, 6, 2, 80), (7, 4, 4, 96)],
 }
 CASES = [Case(op, shape, dtype) for op, shapes in _SHAPES.items() for shape in shapes for dtype in _DTYPES]
@@ -77,7 +78,7 @@ def _make_inputs(case: Case, gen: torch.Generator) -> dict[str, torch.Tensor]:
 
     if case.op.endswith("rms_norm"):
         return {"x": randn(*case.shape), "residual": randn(*case.shape), "weight": randn(case.shape[-1])}
-    if case.op == "silu_and_mul":
+    if case.op.endswith("_and_mul"):
         tokens, inter = case.shape
         return {"gate_up": 3 * randn(tokens, 2 * inter)}
     tokens, num_heads, num_kv_heads, head_dim = case.shape
@@ -115,6 +116,8 @@ def _run_fused(case: Case, inputs: dict[str, torch.Tensor], impl: str) -> dict[s
         return {"out": fused_ops.rms_norm(inputs["x"], inputs["weight"], _EPS, impl=impl, plus_one=plus_one)}
     if case.op == "silu_and_mul":
         return {"out": fused_ops.silu_and_mul(inputs["gate_up"], impl=impl)}
+    if case.op == "gelu_tanh_and_mul":
+        return {"out": fused_ops.gelu_tanh_and_mul(inputs["gate_up"], impl=impl)}
     q, k, v = _split_qkv(inputs["qkv"], case)
     kv_layer = inputs["kv_layer"].clone()
     q_rot, k_rot = fused_ops.rope_and_cache(q, k, v, inputs["positions"], inputs["cos"], inputs["sin"], kv_layer,
@@ -149,9 +152,10 @@ def _run_modules(case: Case, inputs: dict[str, torch.Tensor]) -> dict[str, torch
             return {"out": norm(inputs["x"], inputs["weight"])}
         summed = inputs["x"] + inputs["residual"]
         return {"out": norm(summed, inputs["weight"]), "sum": summed}
-    if case.op == "silu_and_mul":
+    if case.op.endswith("_and_mul"):
         gate, up = inputs["gate_up"].chunk(2, dim=-1)
-        return {"out": F.silu(gate.contiguous()) * up.contiguous()}  # as two separate projections' outputs
+        act = F.silu if case.op == "silu_and_mul" else (lambda g: F.gelu(g, approximate="tanh"))
+        return {"out": act(gate.contiguous()) * up.contiguous()}  # as two separate projections' outputs
     q, k, v = _split_qkv(inputs["qkv"], case)
     kv_layer = inputs["kv_layer"].clone()
     cos = inputs["cos"][inputs["positions"]].to(q.dtype).unsqueeze(1)
@@ -215,9 +219,12 @@ def _ulp_distance(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return (ordered(got) - ordered(want)).abs()
 
 
-def _assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def _assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tiny: float = 0.0) -> None:
     """float32 to 1e-5; bfloat16 within one ulp everywhere and off by one in under 1% of elements
-    (reduction order, exp/rsqrt approximations; a wrong rounding step would flip ~half)."""
+    (reduction order, exp/rsqrt approximations; a wrong rounding step would flip ~half). Values
+    both under ``tiny`` in magnitude need only be within ``tiny`` of each other: tanh-GELU of a
+    gate below about -5 is 0 or ~1e-7 (times up) depending on whether float32 tanh reaches -1 (torch's
+    vectorised bfloat16 CPU path and its float32 one already disagree there)."""
     assert got.keys() == want.keys()
     for name, w in want.items():
         g = got[name]
@@ -225,6 +232,9 @@ def _assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor])
         if w.dtype == torch.float32:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
             continue
+        small = (g.float().abs() < tiny) & (w.float().abs() < tiny)
+        assert ((g.float() - w.float()).abs()[small] <= tiny).all(), name
+        g, w = g[~small], w[~small]
         ulps = _ulp_distance(g, w)
         assert ulps.max() <= 1, f"{name}: {int(ulps.max())} ulps apart"
         assert (ulps > 0).float().mean() < 0.01, f"{name}: {int((ulps > 0).sum())} of {ulps.numel()} differ"
@@ -239,18 +249,22 @@ def test_torch_fallback_equals_the_modules(case):
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
 
 
+def _tiny(case: Case) -> float:
+    return 1e-5 if case.op == "gelu_tanh_and_mul" else 0.0
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_triton_matches_the_torch_fallback(triton_results, case):
     result = triton_results[case.name]
     with torch.no_grad():
-        _assert_matches(result["outputs"], _run_fused(case, result["inputs"], impl="torch"))
+        _assert_matches(result["outputs"], _run_fused(case, result["inputs"], impl="torch"), _tiny(case))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_triton_matches_the_modules(triton_results, case):
     result = triton_results[case.name]
     with torch.no_grad():
-        _assert_matches(result["outputs"], _run_modules(case, result["inputs"]))
+        _assert_matches(result["outputs"], _run_modules(case, result["inputs"]), _tiny(case))
 
 
 def test_rope_and_cache_writes_only_the_mapped_slots(triton_results):
