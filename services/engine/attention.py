@@ -116,9 +116,9 @@ def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpa
     if softcap is not None:
         mask = _window_mask(span.num_tokens, num_keys, window or num_keys, q.device)
         out = _softcapped_attention(q_, k_, v_, mask, softcap)
-    elif window is not None and span.context_len - first > window:  # some query has keys past its window
-        out = _sdpa(q_, k_, v_, attn_mask=_window_mask(span.num_tokens, span.context_len - first, window, q.device))
-    elif span.context_len - first == span.num_tokens:
+    elif window is not None and num_keys > window:  # some query has keys past its window
+        out = _sdpa(q_, k_, v_, attn_mask=_window_mask(span.num_tokens, num_keys, window, q.device))
+    elif num_keys == span.num_tokens:
         out = _sdpa(q_, k_, v_, is_causal=True)
     else:
         out = _prefix_causal_attention(q_, k_, v_)

@@ -137,10 +137,8 @@ def _renamed(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -
     for name, tensor in tensors:
         if not config.weight_prefixes:
             yield name, tensor
-            continue
-        for ours, theirs in ((o, t) for o, t in config.weight_prefixes if name.startswith(o)):
-            yield theirs + name[len(ours):], tensor
-            break
+        elif match := next(((o, t) for o, t in config.weight_prefixes if name.startswith(o)), None):
+            yield match[1] + name[len(match[0]):], tensor
 
 
 def _fused_rows(model: CausalLM) -> dict[str, tuple[str, slice]]:

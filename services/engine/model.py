@@ -1,4 +1,4 @@
-"""Decoder-only transformer: the Llama, Mistral, Phi-3, Gemma, Gemma 3, Qwen2, Qwen3, Mixtral and Qwen-MoE families.
+"""Decoder-only transformer: the Llama, Mistral, Phi-3, Gemma 1-3, Qwen2, Qwen3, Mixtral and Qwen-MoE families.
 
 Parameters are named as in the Hugging Face checkpoints (``model.layers.0.self_attn.o_proj``
 ...), so loading is a name lookup, except that q/k/v and gate/up projections are fused
@@ -45,6 +45,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.q_scale = config.q_scale
         self.softcap = config.attn_softcap
+        self.local_rope = layer in config.local_rope_layers
+        """Reads CausalLM.local_rotary, not CausalLM.rotary."""
 
     def forward(
         self,
@@ -154,7 +156,7 @@ class CausalLM(nn.Module):
 
     def rotary_for(self, layer: int) -> RotaryEmbedding:
         """The rotary tables ``layer`` reads."""
-        return self.local_rotary if layer in self.config.local_rope_layers else self.rotary
+        return self.local_rotary if self.model.layers[layer].self_attn.local_rope else self.rotary
 
     def forward(
         self,

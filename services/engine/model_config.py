@@ -36,9 +36,11 @@ _PRETRAINED_CONTEXT_ROPE_TYPES = ("llama3", "yarn")
 _SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 """The gate's activation in a gated MLP: F.silu, F.gelu, F.gelu(approximate="tanh")."""
 _O_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3")
-_GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
-_SANDWICH_FAMILIES = ("gemma2", "gemma3")
 """Families whose ``attention_bias`` also gives the output projection a bias."""
+_GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
+"""Norms by 1 + weight, embeddings scaled by sqrt(hidden), a tanh-GELU gate by default."""
+_SANDWICH_FAMILIES = ("gemma2", "gemma3")
+"""Four norms a layer and a query scale (_gemma_sandwich)."""
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,10 @@ class ModelConfig:
     """Input embeddings multiplied by this, rounded to the model dtype first (Gemma: sqrt(hidden))."""
     q_scale: float = 1.0
     """Queries multiplied by this after their norm: attention then scales scores by
-    head_dim ** -0.5 * q_scale (Gemma 3: query_pre_attn_scalar ** -0.5 in all)."""
+    head_dim ** -0.5 * q_scale (Gemma 2 and 3: query_pre_attn_scalar ** -0.5 in all)."""
     sandwich_norms: bool = False
     """Attention and MLP outputs are normalised before their residual add, and the MLP input
-    by its own norm (Gemma 3: post_attention, pre_ and post_feedforward_layernorm)."""
+    by its own norm (Gemma 2 and 3: post_attention, pre_ and post_feedforward_layernorm)."""
     local_rope: RopeConfig | None = None
     """Rotary of the layers in ``local_rope_layers`` (Gemma 3's sliding layers); ``rope`` the others'."""
     local_rope_layers: tuple[int, ...] = ()
