@@ -1,4 +1,7 @@
-"""Greedy output equals transformers' on the same weights, token for token, for every family."""
+"""Greedy output equals transformers' on the same weights, token for token, for every family.
+
+The engine runs on ``TANDEM_TEST_DEVICE`` (CPU by default; on CUDA with its Triton kernels and
+decode graphs), in float32; transformers runs on the CPU in float32."""
 
 from __future__ import annotations
 
@@ -9,8 +12,13 @@ import pytest
 from services.engine.request import SamplingParams
 from tests.engine.conftest import small_engine
 from tests.engine.hf_models import FAMILIES, reference_greedy
+from tests.integration.cluster import TEST_DEVICE
 
 NEW_TOKENS = 10
+
+
+def _engine(path, **kw):
+    return small_engine(path, device=TEST_DEVICE, dtype="float32", **kw)
 
 
 def _prompts(seed: int, vocab: int, lengths: list[int]) -> list[list[int]]:
@@ -28,7 +36,7 @@ def test_greedy_matches_transformers(checkpoints, family, seed):
     path = checkpoints(family, seed)
     # shorter than a block, exactly a block, longer than several blocks
     prompts = _prompts(seed, 97, [5, 16, 41])
-    engine = small_engine(path)
+    engine = _engine(path)
     got = [c.token_ids for c in engine.generate(prompts, _greedy())]
     want = [reference_greedy(path, p, NEW_TOKENS) for p in prompts]
     assert got == want
@@ -38,7 +46,7 @@ def test_greedy_matches_transformers(checkpoints, family, seed):
 def test_gqa_ratios_and_odd_sizes(checkpoints, heads, kv_heads, hidden):
     path = checkpoints("qwen2", 5, num_heads=heads, num_kv_heads=kv_heads, hidden_size=hidden)
     prompts = _prompts(7, 97, [3, 19])
-    got = [c.token_ids for c in small_engine(path).generate(prompts, _greedy())]
+    got = [c.token_ids for c in _engine(path).generate(prompts, _greedy())]
     assert got == [reference_greedy(path, p, NEW_TOKENS) for p in prompts]
 
 
@@ -46,7 +54,7 @@ def test_gqa_ratios_and_odd_sizes(checkpoints, heads, kv_heads, hidden):
 def test_requests_arriving_at_different_steps(checkpoints, family):
     path = checkpoints(family, 2)
     prompts = _prompts(11, 97, [9, 33, 2, 17, 50])
-    engine = small_engine(path, max_num_batched_tokens=24)
+    engine = _engine(path, max_num_batched_tokens=24)
     results: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
     step = 0
@@ -68,7 +76,7 @@ def test_logprobs_of_soft_capped_logits_match_transformers(checkpoints):
 
     path = checkpoints("gemma2", 0)
     prompt = _prompts(3, 97, [12])[0]
-    [c] = small_engine(path).generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=True))
+    [c] = _engine(path).generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=True))
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         ids = torch.tensor([prompt])

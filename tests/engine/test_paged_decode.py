@@ -1,4 +1,5 @@
-"""paged_decode_attention, run by Triton's interpreter on CPU, against a per-row torch reference.
+"""paged_decode_attention, run by Triton's interpreter on CPU (and compiled on a GPU where
+one is present), against a per-row torch reference.
 
 Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, that is when
 paged_decode is first imported; so the kernels run in one child process started with it
@@ -143,10 +144,28 @@ def reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, 
     return torch.stack(rows)
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory) -> dict[str, tuple[torch.Tensor, bool]]:
+_BACKENDS = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _on_gpu(names: list[str]) -> list[tuple[torch.Tensor, bool]]:
+    """The same cases compiled and run on the GPU; results back on the CPU."""
+    from services.engine.paged_decode import paged_decode_attention
+
+    results = []
+    for seed, name in enumerate(names):
+        kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+                  for k, v in make_inputs(CASES[name], seed).items()}
+        result = paged_decode_attention(**kwargs)
+        results.append((result.cpu(), result is kwargs.get("out")))
+    return results
+
+
+@pytest.fixture(scope="module", params=_BACKENDS)
+def interpreted(request, tmp_path_factory) -> dict[str, tuple[torch.Tensor, bool]]:
     """Case name -> (paged_decode_attention's result, whether it was the given ``out``), all
-    computed in one TRITON_INTERPRET=1 child process."""
+    computed in one TRITON_INTERPRET=1 child process (or on the GPU: the ``cuda`` backend)."""
+    if request.param == "cuda":
+        return dict(zip(CASES, _on_gpu(list(CASES))))
     tmp = tmp_path_factory.mktemp("paged_decode")
     names = list(CASES)
     torch.save([make_inputs(CASES[name], seed) for seed, name in enumerate(names)], tmp / "inputs.pt")
