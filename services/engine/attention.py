@@ -114,8 +114,7 @@ def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpa
     v_ = v[first: span.context_len].transpose(0, 1).unsqueeze(0)
     num_keys = span.context_len - first
     if softcap is not None:
-        mask = _window_mask(span.num_tokens, num_keys, window or num_keys, q.device)
-        out = _softcapped_attention(q_, k_, v_, mask, softcap)
+        out = _softcapped_prompt_attention(q_, k_, v_, window, softcap)
     elif window is not None and num_keys > window:  # some query has keys past its window
         out = _sdpa(q_, k_, v_, attn_mask=_window_mask(span.num_tokens, num_keys, window, q.device))
     elif num_keys == span.num_tokens:
@@ -128,9 +127,41 @@ def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpa
 def _window_mask(num_queries: int, num_keys: int, window: int, device: torch.device) -> torch.Tensor:
     """[Tq, S] bool: the Tq queries at the last positions of S keys, each seeing itself and the
     window - 1 keys before it (causal, bottom-right aligned)."""
-    q_pos = torch.arange(num_keys - num_queries, num_keys, device=device).unsqueeze(1)
-    k_pos = torch.arange(num_keys, device=device).unsqueeze(0)
-    return (k_pos <= q_pos) & (k_pos > q_pos - window)
+    return _attend_mask(range(num_keys - num_queries, num_keys), range(num_keys), window, device)
+
+
+def _attend_mask(queries: range, keys: range, window: int | None, device: torch.device) -> torch.Tensor:
+    """[len(queries), len(keys)] bool for queries and keys at these positions: each query sees
+    the keys at or before it, and with a window only its last ``window`` of them."""
+    q_pos = torch.arange(queries.start, queries.stop, device=device).unsqueeze(1)
+    k_pos = torch.arange(keys.start, keys.stop, device=device).unsqueeze(0)
+    seen = k_pos <= q_pos
+    return seen if window is None else seen & (k_pos > q_pos - window)
+
+
+# Scores a soft-capped prompt chunk materialises at once: queries are taken in slices of at
+# most this many scores (heads x queries x keys), so a 2K-token chunk against an 8K context
+# needs ~128 MiB of float32 scores, not 2K x 8K per head.
+SOFTCAP_MAX_SCORES = 1 << 25
+
+
+def _softcapped_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                                 softcap: float, max_scores: int | None = None) -> torch.Tensor:
+    """A prompt chunk with soft-capped scores: q [1, Hq, T, D] at the last T of the S key
+    positions of k/v [1, Hkv, S, D]. Queries go in slices of at most ``max_scores`` scores
+    (default SOFTCAP_MAX_SCORES), each against only the keys it can see: the keys up to its
+    last query, and from its first query's window on."""
+    num_queries, num_keys = q.shape[-2], k.shape[-2]
+    offset = num_keys - num_queries  # position of the first query
+    rows = max(1, (max_scores or SOFTCAP_MAX_SCORES) // (q.shape[-3] * num_keys))
+    outs = []
+    for a in range(0, num_queries, rows):
+        queries = range(offset + a, offset + min(num_queries, a + rows))
+        keys = range(0 if window is None else max(0, queries.start - window + 1), queries.stop)
+        mask = _attend_mask(queries, keys, window, q.device)
+        outs.append(_softcapped_attention(q[..., a: a + len(queries), :], k[..., keys.start: keys.stop, :],
+                                          v[..., keys.start: keys.stop, :], mask, softcap))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
 def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
