@@ -11,6 +11,7 @@ work is ~40 such kernels; fused, it is 4:
     add_rms_norm    the residual add before an RMSNorm, and the RMSNorm          9 -> 1
     silu_and_mul    silu(gate) * up, over one merged gate_up projection          2 -> 1
     gelu_tanh_and_mul  the same with tanh-GELU (Gemma's gate)                   3 -> 1
+    gelu_and_mul    the same with exact (erf) GELU                               3 -> 1
     rope_and_cache  rotary on q and k (index and cast cos/sin, rotate_half,     16 -> 1
                     products, sums) and write_kv's two scatters into the cache
 
@@ -18,7 +19,8 @@ Every op rounds to the model dtype exactly where the torch code does (RMSNorm
 normalises in float32, rounds, then scales by the weight; rotary rounds each product
 and the sum, with cos/sin cast to the model dtype first), so a bfloat16 result agrees
 with the fallback bit for bit or within one ulp (reduction order, exp/rsqrt
-approximations), and a float32 one to ~1e-6 relative. Kernels launch with
+approximations; exact GELU two, where float32 erf's last bit decides its rounded gate), and a
+float32 one to ~1e-6 relative. Kernels launch with
 ``enable_fp_fusion=False``: with it, the backend folds "round the product to bfloat16,
 widen it, add" into one bf16 fma and drops the product's rounding (seen on H100 with
 Triton 3.6: ~25% of rotary outputs one or more ulps off).
@@ -141,6 +143,11 @@ def silu_and_mul(gate_up: torch.Tensor, *, impl: Impl | None = None) -> torch.Te
 def gelu_tanh_and_mul(gate_up: torch.Tensor, *, impl: Impl | None = None) -> torch.Tensor:
     """As silu_and_mul with F.gelu(gate, approximate="tanh") for the gate."""
     return _gated(gate_up, "gelu_tanh", lambda g: F.gelu(g, approximate="tanh"), impl)
+
+
+def gelu_and_mul(gate_up: torch.Tensor, *, impl: Impl | None = None) -> torch.Tensor:
+    """As silu_and_mul with F.gelu(gate) (exact: 0.5 g (1 + erf(g / sqrt 2))) for the gate."""
+    return _gated(gate_up, "gelu", F.gelu, impl)
 
 
 def _gated(gate_up: torch.Tensor, act: str, torch_act, impl: Impl | None) -> torch.Tensor:
@@ -266,6 +273,8 @@ if triton is not None:
             # the small values torch's gelu gives for negative g (1 - 2 / (e^2u + 1) would round them to 0)
             tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
             act = (0.5 * gate * (1.0 + tanh)).to(dtype).to(tl.float32)
+        elif ACT == "gelu":  # 0.5 g (1 + erf(g / sqrt 2)), as torch computes it in float32
+            act = (0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))).to(dtype).to(tl.float32)
         else:
             act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         tl.store(out_ptr + row * stride_out + offs, (act * up).to(dtype), mask=mask)

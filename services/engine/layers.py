@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from services.engine.fused_ops import add_rms_norm, gelu_tanh_and_mul, rms_norm, silu_and_mul
+from services.engine.fused_ops import add_rms_norm, gelu_and_mul, gelu_tanh_and_mul, rms_norm, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -45,25 +44,22 @@ class FusedLinear(nn.Linear):
         return rows
 
 
-_FUSED_GATES = {"silu": silu_and_mul, "gelu_pytorch_tanh": gelu_tanh_and_mul}
-"""Gate activations with a fused act(gate) * up (fused_ops); others run as torch ops."""
+_GATES = {"silu": silu_and_mul, "gelu": gelu_and_mul, "gelu_pytorch_tanh": gelu_tanh_and_mul}
+"""act(gate) * up for each gate activation (model_config._SUPPORTED_ACTIVATIONS): one fused
+kernel on CUDA, torch ops elsewhere (fused_ops)."""
 
 
 class MLP(nn.Module):
-    """down_proj(act(gate_proj(x)) * up_proj(x)), gate and up fused into one matmul; act is silu
-    or tanh-GELU (one fused kernel with the product on CUDA) or GELU (model_config._SUPPORTED_ACTIVATIONS)."""
+    """down_proj(act(gate_proj(x)) * up_proj(x)), gate and up fused into one matmul; act is silu,
+    GELU or tanh-GELU, one fused kernel with the product on CUDA (_GATES)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, activation: str = "silu"):
         super().__init__()
         self.gate_up_proj = FusedLinear(hidden_size, [("gate_proj", intermediate_size),
                                                       ("up_proj", intermediate_size)], bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        assert activation in (*_FUSED_GATES, "gelu"), activation
         self.activation = activation
+        self._gate = _GATES[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self.activation in _FUSED_GATES:
-            return self.down_proj(_FUSED_GATES[self.activation](gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate) * up)
+        return self.down_proj(self._gate(self.gate_up_proj(x)))

@@ -41,7 +41,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclass(frozen=True)
 class Case:
     op: str
-    """rms_norm, add_rms_norm, gemma_rms_norm, gemma_add_rms_norm, silu_and_mul, gelu_tanh_and_mul, rope_and_cache."""
+    """rms_norm, add_rms_norm, gemma_rms_norm, gemma_add_rms_norm, silu_and_mul, gelu_and_mul, gelu_tanh_and_mul,
+    rope_and_cache."""
     shape: tuple[int, ...]
     """x's shape for the norms, (T, I) for silu_and_mul, (T, Hq, Hkv, D) for rope_and_cache."""
     dtype_name: str
@@ -61,6 +62,7 @@ _SHAPES = {
     "gemma_rms_norm": [(7, 1000), (7, 6, 80)],  # by (1 + weight), rounded once
     "gemma_add_rms_norm": [(7, 1000)],
     "silu_and_mul": [(1, 1000), (7, 2500)],
+    "gelu_and_mul": [(1, 1000), (7, 2500)],
     "gelu_tanh_and_mul": [(1, 1000), (7, 2500)],
     "rope_and_cache": [(1, 6, 2, 80), (7, 6, 2, 80), (7, 4, 4, 96)],
 }
@@ -114,10 +116,8 @@ def _run_fused(case: Case, inputs: dict[str, torch.Tensor], impl: str) -> dict[s
         return {"out": out, "sum": summed}
     if case.op.endswith("rms_norm"):
         return {"out": fused_ops.rms_norm(inputs["x"], inputs["weight"], _EPS, impl=impl, plus_one=plus_one)}
-    if case.op == "silu_and_mul":
-        return {"out": fused_ops.silu_and_mul(inputs["gate_up"], impl=impl)}
-    if case.op == "gelu_tanh_and_mul":
-        return {"out": fused_ops.gelu_tanh_and_mul(inputs["gate_up"], impl=impl)}
+    if case.op.endswith("_and_mul"):
+        return {"out": getattr(fused_ops, case.op)(inputs["gate_up"], impl=impl)}
     q, k, v = _split_qkv(inputs["qkv"], case)
     kv_layer = inputs["kv_layer"].clone()
     q_rot, k_rot = fused_ops.rope_and_cache(q, k, v, inputs["positions"], inputs["cos"], inputs["sin"], kv_layer,
@@ -154,7 +154,8 @@ def _run_modules(case: Case, inputs: dict[str, torch.Tensor]) -> dict[str, torch
         return {"out": norm(summed, inputs["weight"]), "sum": summed}
     if case.op.endswith("_and_mul"):
         gate, up = inputs["gate_up"].chunk(2, dim=-1)
-        act = F.silu if case.op == "silu_and_mul" else (lambda g: F.gelu(g, approximate="tanh"))
+        act = {"silu_and_mul": F.silu, "gelu_and_mul": F.gelu,
+               "gelu_tanh_and_mul": lambda g: F.gelu(g, approximate="tanh")}[case.op]
         return {"out": act(gate.contiguous()) * up.contiguous()}  # as two separate projections' outputs
     q, k, v = _split_qkv(inputs["qkv"], case)
     kv_layer = inputs["kv_layer"].clone()
@@ -219,12 +220,12 @@ def _ulp_distance(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return (ordered(got) - ordered(want)).abs()
 
 
-def _assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tiny: float = 0.0) -> None:
-    """float32 to 1e-5; bfloat16 within one ulp everywhere and off by one in under 1% of elements
-    (reduction order, exp/rsqrt approximations; a wrong rounding step would flip ~half). Values
-    both under ``tiny`` in magnitude need only be within ``tiny`` of each other: tanh-GELU of a
-    gate below about -5 is 0 or ~1e-7 (times up) depending on whether float32 tanh reaches -1 (torch's
-    vectorised bfloat16 CPU path and its float32 one already disagree there)."""
+def _assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                    small: tuple[float, float] = (0.0, 0.0), max_ulps: int = 1) -> None:
+    """float32 to 1e-5; bfloat16 within ``max_ulps`` everywhere and off at all in under 1% of
+    elements (reduction order, exp/rsqrt approximations; a wrong rounding step would flip ~half).
+    Values both under ``small[0]`` in magnitude need only be within ``small[1]`` of each other,
+    for the GELU gates (_small)."""
     assert got.keys() == want.keys()
     for name, w in want.items():
         g = got[name]
@@ -232,11 +233,12 @@ def _assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
         if w.dtype == torch.float32:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
             continue
-        small = (g.float().abs() < tiny) & (w.float().abs() < tiny)
-        assert ((g.float() - w.float()).abs()[small] <= tiny).all(), name
-        g, w = g[~small], w[~small]
+        below, within = small
+        near_zero = (g.float().abs() < below) & (w.float().abs() < below)
+        assert ((g.float() - w.float()).abs()[near_zero] <= within).all(), name
+        g, w = g[~near_zero], w[~near_zero]
         ulps = _ulp_distance(g, w)
-        assert ulps.max() <= 1, f"{name}: {int(ulps.max())} ulps apart"
+        assert ulps.max() <= max_ulps, f"{name}: {int(ulps.max())} ulps apart"
         assert (ulps > 0).float().mean() < 0.01, f"{name}: {int((ulps > 0).sum())} of {ulps.numel()} differ"
 
 
@@ -249,22 +251,35 @@ def test_torch_fallback_equals_the_modules(case):
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
 
 
-def _tiny(case: Case) -> float:
-    return 1e-5 if case.op == "gelu_tanh_and_mul" else 0.0
+def _tolerance(case: Case) -> dict:
+    """_assert_matches' allowances: _small's, and 2 ulps for exact GELU, whose gate rounds to
+    bfloat16 before the product: where torch's float32 erf is off (gates below about -3) the
+    rounded gate can differ by one ulp, and the product's rounding adds one."""
+    return {"small": _small(case), "max_ulps": 2 if case.op == "gelu_and_mul" else 1}
+
+
+def _small(case: Case) -> tuple[float, float]:
+    """Where the GELU gates' 1 + tanh or 1 + erf cancels (gates below about -3), float32's
+    last-bit error in tanh/erf, which differs between torch (CPU), libdevice (GPU) and the
+    interpreter, is amplified: tanh-GELU outputs under 1e-5 need only be within 1e-5 (a gate
+    below about -5 gives 0 or ~1e-7 times up depending on whether float32 tanh reaches -1);
+    exact-GELU outputs under 5e-3 within 5e-5 (1 + erf(g / sqrt 2) is ~1e-3..1e-7 for gates of
+    -3..-5.5, where torch's float32 GELU itself is off from the exact value by up to 100 %)."""
+    return {"gelu_tanh_and_mul": (1e-5, 1e-5), "gelu_and_mul": (5e-3, 5e-5)}.get(case.op, (0.0, 0.0))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_triton_matches_the_torch_fallback(triton_results, case):
     result = triton_results[case.name]
     with torch.no_grad():
-        _assert_matches(result["outputs"], _run_fused(case, result["inputs"], impl="torch"), _tiny(case))
+        _assert_matches(result["outputs"], _run_fused(case, result["inputs"], impl="torch"), **_tolerance(case))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_triton_matches_the_modules(triton_results, case):
     result = triton_results[case.name]
     with torch.no_grad():
-        _assert_matches(result["outputs"], _run_modules(case, result["inputs"]), _tiny(case))
+        _assert_matches(result["outputs"], _run_modules(case, result["inputs"]), **_tolerance(case))
 
 
 def test_rope_and_cache_writes_only_the_mapped_slots(triton_results):

@@ -58,13 +58,14 @@ def test_fused_op_kernels_compile(monkeypatch, dtype):
     fused_ops.rms_norm(x, weight, 1e-6, impl="triton", plus_one=True)  # Gemma's
     fused_ops.silu_and_mul(torch.zeros(5, 2 * 14336, dtype=dtype), impl="triton")
     fused_ops.gelu_tanh_and_mul(torch.zeros(5, 2 * 14336, dtype=dtype), impl="triton")  # Gemma's gate
+    fused_ops.gelu_and_mul(torch.zeros(5, 2 * 14336, dtype=dtype), impl="triton")
     qkv = torch.zeros(5, (32 + 2 * 8) * 128, dtype=dtype)
     q, k, v = qkv.split([32 * 128, 8 * 128, 8 * 128], dim=-1)
     kv_layer = torch.zeros(2, 10, 16, 8, 128, dtype=dtype)
     cos = sin = torch.zeros(64, 128)
     fused_ops.rope_and_cache(q.view(5, 32, 128), k.view(5, 8, 128), v.view(5, 8, 128), torch.arange(5), cos, sin,
                              kv_layer, torch.arange(5), impl="triton")
-    assert _compile_all(list(launches.values())) == 6
+    assert _compile_all(list(launches.values())) == 7
 
 
 def test_fused_moe_kernel_compiles(monkeypatch):
