@@ -76,25 +76,26 @@ class AttentionMetadata:
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
                     out: torch.Tensor | None = None, window: int | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, scale: float | None = None) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D], attending over the cache (new tokens already written);
     written into ``out`` if given (not for a decode-only batch, ``token_index`` None).
     ``window``: a sliding window, each query seeing itself and the window - 1 positions before
     it (None: every position before it). ``softcap``: scores s become softcap * tanh(s / softcap)
-    before the mask and softmax (no packed prompt call then: the caller does not pack)."""
+    before the mask and softmax (no packed prompt call then: the caller does not pack).
+    ``scale``: scores are q . k times this (None: head_dim ** -0.5)."""
     d = meta.decode
     if d is not None and d.token_index is None:
         assert out is None, "a decode-only step returns its own output"
-        return _decode_attention(q, kv_layer, d, window, softcap)
+        return _decode_attention(q, kv_layer, d, window, softcap, scale)
     out = torch.empty_like(q) if out is None else out
     if meta.packed is not None:
         assert softcap is None, "the packed prompt call has no soft-capping"
-        packed_prefill_attention(q, kv_layer, meta.packed, out, window)
+        packed_prefill_attention(q, kv_layer, meta.packed, out, window, scale)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
-        out[rows] = _prefill_attention(q[rows], kv_layer, span, window, softcap)
+        out[rows] = _prefill_attention(q[rows], kv_layer, span, window, softcap, scale)
     if d is not None:
-        out[d.token_index] = _decode_attention(q[d.token_index], kv_layer, d, window, softcap)
+        out[d.token_index] = _decode_attention(q[d.token_index], kv_layer, d, window, softcap, scale)
     return out
 
 
@@ -105,8 +106,8 @@ def _gather(kv_layer: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Te
     return k.flatten(-4, -3), v.flatten(-4, -3)
 
 
-def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan,
-                       window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan, window: int | None = None,
+                       softcap: float | None = None, scale: float | None = None) -> torch.Tensor:
     first = 0 if window is None else max(0, span.context_len - span.num_tokens - window + 1)
     k, v = _gather(kv_layer, span.block_table)  # [S, Hkv, D], S >= context_len
     q_ = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
@@ -114,13 +115,13 @@ def _prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpa
     v_ = v[first: span.context_len].transpose(0, 1).unsqueeze(0)
     num_keys = span.context_len - first
     if softcap is not None:
-        out = _softcapped_prompt_attention(q_, k_, v_, window, softcap)
+        out = _softcapped_prompt_attention(q_, k_, v_, window, softcap, scale=scale)
     elif window is not None and num_keys > window:  # some query has keys past its window
-        out = _sdpa(q_, k_, v_, attn_mask=_window_mask(span.num_tokens, num_keys, window, q.device))
+        out = _sdpa(q_, k_, v_, attn_mask=_window_mask(span.num_tokens, num_keys, window, q.device), scale=scale)
     elif num_keys == span.num_tokens:
-        out = _sdpa(q_, k_, v_, is_causal=True)
+        out = _sdpa(q_, k_, v_, is_causal=True, scale=scale)
     else:
-        out = _prefix_causal_attention(q_, k_, v_)
+        out = _prefix_causal_attention(q_, k_, v_, scale=scale)
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -146,7 +147,8 @@ SOFTCAP_MAX_SCORES = 1 << 25
 
 
 def _softcapped_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                                 softcap: float, max_scores: int | None = None) -> torch.Tensor:
+                                 softcap: float, max_scores: int | None = None,
+                                 scale: float | None = None) -> torch.Tensor:
     """A prompt chunk with soft-capped scores: q [1, Hq, T, D] at the last T of the S key
     positions of k/v [1, Hkv, S, D]. Queries go in slices of at most ``max_scores`` scores
     (default SOFTCAP_MAX_SCORES), each against only the keys it can see: the keys up to its
@@ -160,12 +162,12 @@ def _softcapped_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         keys = range(0 if window is None else max(0, queries.start - window + 1), queries.stop)
         mask = _attend_mask(queries, keys, window, q.device)
         outs.append(_softcapped_attention(q[..., a: a + len(queries), :], k[..., keys.start: keys.stop, :],
-                                          v[..., keys.start: keys.stop, :], mask, softcap))
+                                          v[..., keys.start: keys.stop, :], mask, softcap, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
 def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             repeat_heads: bool | None = None) -> torch.Tensor:
+                             repeat_heads: bool | None = None, scale: float | None = None) -> torch.Tensor:
     """A chunk after a cached prefix: q [1, Hq, T, D] at positions S-T .. S-1, k/v [1, Hkv, S, D].
 
     Query i sees keys 0 .. S-T+i: causal, aligned to the bottom right. torch's lower-right
@@ -173,13 +175,14 @@ def _prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [T, S] mask together with grouped heads would fall back to the math kernel, which
     materialises every score.
     """
-    return _sdpa(q, k, v, repeat_heads=repeat_heads, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
+    return _sdpa(q, k, v, repeat_heads=repeat_heads, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]),
+                 scale=scale)
 
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch, window: int | None = None,
-                      softcap: float | None = None) -> torch.Tensor:
+                      softcap: float | None = None, scale: float | None = None) -> torch.Tensor:
     if triton_available(q.device):
-        scale = q.shape[-1] ** -0.5
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
         # a decode-only step runs on the static buffers (fixed shapes); other steps' tables vary
         return paged_decode_attention(q, kv_layer[0], kv_layer[1], d.block_tables, d.context_lens, scale,
                                       specialize=d.token_index is None, window=window or 0, softcap=softcap or 0.0)
@@ -190,20 +193,20 @@ def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, d: DecodeBatch, w
     live = k_pos < lens if window is None else (k_pos < lens) & (k_pos >= lens - window)
     mask = live[:, None, None, :]  # [B, 1, 1, S]
     if softcap is not None:
-        return _softcapped_attention(q_, k.transpose(1, 2), v.transpose(1, 2), mask, softcap).squeeze(2)
-    out = _sdpa(q_, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return _softcapped_attention(q_, k.transpose(1, 2), v.transpose(1, 2), mask, softcap, scale).squeeze(2)
+    out = _sdpa(q_, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.squeeze(2)
 
 
 def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                          softcap: float) -> torch.Tensor:
+                          softcap: float, scale: float | None = None) -> torch.Tensor:
     """Attention with soft-capped scores, as transformers computes it (SDPA has no soft-capping):
     q [..., Hq, T, D], k/v [..., Hkv, S, D], mask broadcast to [..., T, S] (True: attended).
     Scores in q's dtype, capped, masked, softmax in float32, rounded back, times v."""
     groups = q.shape[-3] // k.shape[-3]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)

@@ -102,7 +102,8 @@ class MixedGraphs(StaticSteps):
                 self._piece(piece, size)
             if piece < self.num_layers:
                 paged_attention(self._q[:n], self.kv_cache[piece], meta, out=self._attn[:n],
-                                window=self.model.config.window(piece), softcap=self.model.config.attn_softcap)
+                                window=self.model.config.window(piece), softcap=self.model.config.attn_softcap,
+                                scale=self.model.config.attn_scale)
         return self.model.logits(self._hidden[sample_rows])
 
     # -- internals ---------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config.norm_plus_one)
         else:
             self.q_norm = self.k_norm = None
-        self.q_scale = config.q_scale
+        self.scale = config.attn_scale
         self.softcap = config.attn_softcap
         self.local_rope = layer in config.local_rope_layers
         """Reads CausalLM.local_rotary, not CausalLM.rotary."""
@@ -57,7 +57,8 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q = self.project(x, positions, rotary, kv_layer, meta.slot_mapping)
-        return self.output(paged_attention(q, kv_layer, meta, window=self.window, softcap=self.softcap))
+        return self.output(paged_attention(q, kv_layer, meta, window=self.window, softcap=self.softcap,
+                                           scale=self.scale))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv_layer: torch.Tensor,
                 slot_mapping: torch.Tensor) -> torch.Tensor:
@@ -69,8 +70,6 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.q_scale != 1.0:
-            q = q * self.q_scale
         q, _ = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kv_layer, slot_mapping)
         return q
 
@@ -101,7 +100,8 @@ class DecoderLayer(nn.Module):
         first layer); returns this layer's (MLP output, residual). Each residual add is fused
         with the norm that follows it."""
         q, residual = self.pre_attention(x, residual, positions, rotary, kv_layer, meta.slot_mapping)
-        attn = paged_attention(q, kv_layer, meta, window=self.self_attn.window, softcap=self.self_attn.softcap)
+        attn = paged_attention(q, kv_layer, meta, window=self.self_attn.window, softcap=self.self_attn.softcap,
+                               scale=self.self_attn.scale)
         return self.post_attention(attn, residual)
 
     def pre_attention(self, x, residual, positions, rotary, kv_layer, slot_mapping):

@@ -139,8 +139,8 @@ class ModelConfig:
     embed_scale: float | None = None
     """Input embeddings multiplied by this, rounded to the model dtype first (Gemma: sqrt(hidden))."""
     q_scale: float = 1.0
-    """Queries multiplied by this after their norm: attention then scales scores by
-    head_dim ** -0.5 * q_scale (Gemma 2 and 3: query_pre_attn_scalar ** -0.5 in all)."""
+    """Attention scales scores by head_dim ** -0.5 * q_scale (``attn_scale``; Gemma 2 and 3:
+    query_pre_attn_scalar ** -0.5 in all), as one factor: the queries are not rescaled."""
     sandwich_norms: bool = False
     """Attention and MLP outputs are normalised before their residual add, and the MLP input
     by its own norm (Gemma 2 and 3: post_attention, pre_ and post_feedforward_layernorm)."""
@@ -164,6 +164,11 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ModelLoadError(f"config field {name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def attn_scale(self) -> float:
+        """What attention multiplies q . k by."""
+        return self.head_dim ** -0.5 * self.q_scale
 
     def window(self, layer: int) -> int | None:
         """The layer's sliding window (None: full attention)."""

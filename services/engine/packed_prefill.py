@@ -73,14 +73,15 @@ def pack_prefills(spans: list[tuple[int, int, int, list[int]]], block_size: int,
 
 
 def packed_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, packed: PackedPrefill,
-                             out: torch.Tensor, window: int | None = None) -> None:
+                             out: torch.Tensor, window: int | None = None, scale: float | None = None) -> None:
     """q, out: [T, Hq, D] of the whole step; writes the prompt chunks' rows of ``out``.
     kv_layer: [2, num_blocks, block_size, Hkv, D] with the step's keys/values already in it.
-    ``window``: a sliding window (each query sees itself and the window - 1 keys before it)."""
+    ``window``: a sliding window (each query sees itself and the window - 1 keys before it);
+    ``scale``: of the scores (None: head_dim ** -0.5)."""
     keys = kv_layer[0].flatten(0, 1).index_select(0, packed.kv_index)
     values = kv_layer[1].flatten(0, 1).index_select(0, packed.kv_index)
     rows = packed.rows
-    result = _flash_varlen(q[rows], keys, values, packed, window)
+    result = _flash_varlen(q[rows], keys, values, packed, window, scale)
     if isinstance(rows, slice):
         out[rows] = result
     else:
@@ -88,12 +89,12 @@ def packed_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, packed: Pa
 
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedPrefill,
-                  window: int | None = None) -> torch.Tensor:
+                  window: int | None = None, scale: float | None = None) -> torch.Tensor:
     # FlashAttention's window: keys from (bottom-right aligned) position - left to position + right
     sides = {} if window is None else {"window_size_left": window - 1, "window_size_right": 0}
     return torch.ops.aten._flash_attention_forward(
         q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, 0.0, True, False,
-        scale=q.shape[-1] ** -0.5, **sides)[0]
+        scale=q.shape[-1] ** -0.5 if scale is None else scale, **sides)[0]
 
 
 def packed_prefill_usable(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,

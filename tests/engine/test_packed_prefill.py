@@ -55,11 +55,12 @@ def test_the_probes_window_is_the_engines(window):
     torch.testing.assert_close(_reference(q, k, v, window), want.transpose(0, 1))
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim, window", [(8, 2, 64, None), (4, 4, 128, None), (8, 2, 64, 24)])
-def test_packed_equals_per_chunk(heads, kv_heads, dim, window):
+@pytest.mark.parametrize("heads, kv_heads, dim, window, scale", [(8, 2, 64, None, None), (4, 4, 128, None, None),
+                                                                (8, 2, 64, 24, None), (8, 2, 64, None, 0.3)])
+def test_packed_equals_per_chunk(heads, kv_heads, dim, window, scale):
     """A step as the engine lays it out: a chunk after a cached prefix, a decode row, a whole
     prompt, a second decode row; block tables out of order (with a sliding window: some queries'
-    windows end inside the cached prefix)."""
+    windows end inside the cached prefix; with a scale other than head_dim ** -0.5: Gemma 2's and 3's)."""
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     if DEVICE.type != "cuda":
         pytest.skip("the flash kernel runs on CUDA only (TANDEM_TEST_DEVICE=cuda)")
@@ -79,6 +80,6 @@ def test_packed_equals_per_chunk(heads, kv_heads, dim, window):
         PrefillSpan(row, n, ctx, torch.tensor(table[: -(-ctx // bs)], device=DEVICE)) for row, n, ctx, table in spans
     ], decode)
     packed = AttentionMetadata(per_chunk.slot_mapping, [], decode, packed=pack_prefills(spans, bs, DEVICE))
-    want = paged_attention(q, kv, per_chunk, window=window)
-    got = paged_attention(q, kv, packed, window=window)
+    want = paged_attention(q, kv, per_chunk, window=window, scale=scale)
+    got = paged_attention(q, kv, packed, window=window, scale=scale)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

@@ -196,9 +196,8 @@ def test_reference_is_the_engine_decode_path(name):
     kv_layer = torch.stack([inputs["k_cache"], inputs["v_cache"]])
     batch = attention.DecodeBatch(token_index=None, block_tables=inputs["block_tables"].long(),
                                   context_lens=inputs["context_lens"])
-    # SDPA's default scale is 1/sqrt(D): compare at that scale
-    inputs["scale"] = 1 / math.sqrt(CASES[name].head_dim)
-    expected = attention._decode_attention(inputs["q"], kv_layer, batch, inputs.get("window"), inputs.get("softcap"))
+    expected = attention._decode_attention(inputs["q"], kv_layer, batch, inputs.get("window"), inputs.get("softcap"),
+                                           inputs["scale"])
     torch.testing.assert_close(reference(**inputs), expected, rtol=1e-5, atol=1e-5)
 
 
