@@ -58,7 +58,6 @@ class MLP(nn.Module):
         self.gate_up_proj = FusedLinear(hidden_size, [("gate_proj", intermediate_size),
                                                       ("up_proj", intermediate_size)], bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.activation = activation
         self._gate = _GATES[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
